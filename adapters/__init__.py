@@ -1,0 +1,28 @@
+"""Access to models: the oracle interface every backend implements, and the backends.
+
+Backends (ONNX Runtime, PyTorch) are imported lazily by `adapters.open` so the interface loads
+without every framework installed.
+"""
+
+from adapters.base import Access, InputConvention, Oracle, OracleInfo
+from adapters.errors import (
+    BudgetExceeded,
+    DeepCoreError,
+    FingerprintError,
+    IncompatibleSuspect,
+    InputError,
+    OracleError,
+)
+
+__all__ = [
+    "Access",
+    "BudgetExceeded",
+    "DeepCoreError",
+    "FingerprintError",
+    "IncompatibleSuspect",
+    "InputConvention",
+    "InputError",
+    "Oracle",
+    "OracleError",
+    "OracleInfo",
+]

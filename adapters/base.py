@@ -1,0 +1,192 @@
+"""The oracle interface: what every suspect (and the owner, seen as a black box) answers.
+
+A query is a batch of points in the *canonical space*: float32 arrays shaped [N, C, H, W] with
+values in [0, 1]. Each backend converts them with its `InputConvention` into what its model
+expects (layout, scaling, normalisation, dtype), so that a suspect is asked exactly what the
+owner saw. An answer is either top-1 labels ([N] int64) or probability vectors ([N, K] float64).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adapters.errors import IncompatibleSuspect, InputError, OracleError
+
+
+class Access(str, enum.Enum):
+    """What a suspect reveals per query: its top-1 label only, or a probability vector."""
+
+    LABELS = "labels"
+    PROBS = "probs"
+
+
+_LAYOUTS = ("NCHW", "NHWC")
+_DTYPES = ("float32", "float16", "uint8")
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """How canonical points x in [0, 1] become a model's input: ((x * scale) - mean) / std.
+
+    `mean` and `std` are per channel (or one value for all), in the scaled units; `layout`
+    is the model's axis order; `dtype` the tensor type it takes (uint8 skips mean/std and
+    rounds x * scale).
+    """
+
+    layout: str = "NCHW"
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.layout not in _LAYOUTS:
+            raise InputError(f"unknown layout {self.layout!r}: use one of {', '.join(_LAYOUTS)}")
+        if self.dtype not in _DTYPES:
+            raise InputError(f"unknown input dtype {self.dtype!r}: use one of {', '.join(_DTYPES)}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise InputError(f"input scale must be a positive number, got {self.scale}")
+        if not self.mean or not self.std:
+            raise InputError("mean and std need at least one value each")
+        if any(not math.isfinite(s) or s <= 0 for s in self.std):
+            raise InputError(f"std values must be positive, got {list(self.std)}")
+        if any(not math.isfinite(m) for m in self.mean):
+            raise InputError(f"mean values must be finite, got {list(self.mean)}")
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """Canonical [N, C, H, W] points -> the model's input tensor."""
+        channels = points.shape[1]
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise IncompatibleSuspect(
+                    f"input convention has {len(values)} {name} values but the points have {channels} channels"
+                )
+        x = points.astype(np.float32) * np.float32(self.scale)
+        if self.dtype == "uint8":
+            x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        else:
+            mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+            std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+            x = ((x - mean) / std).astype(self.dtype)
+        if self.layout == "NHWC":
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        return x
+
+    def with_dtype(self, dtype: str) -> InputConvention:
+        return InputConvention(self.layout, self.scale, self.mean, self.std, dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputConvention:
+        try:
+            return cls(
+                layout=str(d["layout"]),
+                scale=float(d["scale"]),
+                mean=tuple(float(v) for v in d["mean"]),
+                std=tuple(float(v) for v in d["std"]),
+                dtype=str(d.get("dtype", "float32")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"malformed input convention {d!r}: {e}") from e
+
+
+@dataclass(frozen=True)
+class OracleInfo:
+    """What an oracle is and what it can answer; `identity` names the model (path, sha256, URL)."""
+
+    kind: str
+    identity: dict[str, str]
+    access: tuple[Access, ...]
+    num_classes: int | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "identity": dict(self.identity),
+            "access": [a.value for a in self.access],
+            "num_classes": self.num_classes,
+            "details": dict(self.details),
+        }
+
+
+class Oracle(ABC):
+    """A black-box classifier. Backends implement `_answer`; `query` checks both sides of it.
+
+    Wrappers (budget, ledger, label-only) are oracles holding an oracle, so they compose.
+    """
+
+    @property
+    @abstractmethod
+    def info(self) -> OracleInfo: ...
+
+    @abstractmethod
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray: ...
+
+    def query(self, points: np.ndarray, access: Access) -> np.ndarray:
+        """Ask about `points` ([N, C, H, W] float32 in [0, 1]); labels [N] or probs [N, K]."""
+        info = self.info
+        if access not in info.access:
+            raise IncompatibleSuspect(
+                f"this suspect answers {'/'.join(a.value for a in info.access)} only, not {access.value}"
+            )
+        if points.ndim != 4:
+            raise InputError(f"points must be [N, C, H, W], got shape {points.shape}")
+        if len(points) == 0:
+            return np.zeros((0,), np.int64) if access is Access.LABELS else np.zeros((0, info.num_classes or 0))
+        answer = self._answer(points, access)
+        return check_answer(answer, len(points), access, info.num_classes)
+
+    def close(self) -> None:
+        """Release sessions and connections; idempotent."""
+
+    def __enter__(self) -> Oracle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_answer(answer: np.ndarray, n: int, access: Access, num_classes: int | None) -> np.ndarray:
+    """Validate a backend's answer once, at the boundary, so nothing malformed reaches a verdict."""
+    a = np.asarray(answer)
+    if access is Access.LABELS:
+        if a.shape != (n,):
+            raise OracleError(f"suspect returned labels of shape {a.shape}, expected ({n},)")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise OracleError(f"suspect returned labels of type {a.dtype}, expected integers")
+        if num_classes is not None and (a.min() < 0 or a.max() >= num_classes):
+            raise OracleError(f"suspect returned a label outside 0..{num_classes - 1}")
+        return a.astype(np.int64)
+    if a.ndim != 2 or a.shape[0] != n:
+        raise OracleError(f"suspect returned probabilities of shape {a.shape}, expected ({n}, K)")
+    if num_classes is not None and a.shape[1] != num_classes:
+        raise OracleError(f"suspect returned {a.shape[1]} classes, expected {num_classes}")
+    if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
+        raise OracleError("suspect returned non-finite or non-numeric probabilities")
+    return a.astype(np.float64)
+
+
+def to_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
+    """Model outputs -> probabilities; softmax only when they are not already a distribution.
+
+    Returns the probabilities and which reading was taken ("probabilities" or "logits").
+    """
+    out = np.asarray(outputs, dtype=np.float64)
+    if not np.all(np.isfinite(out)):
+        raise OracleError("suspect returned NaN or infinite outputs")
+    if out.ndim == 2 and np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        return out, "probabilities"
+    z = out - out.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True), "logits"

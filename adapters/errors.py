@@ -1,0 +1,35 @@
+"""The project's one exception tree; every backend error is translated into it at the boundary.
+
+    DeepCoreError                 root: the CLI catches only this, prints one line, exits 2
+    ├── InputError                a file, name or option the user gave is missing or malformed
+    │   └── FingerprintError      a fingerprint file is corrupt, tampered with or of an unknown version
+    ├── IncompatibleSuspect       the suspect cannot answer this fingerprint (shape, classes, access)
+    ├── OracleError               the suspect failed while answering (runtime error, bad output)
+    └── BudgetExceeded            a query would go past the hard budget
+"""
+
+from __future__ import annotations
+
+
+class DeepCoreError(Exception):
+    """Root of every error the project raises on purpose."""
+
+
+class InputError(DeepCoreError):
+    """A user-supplied file, name or option is missing or malformed."""
+
+
+class FingerprintError(InputError):
+    """A fingerprint file cannot be trusted: corrupt, modified, or of an unknown format."""
+
+
+class IncompatibleSuspect(DeepCoreError):
+    """The suspect model cannot be audited with this fingerprint (input shape, classes, access)."""
+
+
+class OracleError(DeepCoreError):
+    """The suspect failed while answering a query, or answered something malformed."""
+
+
+class BudgetExceeded(DeepCoreError):
+    """Sending the query would exceed the hard query budget; nothing was sent."""
