@@ -12,6 +12,7 @@ from adapters.errors import (
     IncompatibleSuspect,
     InputError,
     OracleError,
+    TransientOracleError,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "Oracle",
     "OracleError",
     "OracleInfo",
+    "TransientOracleError",
 ]

@@ -5,6 +5,7 @@
     │   └── FingerprintError      a fingerprint file is corrupt, tampered with or of an unknown version
     ├── IncompatibleSuspect       the suspect cannot answer this fingerprint (shape, classes, access)
     ├── OracleError               the suspect failed while answering (runtime error, bad output)
+    │   └── TransientOracleError  a failure that is safe to retry (timeout, 429, unavailable)
     └── BudgetExceeded            a query would go past the hard budget
 """
 
@@ -29,6 +30,13 @@ class IncompatibleSuspect(DeepCoreError):
 
 class OracleError(DeepCoreError):
     """The suspect failed while answering a query, or answered something malformed."""
+
+
+class TransientOracleError(OracleError):
+    """A failure worth retrying with backoff (timeout, rate limit, server briefly unavailable).
+
+    Retrying is the auditor's policy, not the adapter's: a retry goes back through the budget.
+    """
 
 
 class BudgetExceeded(DeepCoreError):
