@@ -1,0 +1,75 @@
+"""One entry point from a suspect spec (a file or a Triton URL) to an oracle.
+
+Backends are imported only when a spec needs them, so ONNX suspects work without torch
+loaded and local suspects without tritonclient installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from adapters.base import InputConvention, Oracle
+from adapters.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TRITON_SCHEMES = ("triton+http://", "triton+https://", "triton+grpc://", "triton+grpcs://")
+TORCH_SUFFIXES = (".pt", ".ts", ".pt2", ".jit")
+ACCEPTED = (
+    "a .onnx file, a TorchScript file (.pt, .ts, .jit), a torch.export program (.pt2), "
+    "or a triton+http://, triton+https://, triton+grpc:// or triton+grpcs:// URL"
+)
+
+
+def open_suspect(
+    spec: str,
+    *,
+    convention: InputConvention,
+    point_shape: tuple[int, int, int],
+    num_classes: int | None,
+    device: str = "auto",
+    **triton_options: Any,
+) -> Oracle:
+    """Open the suspect named by `spec` as an oracle, checked against the fingerprint's points.
+
+    `triton_options` go to `adapters.triton.open_triton` (unchanged, URL included with its
+    `triton+` prefix); a local suspect refuses any that are set.
+    """
+    if spec.lower().startswith(TRITON_SCHEMES):
+        try:
+            from adapters.triton import open_triton
+        except ImportError as e:
+            log.debug("importing adapters.triton failed: %s", e)
+            raise InputError("Triton support needs tritonclient: pip install 'deepcore-auditor[triton]'") from e
+        return open_triton(
+            spec, convention=convention, point_shape=point_shape, num_classes=num_classes, **triton_options
+        )
+
+    given = sorted(k for k, v in triton_options.items() if v is not None)
+    if given:
+        raise InputError(f"option(s) {', '.join(given)} apply to Triton suspects only, not to {spec}")
+    suffix = Path(spec).suffix.lower()
+    if suffix == ".onnx" or suffix in TORCH_SUFFIXES:
+        if not Path(spec).is_file():
+            raise InputError(f"suspect file not found: {spec}")
+    if suffix == ".onnx":
+        from adapters.onnx import OnnxOracle
+
+        return OnnxOracle(
+            spec, convention=convention, point_shape=point_shape, num_classes=num_classes, device=device
+        )
+    if suffix in TORCH_SUFFIXES:
+        from adapters.torch import TorchOracle, load_torch_model
+
+        model, identity = load_torch_model(spec)
+        return TorchOracle(
+            model,
+            convention=convention,
+            point_shape=point_shape,
+            num_classes=num_classes,
+            device=device,
+            identity=identity,
+        )
+    raise InputError(f"cannot open suspect {spec!r}: give {ACCEPTED}")

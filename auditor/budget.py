@@ -1,0 +1,182 @@
+"""Wrappers that compose around any oracle: a hard query budget, retries, and a ledger.
+
+The usual stack is `Recorded(Retrying(Budgeted(backend)))`: answers already in the ledger are
+never asked again (resume), every attempt — retries included, since the server may have
+answered — is charged to the budget, and the budget refuses a batch before sending it if it
+would go past the limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.base import Access, Oracle, OracleInfo
+from adapters.errors import BudgetExceeded, InputError, TransientOracleError
+
+logger = logging.getLogger(__name__)
+
+
+def point_digest(point: np.ndarray) -> str:
+    """sha256 of one canonical point's float32 bytes: how the ledger names a query."""
+    return hashlib.sha256(np.ascontiguousarray(point, dtype="<f4").tobytes()).hexdigest()
+
+
+class Budgeted(Oracle):
+    """Counts every sample sent and never lets one past `budget`, not even on a retry."""
+
+    def __init__(self, inner: Oracle, budget: int) -> None:
+        if budget < 0:
+            raise InputError(f"budget must be >= 0, got {budget}")
+        self.inner, self.budget, self.spent = inner, int(budget), 0
+
+    @property
+    def info(self) -> OracleInfo:
+        return self.inner.info
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.spent
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        if len(points) > self.remaining:
+            raise BudgetExceeded(f"{len(points)} queries would exceed the budget ({self.spent} of {self.budget} used)")
+        self.spent += len(points)  # charged before sending: a failed send may still have been answered
+        return self.inner.query(points, access)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Retrying(Oracle):
+    """Retries failures the backend marks as transient, with exponential backoff."""
+
+    def __init__(
+        self,
+        inner: Oracle,
+        attempts: int = 3,
+        backoff_s: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.inner, self.attempts, self.backoff_s, self._sleep = inner, max(1, attempts), backoff_s, sleep
+
+    @property
+    def info(self) -> OracleInfo:
+        return self.inner.info
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        for attempt in range(self.attempts):
+            try:
+                return self.inner.query(points, access)
+            except TransientOracleError as e:
+                if attempt == self.attempts - 1:
+                    raise
+                delay = self.backoff_s * 2**attempt
+                logger.warning("transient suspect error (%s); retry %d in %.1fs", e, attempt + 1, delay)
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class QueryLedger:
+    """What was asked and answered, keyed by point digest; optionally mirrored to a JSONL file.
+
+    The file's first line is a header naming the fingerprint, suspect and access; each further
+    line is one answered query. Lines are flushed and fsynced per batch, so an audit killed
+    midway loses nothing it was answered, and a torn last line is ignored on resume.
+    """
+
+    header: dict[str, Any]
+    path: Path | None = None
+    entries: dict[str, Any] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: Path | None, header: dict[str, Any], resume: bool) -> QueryLedger:
+        """A fresh ledger, or (resume) the one at `path`, checked against `header`."""
+        if path is None:
+            return cls(header)
+        path = Path(path)
+        if not resume:
+            if path.exists():
+                raise InputError(f"ledger {path} already exists: pass --resume to continue it, or choose another path")
+            if not path.parent.exists():
+                raise InputError(f"cannot write ledger: directory {path.parent} does not exist")
+            path.write_text(json.dumps({"ledger": header}) + "\n")
+            return cls(header, path)
+        if not path.is_file():
+            raise InputError(f"cannot resume: ledger {path} not found")
+        lines = path.read_text().splitlines()
+        try:
+            first = json.loads(lines[0])["ledger"]
+        except (IndexError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path} is not a query ledger") from e
+        for key in ("fingerprint_sha256", "suspect", "access"):
+            if first.get(key) != header.get(key):
+                raise InputError(f"cannot resume: ledger {path} was written for another {key.replace('_', ' ')}")
+        ledger = cls(first, path)
+        for n, line in enumerate(lines[1:], start=2):
+            try:
+                rec = json.loads(line)
+                ledger._remember(rec["digest"], rec["answer"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                if n == len(lines):
+                    logger.warning("ignoring a torn last line in ledger %s", path)
+                    break
+                raise InputError(f"ledger {path} is corrupt at line {n}") from None
+        return ledger
+
+    def _remember(self, digest: str, answer: Any) -> None:
+        if digest not in self.entries:
+            self.order.append(digest)
+        self.entries[digest] = answer
+
+    def record(self, digests: list[str], answers: np.ndarray) -> None:
+        new = [(d, a) for d, a in zip(digests, answers.tolist()) if d not in self.entries]
+        for d, a in new:
+            self._remember(d, a)
+        if self.path is not None and new:
+            with open(self.path, "a") as f:
+                f.write("".join(json.dumps({"digest": d, "answer": a, "t": round(time.time(), 3)}) + "\n" for d, a in new))
+                f.flush()
+                os.fsync(f.fileno())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class Recorded(Oracle):
+    """Answers from the ledger when it has them; asks the rest and records every answer once."""
+
+    def __init__(self, inner: Oracle, ledger: QueryLedger) -> None:
+        self.inner, self.ledger = inner, ledger
+        self.replayed = 0
+
+    @property
+    def info(self) -> OracleInfo:
+        return self.inner.info
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        digests = [point_digest(p) for p in points]
+        missing = [i for i, d in enumerate(digests) if d not in self.ledger.entries]
+        if missing:
+            fresh = self.inner.query(points[missing], access)
+            self.ledger.record([digests[i] for i in missing], fresh)
+        self.replayed += len(points) - len(missing)
+        dtype = np.int64 if access is Access.LABELS else np.float64
+        return np.asarray([self.ledger.entries[d] for d in digests], dtype=dtype)
+
+    def close(self) -> None:
+        self.inner.close()

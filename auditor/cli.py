@@ -1,0 +1,160 @@
+"""The `deepcore` command: a thin layer over the library. It parses, calls, prints.
+
+Exit status: 0 independent, 1 piracy, 3 inconclusive, 2 error (bad input, unusable suspect).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from adapters.base import Access
+from adapters.errors import DeepCoreError
+
+EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
+EXIT_ERROR = 2
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str) -> None:
+    click.echo(f"deepcore: error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _guarded(fn: F) -> F:
+    """Translate the project's errors (and OS errors on user files) into one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DeepCoreError as e:
+            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except OSError as e:
+            _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.version_option(package_name="deepcore-auditor")
+def cli(verbose: int) -> None:
+    """DeepCore: tell pirated copies of your classifier from independent look-alikes, black-box."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.option("--owner", required=True, help="TorchScript file, torch.export .pt2, or package.module:factory.")
+@click.option("--owner-weights", help="Weights for a factory owner: .safetensors or a state dict.")
+@click.option("--data", required=True, help="fashion-mnist, an .npz (x, y), an ImageFolder dir or a .tar.gz of one.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Fingerprint file to write.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), default="NCHW", show_default=True, help="Owner input layout.")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Owner input = (x*scale - mean)/std, x in [0,1].")
+@click.option("--mean", help="Per-channel mean, comma-separated (default: the data's own).")
+@click.option("--std", help="Per-channel std, comma-separated (default: the data's own).")
+@click.option("--reference", "references", multiple=True, help="An independent model you own (any suspect format); held out for calibration. Repeatable.")
+@click.option("--points", "n_points", type=int, default=200, show_default=True, help="Core points kept.")
+@click.option("--candidates", type=int, default=600, show_default=True, help="Candidate points optimized.")
+@click.option("--epsilon", type=float, default=0.15, show_default=True, help="L-inf radius around each seed, in [0,1] pixel units.")
+@click.option("--steps", type=int, default=60, show_default=True, help="Optimization steps per point.")
+@click.option("--min-confidence", type=float, default=0.99, show_default=True, help="Owner confidence a core point must reach.")
+@click.option("--reference-weight", type=float, default=1.0, show_default=True, help="Weight of pushing references away.")
+@click.option("--train-samples", type=int, default=20000, show_default=True, help="Owner-data samples for each simulation/reference.")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Training epochs of simulations and references.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where decoded data is cached.")
+@_guarded
+def fingerprint(**o: Any) -> None:
+    """Build a DeepCore fingerprint from the owner's model and data."""
+    from auditor.service import FingerprintRequest, make_fingerprint
+
+    fp, digest = make_fingerprint(FingerprintRequest(**o), progress=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {o['out']}: {len(fp)} core points, sha256 {digest}")
+
+
+@cli.command()
+@click.option("--fingerprint", "fingerprint_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--suspect", required=True, help="Suspect: .onnx, TorchScript/.pt2, or triton+http(s)/grpc(s)://HOST:PORT/MODEL[/VERSION].")
+@click.option("--access", type=click.Choice([a.value for a in Access]), default="labels", show_default=True)
+@click.option("--mode", type=click.Choice(["agreement", "similarity", "clustering"]), default="agreement", show_default=True)
+@click.option("--budget", type=int, default=200, show_default=True, help="Hard limit on queries sent.")
+@click.option("--batch-size", type=int, default=10, show_default=True, help="Queries per sequential step.")
+@click.option("--alpha", type=float, default=0.01, show_default=True, help="False identification rate.")
+@click.option("--beta", type=float, default=0.01, show_default=True, help="Missed identification rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Order in which points are asked.")
+@click.option("--suspect-layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), help="Suspect input layout (default: owner's).")
+@click.option("--suspect-scale", type=float, help="Suspect input scale (default: owner's).")
+@click.option("--suspect-mean", help="Suspect per-channel mean (default: owner's).")
+@click.option("--suspect-std", help="Suspect per-channel std (default: owner's).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help="Keep every answered query in this JSONL file.")
+@click.option("--resume", is_flag=True, help="Continue the audit in --ledger without asking its points again.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_guarded
+def audit(**o: Any) -> None:
+    """Audit a suspect model against a fingerprint; exit 0 independent, 1 piracy, 3 inconclusive."""
+    from auditor.service import AuditRequest, run_audit_request
+
+    as_json = o.pop("as_json")
+    progress = None if as_json else (lambda s: click.echo(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}", err=True))
+    result = run_audit_request(AuditRequest(**o), progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(
+            f"verdict: {result.verdict}  ({result.queries_used}/{result.budget} queries, agreement {result.agreement:.3f}, "
+            f"p0 {result.p0:.3f}, p1 {result.p1:.3f}, alpha {result.alpha}, {result.elapsed_s:.2f}s)"
+        )
+        for note in result.notes:
+            click.echo(f"note: {note}")
+    sys.exit(EXIT[result.verdict])
+
+
+@cli.command()
+@click.argument("fingerprint_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@_guarded
+def inspect(fingerprint_path: Path, as_json: bool) -> None:
+    """Verify a fingerprint file and summarize it."""
+    from auditor.service import describe_fingerprint
+
+    d = describe_fingerprint(fingerprint_path)
+    click.echo(json.dumps(d) if as_json else "\n".join(f"{k}: {v}" for k, v in d.items()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where models are cached (default ~/.cache/deepcore).")
+@click.option("--budget", type=int, default=200, show_default=True)
+@click.option("--alpha", type=float, default=0.01, show_default=True)
+@_guarded
+def demo(as_json: bool, cache_dir: Path | None, budget: int, alpha: float) -> None:
+    """Train a Fashion-MNIST owner and 8 suspects, fingerprint, audit each through ONNX Runtime."""
+    from auditor.demo import run_demo
+
+    report = run_demo(cache_dir=cache_dir, budget=budget, alpha=alpha, progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    rows = report["suspects"]
+    click.echo(f"{'suspect':<28}{'truth':<13}{'verdict':<13}{'queries':>8}{'agreement':>11}{'time s':>8}")
+    for r in rows:
+        mark = "" if r["truth"] == r["verdict"] else "  <-- wrong"
+        click.echo(f"{r['name']:<28}{r['truth']:<13}{r['verdict']:<13}{r['queries_used']:>8}{r['agreement']:>11.3f}{r['time_s']:>8.2f}{mark}")
+    click.echo(f"{sum(r['truth'] == r['verdict'] for r in rows)}/{len(rows)} verdicts right; fingerprint {report['fingerprint_sha256'][:16]}..")
+
+
+def main() -> None:
+    cli(prog_name="deepcore")

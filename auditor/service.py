@@ -1,0 +1,190 @@
+"""What the CLI's commands do, as plain functions over typed requests (usable from Python)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.base import Access, InputConvention
+from adapters.errors import InputError
+from auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header
+from auditor.budget import QueryLedger
+from fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FingerprintRequest:
+    owner: str
+    data: str
+    out: Path
+    owner_weights: str | None = None
+    layout: str = "NCHW"
+    scale: float = 1.0
+    mean: str | None = None
+    std: str | None = None
+    references: tuple[str, ...] = ()
+    n_points: int = 200
+    candidates: int = 600
+    epsilon: float = 0.15
+    steps: int = 60
+    min_confidence: float = 0.99
+    reference_weight: float = 1.0
+    train_samples: int = 20000
+    epochs: int = 2
+    seed: int = 0
+    cache_dir: Path | None = None
+
+
+def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | None = None) -> tuple[Fingerprint, str]:
+    """Load owner and data, build the fingerprint, write it atomically; returns it and its digest."""
+    from adapters.open import open_suspect
+    from adapters.torch import load_torch_model
+    from fingerprints.build import BuildConfig, KnownModelSpec, build_fingerprint
+    from fingerprints.core import CoreConfig
+    from fingerprints.data import channel_stats, load_data
+    from fingerprints.models import Normalized, accuracy
+
+    _check_positive(points=req.n_points, candidates=req.candidates, epsilon=req.epsilon, steps=req.steps,
+                    train_samples=req.train_samples, epochs=req.epochs)
+    if req.n_points > req.candidates:
+        raise InputError(f"--points ({req.n_points}) cannot exceed --candidates ({req.candidates})")
+    if not 0 < req.min_confidence < 1:
+        raise InputError(f"--min-confidence must lie in (0, 1), got {req.min_confidence}")
+    if not Path(req.out).parent.is_dir():
+        raise InputError(f"cannot write fingerprint: directory {Path(req.out).parent} does not exist")
+    say = progress or logger.info
+    net, identity = load_torch_model(req.owner, factory_weights=req.owner_weights)
+    data = load_data(req.data, cache_dir=req.cache_dir)
+    mean, std = channel_stats(data.train)
+    convention = InputConvention(
+        layout=req.layout.upper(), scale=req.scale,
+        mean=_parse_floats(req.mean, "--mean") or tuple(m * req.scale for m in mean),
+        std=_parse_floats(req.std, "--std") or tuple(s * req.scale for s in std),
+    )
+    owner = Normalized(net, convention)
+    points, labels = data.train.points(), data.train.y
+    test_acc = accuracy(owner, data.test.points(), data.test.y) if len(data.test) else float("nan")
+    say(f"owner loaded ({identity.get('sha256', '')[:12]}..), test accuracy {test_acc:.3f} on {len(data.test)} samples")
+    if test_acc < 1.5 / data.train.num_classes:
+        raise InputError(f"owner scores {test_acc:.3f} on the data's test split: wrong --data or input convention?")
+    extra = []
+    for i, ref in enumerate(req.references):
+        oracle = open_suspect(ref, convention=convention, point_shape=data.train.shape, num_classes=data.train.num_classes)
+        extra.append((KnownModelSpec(f"user-ref-{i + 1}:{Path(ref).name}", "independent", "user", "calibration"), oracle))
+    config = BuildConfig(
+        core=CoreConfig(n_candidates=req.candidates, n_points=req.n_points, epsilon=req.epsilon, steps=req.steps,
+                        min_confidence=req.min_confidence, reference_weight=req.reference_weight, seed=req.seed),
+        train_samples=req.train_samples, epochs=req.epochs, seed=req.seed,
+    )
+    fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, extra_references=extra, progress=say)
+    fp = Fingerprint(**{**fp.__dict__, "extra": {**fp.extra, "owner_test_accuracy": round(test_acc, 4), "data": data.source}})
+    return fp, save_fingerprint(fp, req.out)
+
+
+@dataclass(frozen=True)
+class AuditRequest:
+    fingerprint_path: Path
+    suspect: str
+    access: str = "labels"
+    mode: str = "agreement"
+    budget: int = 200
+    batch_size: int = 10
+    alpha: float = 0.01
+    beta: float = 0.01
+    seed: int = 0
+    suspect_layout: str | None = None
+    suspect_scale: float | None = None
+    suspect_mean: str | None = None
+    suspect_std: str | None = None
+    device: str = "auto"
+    ledger: Path | None = None
+    resume: bool = False
+    report: Path | None = None
+
+
+def suspect_convention(fp: Fingerprint, req: AuditRequest) -> InputConvention:
+    """The owner's convention, with whatever the user declared about the suspect's input."""
+    base = fp.convention
+    return InputConvention(
+        layout=(req.suspect_layout or base.layout).upper(),
+        scale=base.scale if req.suspect_scale is None else req.suspect_scale,
+        mean=_parse_floats(req.suspect_mean, "--suspect-mean") or base.mean,
+        std=_parse_floats(req.suspect_std, "--suspect-std") or base.std,
+        dtype=base.dtype,
+    )
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None = None) -> AuditResult:
+    """Open fingerprint and suspect, check they fit, audit, write the report if asked."""
+    from adapters.open import open_suspect
+
+    if req.resume and req.ledger is None:
+        raise InputError("--resume needs --ledger: the file that holds the answered queries")
+    fp = load_fingerprint(req.fingerprint_path)
+    config = AuditConfig(access=Access(req.access), mode=req.mode, budget=req.budget, batch_size=req.batch_size,
+                         alpha=req.alpha, beta=req.beta, seed=req.seed)
+    config.validate()
+    with open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
+                      num_classes=fp.num_classes, device=req.device) as suspect:
+        ledger = QueryLedger.open(req.ledger, ledger_header(fp, suspect, config), req.resume)
+        result = audit(fp, suspect, config, ledger=ledger, progress=progress)
+    if req.report is not None:
+        write_json_atomic(result.to_dict(), req.report)
+    return result
+
+
+def describe_fingerprint(path: Path) -> dict[str, Any]:
+    """A verified fingerprint's summary: what it is, how it was made, its calibration."""
+    from fingerprints.calibration import rates
+
+    fp = load_fingerprint(path)
+    r = rates(fp, "agreement")
+    return {
+        "sha256": fp.digest,
+        "created": fp.created,
+        "points": len(fp),
+        "point_shape": list(fp.point_shape),
+        "classes": list(fp.classes),
+        "convention": fp.convention.to_dict(),
+        "owner": fp.owner_identity,
+        "method": fp.method.get("name"),
+        "known_models": [f"{m.name} ({m.kind}, {m.role})" for m in fp.known_models],
+        "calibration": r.summary,
+    }

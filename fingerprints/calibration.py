@@ -1,0 +1,106 @@
+"""Per-point rates for the sequential test, read off the known models stored in a fingerprint.
+
+p0 is what an independent model scores at most; it comes from *calibration* references, never
+from those used to choose the points (selection makes them refuse, so they would understate
+p0). It is an upper confidence bound, not a point estimate: the largest of each reference's
+exact (or Hoeffding) upper bound and the references' mean plus two standard deviations, so an
+unseen independent model that agrees more than the calibration ones is still covered.
+p1 is what a pirate scores at least: a lower bound from the held-out piracy simulations.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapters.errors import InputError
+from auditor.stats import clopper_pearson_lower, clopper_pearson_upper, hoeffding_lower, hoeffding_upper
+from fingerprints.format import Fingerprint, ModelAnswers
+
+logger = logging.getLogger(__name__)
+
+MODES = ("agreement", "similarity", "clustering")
+CONFIDENCE = 0.95
+MIN_GAP = 0.15  # p1 is held at least this far above p0, so the test has power
+P1_DEFAULT = 0.9  # when no held-out piracy simulation is stored
+SMOOTHING = 4.0  # clustering: pseudo-models pulling each point's rate towards the pooled bound
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-point p0 and p1 for one identification mode, with how they were obtained."""
+
+    mode: str
+    p0: np.ndarray
+    p1: np.ndarray
+    summary: dict[str, object]
+
+
+def _groups(fp: Fingerprint) -> tuple[list[ModelAnswers], list[ModelAnswers], list[str]]:
+    notes: list[str] = []
+    indep = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
+    if not indep:
+        indep = [m for m in fp.known_models if m.kind == "independent"]
+        if indep:
+            notes.append("no held-out calibration references: p0 from selection references (optimistic)")
+    if not indep:
+        raise InputError("the fingerprint carries no reference models: p0 cannot be calibrated")
+    pir = [m for m in fp.known_models if m.kind == "piracy" and m.role == "calibration"]
+    if not pir:
+        notes.append(f"no held-out piracy simulations: p1 set to {P1_DEFAULT}")
+    return indep, pir, notes
+
+
+def _scores(fp: Fingerprint, m: ModelAnswers, soft: bool) -> np.ndarray:
+    return m.owner_prob if soft else (m.labels == fp.owner_labels).astype(np.float64)
+
+
+def _bounds(values: list[np.ndarray], soft: bool, upper: bool) -> float:
+    n = len(values[0])
+    means = np.array([v.mean() for v in values])
+    if soft:
+        each = [hoeffding_upper(m, n, CONFIDENCE) if upper else hoeffding_lower(m, n, CONFIDENCE) for m in means]
+    else:
+        k = [int(round(v.sum())) for v in values]
+        each = [clopper_pearson_upper(x, n, CONFIDENCE) if upper else clopper_pearson_lower(x, n, CONFIDENCE) for x in k]
+    spread = 2 * means.std(ddof=1) if len(means) > 1 else 0.0
+    if upper:
+        return float(min(1.0, max(max(each), means.mean() + spread)))
+    return float(max(0.0, min(min(each), means.mean() - spread)))
+
+
+def rates(fp: Fingerprint, mode: str) -> Rates:
+    """The test's per-point p0/p1 for `mode` (agreement, similarity, clustering)."""
+    if mode not in MODES:
+        raise InputError(f"unknown identification mode {mode!r}: use one of {', '.join(MODES)}")
+    indep, pir, notes = _groups(fp)
+    soft = mode == "similarity"
+    n = len(fp)
+    p0 = _bounds([_scores(fp, m, soft) for m in indep], soft, upper=True)
+    p1 = _bounds([_scores(fp, m, soft) for m in pir], soft, upper=False) if pir else P1_DEFAULT
+    if p1 < p0 + MIN_GAP:
+        notes.append(f"held-out pirates score {p1:.2f}, close to p0 {p0:.2f}: p1 raised to p0 + {MIN_GAP}")
+        p1 = p0 + MIN_GAP
+    if p1 >= 1.0:
+        notes.append(f"independent models agree up to {p0:.2f}: this fingerprint cannot separate them")
+        p1 = 1.0 - 1e-3
+        p0 = min(p0, p1 - 1e-3)
+    p0_i, p1_i = np.full(n, p0), np.full(n, p1)
+    if mode == "clustering":
+        k0 = np.sum([_scores(fp, m, False) for m in indep], axis=0)
+        p0_i = np.maximum((k0 + SMOOTHING * p0) / (len(indep) + SMOOTHING), 0.02)
+        if pir:
+            k1 = np.sum([_scores(fp, m, False) for m in pir], axis=0)
+            p1_i = (k1 + SMOOTHING * p1) / (len(pir) + SMOOTHING)
+        p1_i = np.minimum(np.maximum(p1_i, p0_i + 0.05), 0.999)
+    summary = {
+        "p0": round(p0, 4),
+        "p1": round(p1, 4),
+        "independent_models": {m.name: round(float(_scores(fp, m, soft).mean()), 4) for m in indep},
+        "piracy_models": {m.name: round(float(_scores(fp, m, soft).mean()), 4) for m in pir},
+        "confidence": CONFIDENCE,
+        "notes": notes,
+    }
+    return Rates(mode, p0_i, p1_i, summary)

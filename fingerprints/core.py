@@ -1,0 +1,152 @@
+"""DeepCore core-point construction: points far past the owner's decision boundary, chosen where
+piracy copies keep the owner's decision and independent models do not.
+
+From a few natural seeds, each point is pushed (within an L-inf ball of radius `epsilon`, so it
+stays a plausible input rather than a painting of the target class) towards a target class
+other than the seed's own, jointly:
+- the owner must become extremely confident in the target (a *core* point, far past its
+  boundary: confidence >= `min_confidence`),
+- simulated piracy students (the owner's own fine-tuned, pruned, distilled and label-extracted
+  copies) are pushed to follow it,
+- selection references (independently trained models) are pushed away from the target.
+Points are then ranked by (students following - references following) and the best are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """Parameters of core-point construction; every one has a CLI flag."""
+
+    n_candidates: int = 600
+    n_points: int = 200
+    epsilon: float = 0.15
+    steps: int = 60
+    min_confidence: float = 0.99
+    reference_weight: float = 1.0
+    batch_size: int = 200
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CorePoints:
+    points: np.ndarray  # float32 [n, C, H, W] canonical
+    targets: np.ndarray  # int64 [n]: the owner's label at each point
+    seed_index: np.ndarray  # int64 [n]: which data sample each point grew from
+    score: np.ndarray  # float64 [n]: students following - references following, at selection
+    owner_confidence: np.ndarray  # float64 [n]
+
+
+def _follow_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def _refuse_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p_t = F.softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+    return -torch.log1p(-p_t.clamp(max=1 - 1e-6))
+
+
+def optimize_points(
+    owner: nn.Module,
+    students: Sequence[nn.Module],
+    references: Sequence[nn.Module],
+    seeds: np.ndarray,
+    targets: np.ndarray,
+    config: CoreConfig,
+) -> np.ndarray:
+    """Signed-gradient descent on the joint loss inside the epsilon ball; canonical points out."""
+    for m in (owner, *students, *references):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    out = np.empty_like(seeds, dtype=np.float32)
+    step = 2.5 * config.epsilon / config.steps
+    for start in range(0, len(seeds), config.batch_size):
+        x0 = torch.from_numpy(np.ascontiguousarray(seeds[start : start + config.batch_size], dtype=np.float32))
+        t = torch.from_numpy(targets[start : start + config.batch_size].astype(np.int64))
+        gen = torch.Generator().manual_seed(config.seed + start)
+        delta = (torch.rand(x0.shape, generator=gen) * 2 - 1) * config.epsilon * 0.5
+        for _ in range(config.steps):
+            delta.requires_grad_(True)
+            x = (x0 + delta).clamp(0, 1)
+            loss = _follow_loss(owner(x), t)
+            if students:
+                loss = loss + torch.stack([_follow_loss(s(x), t) for s in students]).mean(0)
+            if references:
+                loss = loss + config.reference_weight * torch.stack([_refuse_loss(r(x), t) for r in references]).mean(0)
+            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            with torch.no_grad():
+                delta = (delta - step * grad.sign()).clamp(-config.epsilon, config.epsilon)
+                delta = (x0 + delta).clamp(0, 1) - x0
+        out[start : start + len(x0)] = (x0 + delta).clamp(0, 1).numpy()
+    return out
+
+
+@torch.no_grad()
+def _labels(model: nn.Module, points: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    labels, conf = [], []
+    for start in range(0, len(points), batch_size):
+        p = F.softmax(model(torch.from_numpy(points[start : start + batch_size])).float(), dim=1)
+        c, lab = p.max(dim=1)
+        labels.append(lab.numpy())
+        conf.append(c.numpy())
+    return np.concatenate(labels), np.concatenate(conf).astype(np.float64)
+
+
+def choose_seeds(labels: np.ndarray, owner_labels: np.ndarray, num_classes: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds the owner classifies correctly, balanced over classes, each with a random other target."""
+    rng = np.random.default_rng(seed)
+    good = np.flatnonzero(labels == owner_labels)
+    if len(good) == 0:
+        good = np.arange(len(labels))
+    picked = rng.choice(good, size=min(n, len(good)), replace=False)
+    shift = rng.integers(1, num_classes, size=len(picked))
+    targets = (owner_labels[picked] + shift) % num_classes
+    return picked, targets.astype(np.int64)
+
+
+def build_core_points(
+    owner: nn.Module,
+    students: Sequence[nn.Module],
+    references: Sequence[nn.Module],
+    data_points: np.ndarray,
+    data_labels: np.ndarray,
+    num_classes: int,
+    config: CoreConfig,
+) -> CorePoints:
+    """Grow `n_candidates` points from seeds, keep the `n_points` most discriminative core points."""
+    owner_labels, _ = _labels(owner, data_points)
+    seed_index, targets = choose_seeds(data_labels, owner_labels, num_classes, config.n_candidates, config.seed)
+    logger.info("optimizing %d candidate points (%d students, %d references)", len(seed_index), len(students), len(references))
+    cand = optimize_points(owner, students, references, data_points[seed_index], targets, config)
+    o_lab, o_conf = _labels(owner, cand)
+    follow = np.mean([_labels(s, cand)[0] == o_lab for s in students], axis=0) if students else np.ones(len(cand))
+    refuse = np.mean([_labels(r, cand)[0] == o_lab for r in references], axis=0) if references else np.zeros(len(cand))
+    score = follow - refuse
+    core = (o_lab == targets) & (o_conf >= config.min_confidence)
+    logger.info("%d of %d candidates are core points (owner confidence >= %.3f)", int(core.sum()), len(cand), config.min_confidence)
+    order = np.lexsort((-o_conf, -score))
+    keep = [i for i in order if core[i]][: config.n_points]
+    keep_arr = np.asarray(sorted(keep), dtype=np.int64)
+    return CorePoints(
+        points=cand[keep_arr],
+        targets=o_lab[keep_arr].astype(np.int64),
+        seed_index=seed_index[keep_arr].astype(np.int64),
+        score=score[keep_arr].astype(np.float64),
+        owner_confidence=o_conf[keep_arr],
+    )
