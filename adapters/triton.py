@@ -34,9 +34,11 @@ import logging
 import math
 import os
 import queue
+import re
 import socket
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -72,6 +74,7 @@ _TRANSIENT_STATUSES = {
     "StatusCode.DEADLINE_EXCEEDED",
 }
 _LABELS_VIA = ("auto", "classification", "argmax")
+_INDEX_RE = re.compile(r"^[0-9]+$")
 _OPTIONS = {
     "concurrency",
     "labels_via",
@@ -446,9 +449,9 @@ def _parse_classification(values: np.ndarray, n: int) -> np.ndarray:
             if len(parts) < 2:
                 raise ValueError("no index")
             value = float(parts[0])
-            index = int(parts[1])
-            if not math.isfinite(value) or index < 0 or parts[1].strip() != parts[1]:
+            if not math.isfinite(value) or not _INDEX_RE.match(parts[1]):
                 raise ValueError("bad value or index")
+            index = int(parts[1])
         except ValueError as e:
             raise OracleError(f"malformed classification result {text[:80]!r} (expected 'value:index[:label]')") from e
         labels[i] = index
@@ -482,6 +485,8 @@ class TritonOracle(Oracle):
         self._readings: set[str] = set()
         self._lock = threading.Lock()
         self._pool = _ClientPool(lambda: _make_client(transport), concurrency, f"triton-{transport.endpoint.model}")
+        # An oracle dropped without close() still stops its worker threads.
+        self._release = weakref.finalize(self, self._pool.close, transport.request_timeout_s + 1.0)
         self._closed = False
 
     @property
@@ -572,9 +577,8 @@ class TritonOracle(Oracle):
 
     def close(self) -> None:
         """Stop the worker threads and close their clients; idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._pool.close(timeout_s=self._transport.request_timeout_s + 1.0)
+        self._closed = True
+        self._release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,6 +606,7 @@ def open_triton(
     unknown = set(options) - _OPTIONS
     if unknown:
         raise InputError(f"unknown Triton option(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(_OPTIONS))}")
+    options = {k: v for k, v in options.items() if v is not None}  # None = the default
     endpoint = parse_triton_url(url)
     if len(point_shape) != 3 or any(int(d) <= 0 for d in point_shape):
         raise InputError(f"point_shape must be (C, H, W) with positive sizes, got {point_shape}")

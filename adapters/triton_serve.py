@@ -106,13 +106,11 @@ class TritonPythonModel:
         for name in self.inputs:
             x = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
             feed[name] = x[None] if self.add_batch_dim else x
-        results = self.session.run(None, feed)
-        if self.labels_output:
-            labels = np.argmax(results[0], axis=1).astype(np.int64)
-            results = [labels if self.add_batch_dim else labels.reshape(-1, 1)]
+        results = [np.asarray(r) for r in self.session.run(None, feed)]
+        if self.labels_output:  # dims [1] per sample: [N, 1] batched, [1] without batching
+            results = [np.argmax(results[0], axis=1).astype(np.int64).reshape(-1, 1)]
         tensors = []
         for name, dtype, value in zip(self.outputs, self.output_types, results):
-            value = np.asarray(value)
             if self.add_batch_dim:
                 value = value[0]
             tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(value.astype(dtype, copy=False))))
@@ -388,6 +386,7 @@ class TritonServer:
         self._workdir: str | None = None
         self._shm_prefix = f"deepcore_{os.getpid()}_{secrets.token_hex(4)}_"
         self._finalizer: weakref.finalize | None = None
+        self._finished = False
 
     # -- addresses -------------------------------------------------------------------------
     @property
@@ -443,15 +442,28 @@ class TritonServer:
         if self._proc is not None:
             raise InputError("this TritonServer was already started")
         layout = _pytriton_layout()
+        try:
+            self._launch(layout)
+        except BaseException:  # not ready, interrupted, or failed to launch: leave nothing behind
+            self.kill()
+            raise
+        return self
+
+    def _backend_dir(self, layout: _PyTritonLayout) -> Path:
+        """A private backend directory: PyTriton's python backend + the stub for this Python."""
         self._workdir = tempfile.mkdtemp(prefix="deepcore-triton-")
-        backend_dir = Path(self._workdir) / "backends" / "python"
-        backend_dir.mkdir(parents=True)
+        python_dir = Path(self._workdir) / "backends" / "python"
+        python_dir.mkdir(parents=True)
         for f in layout.backend_files.iterdir():
             if f.is_file():
-                shutil.copy2(f, backend_dir / f.name)
-        shutil.copy2(layout.stub, backend_dir / layout.stub.name)
+                shutil.copy2(f, python_dir / f.name)
+        shutil.copy2(layout.stub, python_dir / layout.stub.name)
+        return python_dir.parent
+
+    def _launch(self, layout: _PyTritonLayout) -> None:
+        backends = self._backend_dir(layout)
         env = dict(os.environ)
-        # Gotcha 1 + 2 of the notes: the interpreter's libpython first, then PyTriton's libs;
+        # Gotchas 1 + 2 of the notes: the interpreter's libpython first, then PyTriton's libs;
         # the interpreter's bin dir first on PATH so the stub sees its packages.
         lib_paths = [sysconfig.get_config_var("LIBDIR") or "", str(layout.libs), env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = ":".join(p for p in lib_paths if p)
@@ -464,7 +476,7 @@ class TritonServer:
             cmd = [
                 str(layout.binary),
                 f"--model-repository={self.repository}",
-                f"--backend-directory={Path(self._workdir) / 'backends'}",
+                f"--backend-directory={backends}",
                 f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
                 f"--http-address={self.host}",
                 f"--http-port={self.http_port}",
@@ -485,21 +497,20 @@ class TritonServer:
                 self._proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
                 )
+            # Whatever happens to this object, the server and its stubs do not outlive it.
             self._finalizer = weakref.finalize(
                 self, _shutdown, self._proc, self._workdir, self._shm_prefix, True, self.exit_timeout_s
             )
             log.info("started tritonserver pid %d (http %d, grpc %d), log %s", self._proc.pid, self.http_port, self.grpc_port, self.log_path)
             ready, last_error = self._wait_ready()
             if ready:
-                return self
+                return
             tail = self.log_tail()
-            _shutdown(self._proc, None, self._shm_prefix, True, self.exit_timeout_s)
             self._finalizer.detach()
-            self._proc = None
+            _shutdown(self._proc, None, self._shm_prefix, True, self.exit_timeout_s)
             if "address already in use" not in tail.lower():
                 break
             log.warning("tritonserver lost a port race; retrying with other ports")
-        self._cleanup_workdir()
         raise OracleError(
             f"tritonserver did not become ready ({last_error}); log {self.log_path}, last lines:\n{self.log_tail()}"
         )
@@ -521,11 +532,6 @@ class TritonServer:
             time.sleep(0.1)
         return False, f"not ready after {self.startup_timeout_s:.0f} s"
 
-    def _cleanup_workdir(self) -> None:
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
     def stop(self) -> None:
         """SIGTERM (the server drains for --exit-timeout-secs), then SIGKILL; clean up. Idempotent."""
         self._finish(hard=False)
@@ -538,9 +544,11 @@ class TritonServer:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        if self._proc is not None or self._workdir is not None:
-            _shutdown(self._proc, self._workdir, self._shm_prefix, hard, self.exit_timeout_s)
-            log.info("tritonserver pid %s %s", self.pid, "killed" if hard else "stopped")
+        if self._finished or (self._proc is None and self._workdir is None):
+            return
+        self._finished = True
+        _shutdown(self._proc, self._workdir, self._shm_prefix, hard, self.exit_timeout_s)
+        log.info("tritonserver pid %s %s", self.pid, "killed" if hard else "stopped")
         self._workdir = None
 
     def __enter__(self) -> TritonServer:

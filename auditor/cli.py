@@ -68,7 +68,7 @@ def cli(verbose: int) -> None:
 @click.option("--candidates", type=int, default=600, show_default=True, help="Candidate points optimized.")
 @click.option("--epsilon", type=float, default=0.15, show_default=True, help="L-inf radius around each seed, in [0,1] pixel units.")
 @click.option("--steps", type=int, default=60, show_default=True, help="Optimization steps per point.")
-@click.option("--min-confidence", type=float, default=0.99, show_default=True, help="Owner confidence a core point must reach.")
+@click.option("--min-confidence", type=float, default=0.9, show_default=True, help="Owner confidence a core point must reach.")
 @click.option("--reference-weight", type=float, default=1.0, show_default=True, help="Weight of pushing references away.")
 @click.option("--train-samples", type=int, default=20000, show_default=True, help="Owner-data samples for each simulation/reference.")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Training epochs of simulations and references.")

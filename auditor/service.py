@@ -35,7 +35,7 @@ class FingerprintRequest:
     candidates: int = 600
     epsilon: float = 0.15
     steps: int = 60
-    min_confidence: float = 0.99
+    min_confidence: float = 0.9
     reference_weight: float = 1.0
     train_samples: int = 20000
     epochs: int = 2

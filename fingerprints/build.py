@@ -50,19 +50,27 @@ class KnownModelSpec:
 
 
 DEFAULT_ZOO: tuple[KnownModelSpec, ...] = (
+    # Simulated pirates that shape the points: weight copies and functional copies, the latter
+    # in the owner's and in other architectures, so that following the owner is what counts.
     KnownModelSpec("sim-fine-tune", "piracy", "fine-tune", "selection"),
     KnownModelSpec("sim-prune", "piracy", "prune", "selection"),
     KnownModelSpec("sim-distill", "piracy", "distill", "selection"),
+    KnownModelSpec("sim-extract", "piracy", "extract", "selection"),
     KnownModelSpec("sim-extract-lenet", "piracy", "extract", "selection", "lenet"),
-    KnownModelSpec("sim-distill-2", "piracy", "distill", "calibration"),
-    KnownModelSpec("sim-extract-mlp", "piracy", "extract", "calibration", "mlp"),
+    KnownModelSpec("sim-extract-mlp", "piracy", "extract", "selection", "mlp"),
+    # References the points are pushed away from, in the same architectures as the students.
     KnownModelSpec("ref-same-arch-1", "independent", "same-arch", "selection"),
     KnownModelSpec("ref-same-arch-2", "independent", "same-arch", "selection"),
+    KnownModelSpec("ref-lenet", "independent", "other-arch", "selection", "lenet"),
     KnownModelSpec("ref-mlp", "independent", "other-arch", "selection", "mlp"),
-    KnownModelSpec("ref-same-arch-3", "independent", "same-arch", "calibration"),
-    KnownModelSpec("ref-same-arch-4", "independent", "same-arch", "calibration"),
-    KnownModelSpec("ref-lenet", "independent", "other-arch", "calibration", "lenet"),
-    KnownModelSpec("ref-cnn", "independent", "other-arch", "calibration", "cnn"),
+    # Held out: they only calibrate the test (p0 from references, p1 from pirates).
+    KnownModelSpec("cal-distill", "piracy", "distill", "calibration"),
+    KnownModelSpec("cal-extract-lenet", "piracy", "extract", "calibration", "lenet"),
+    KnownModelSpec("cal-same-arch-1", "independent", "same-arch", "calibration"),
+    KnownModelSpec("cal-same-arch-2", "independent", "same-arch", "calibration"),
+    KnownModelSpec("cal-lenet", "independent", "other-arch", "calibration", "lenet"),
+    KnownModelSpec("cal-mlp", "independent", "other-arch", "calibration", "mlp"),
+    KnownModelSpec("cal-wide-cnn", "independent", "other-arch", "calibration", "cnn-wide"),
 )
 
 

@@ -34,8 +34,9 @@ class CoreConfig:
     n_points: int = 200
     epsilon: float = 0.15
     steps: int = 60
-    min_confidence: float = 0.99
+    min_confidence: float = 0.9
     reference_weight: float = 1.0
+    owner_weight: float = 1.0
     batch_size: int = 200
     seed: int = 0
 
@@ -84,7 +85,7 @@ def optimize_points(
         for _ in range(config.steps):
             delta.requires_grad_(True)
             x = (x0 + delta).clamp(0, 1)
-            loss = _follow_loss(owner(x), t)
+            loss = config.owner_weight * _follow_loss(owner(x), t)
             if students:
                 loss = loss + torch.stack([_follow_loss(s(x), t) for s in students]).mean(0)
             if references:

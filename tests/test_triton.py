@@ -24,6 +24,7 @@ try:
         POINT_SHAPE,
         SLOW_DELAY_S,
         fresh_server,
+        https_proxy,
         points,
         tls_trial,
         triton_onnx,
@@ -35,13 +36,14 @@ except ImportError:  # tests/ made a package
         POINT_SHAPE,
         SLOW_DELAY_S,
         fresh_server,
+        https_proxy,
         points,
         tls_trial,
         triton_onnx,
         triton_trial,
     )
 
-__all__ = ["fresh_server", "tls_trial", "triton_onnx", "triton_trial"]  # fixtures used by name
+__all__ = ["fresh_server", "https_proxy", "tls_trial", "triton_onnx", "triton_trial"]  # fixtures used by name
 
 PROTOCOLS = ("http", "grpc")
 NCHW = InputConvention()
@@ -70,7 +72,23 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _executions(trial, model: str) -> int:
+def _executions(trial, model: str, expect: int | None = None) -> int:
+    """The model's execution count once settled; with `expect`, wait (up to 3 s) for it to reach
+    that, since the server updates its statistics just after sending a response."""
+    deadline = time.monotonic() + 3
+    count = _read_executions(trial, model)
+    while time.monotonic() < deadline:
+        if expect is not None and count >= expect:
+            break
+        time.sleep(0.1)
+        again = _read_executions(trial, model)
+        if expect is None and again == count:  # settled
+            break
+        count = again
+    return count
+
+
+def _read_executions(trial, model: str) -> int:
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(trial.server.http_address)
@@ -211,6 +229,71 @@ def test_client_side_failures_translate() -> None:
         assert isinstance(error, OracleError) and not isinstance(error, TransientOracleError)
 
 
+def _meta(inputs, outputs, max_batch_size):
+    meta = {
+        "versions": ["1"],
+        "inputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in inputs],
+        "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs],
+    }
+    return meta, {"max_batch_size": max_batch_size}
+
+
+def _plan_for(meta_config, **kw):
+    from adapters.triton import _plan
+
+    args = dict(convention=NCHW, point_shape=POINT_SHAPE, num_classes=10, labels_via="auto", batch_size=None,
+                output_option=None, classification_available=True)
+    args.update(kw)
+    return _plan(parse_triton_url("triton+http://h/m"), "1", *meta_config, **args)
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "out_shape", "mbs", "batch_size", "batch_dim", "chunk"),
+    [
+        ([-1, 3, 16, 16], [-1, 10], 32, None, True, 32),
+        ([-1, 3, 16, 16], [-1, 10], 32, 8, True, 8),
+        ([-1, 3, 16, 16], [-1, 10], 32, 100, True, 32),
+        ([3, 16, 16], [10], 0, None, False, 1),
+        ([1, 3, 16, 16], [1, 10], 0, None, True, 1),  # a fixed batch of one, no Triton batching
+        ([-1, 3, 16, 16], [-1, 10], 0, None, True, 64),  # the model batches by itself
+        ([-1, 3, 16, 16], [-1, 10], 0, 16, True, 16),
+        ([-1, 3, -1, -1], [-1, -1], 4, None, True, 4),  # dynamic sizes fit anything
+    ],
+)
+def test_plan_batching(in_shape, out_shape, mbs, batch_size, batch_dim, chunk) -> None:
+    plan, _, details = _plan_for(_meta([("x", "FP32", in_shape)], [("y", "FP32", out_shape)], mbs), batch_size=batch_size)
+    assert (plan.batch_dim, plan.chunk) == (batch_dim, chunk)
+    assert details["samples_per_request"] == chunk and plan.output_kind == "class_vector"
+
+
+def test_plan_outputs_and_inputs() -> None:
+    two_outputs = _meta([("x", "FP32", [-1, 3, 16, 16])], [("a", "FP32", [-1, 4]), ("b", "FP32", [-1, 10])], 8)
+    with pytest.raises(IncompatibleSuspect, match="option output"):
+        _plan_for(two_outputs)
+    assert _plan_for(two_outputs, output_option="b")[0].output_name == "b"
+    with pytest.raises(IncompatibleSuspect, match="no output 'c'"):
+        _plan_for(two_outputs, output_option="c")
+    with pytest.raises(IncompatibleSuspect, match="2 inputs"):
+        _plan_for(_meta([("x", "FP32", [-1, 3, 16, 16]), ("z", "FP32", [-1, 1])], [("y", "FP32", [-1, 10])], 8))
+    with pytest.raises(IncompatibleSuspect, match="FP64 input"):
+        _plan_for(_meta([("x", "FP64", [-1, 3, 16, 16])], [("y", "FP32", [-1, 10])], 8))
+    with pytest.raises(IncompatibleSuspect, match="class vector"):
+        _plan_for(_meta([("x", "FP32", [-1, 3, 16, 16])], [("y", "FP32", [-1, 2, 5])], 8))
+    labels = _plan_for(_meta([("x", "UINT8", [-1, 3, 16, 16])], [("y", "INT32", [-1])], 8))
+    assert labels[0].output_kind == "labels" and labels[1].dtype == "uint8"
+    dynamic = _plan_for(_meta([("x", "FP32", [-1, 3, 16, 16])], [("y", "FP32", [-1, -1])], 8), num_classes=None)
+    assert dynamic[0].num_classes is None
+
+
+def test_plan_labels_via() -> None:
+    meta = _meta([("x", "FP32", [-1, 3, 16, 16])], [("y", "FP32", [-1, 10])], 8)
+    assert _plan_for(meta)[0].labels_via == "classification"
+    assert _plan_for(meta, classification_available=False)[0].labels_via == "argmax"
+    assert _plan_for(meta, labels_via="argmax")[0].labels_via == "argmax"
+    with pytest.raises(IncompatibleSuspect, match="classification extension"):
+        _plan_for(meta, labels_via="classification", classification_available=False)
+
+
 def test_unreachable_server_is_oracle_error() -> None:
     import socket
 
@@ -289,12 +372,12 @@ def test_requests_per_query_follow_batching(triton_trial, protocol: str) -> None
     with _open(triton_trial.server.url("nobatch", protocol), concurrency=3) as oracle:
         assert oracle.info.details["samples_per_request"] == 1
         oracle.query(pts, Access.PROBS)
-    assert _executions(triton_trial, "nobatch") - before == 13  # one sample per request
+    assert _executions(triton_trial, "nobatch", before + 13) - before == 13  # one sample per request
 
     before = _executions(triton_trial, "cnn")
     with _open(triton_trial.server.url("cnn", protocol), batch_size=5) as oracle:
         oracle.query(pts, Access.PROBS)
-    assert _executions(triton_trial, "cnn") - before == 3  # 5 + 5 + 3
+    assert _executions(triton_trial, "cnn", before + 3) - before == 3  # 5 + 5 + 3
     with _open(triton_trial.server.url("cnn", protocol)) as oracle:
         assert oracle.info.details["samples_per_request"] == 64  # the model's max_batch_size
 
@@ -387,6 +470,24 @@ def test_grpc_tls_with_root_certificates(tls_trial) -> None:
         _open(url, connect_timeout_s=3)
     with pytest.raises(OracleError, match="unreachable"):  # plain gRPC to a TLS port
         _open(tls_trial.server.url("cnn", "grpc"), connect_timeout_s=3)
+
+
+def test_https_with_root_certificates_or_insecure(tls_trial, https_proxy, monkeypatch) -> None:
+    monkeypatch.setenv("DEEPCORE_TEST_TRITON_TOKEN", tls_trial.token)
+    url = f"triton+https://127.0.0.1:{https_proxy.port}/cnn"
+    token = {"auth_token_env": "DEEPCORE_TEST_TRITON_TOKEN"}
+    with _open(url, ssl_root_certificates=str(tls_trial.cert), **token) as verified, _open(url, ssl_insecure=True, **token) as insecure:
+        assert verified.info.details["tls"] is True
+        np.testing.assert_array_equal(verified.query(points(6), Access.LABELS), insecure.query(points(6), Access.LABELS))
+    with pytest.raises(OracleError, match="unreachable"):  # self-signed: not trusted by default
+        _open(url, connect_timeout_s=3, **token)
+    with pytest.raises(OracleError, match="unreachable"):  # TLS is not optional on that port
+        _open(url.replace("https", "http"), connect_timeout_s=3, request_timeout_s=3, **token)
+
+
+def test_options_given_as_none_take_their_defaults(triton_trial) -> None:
+    with _open(triton_trial.server.url("cnn", "http"), concurrency=None, labels_via=None, headers=None, ssl=None) as oracle:
+        assert oracle.info.details["concurrency"] == 4 and oracle.info.details["labels_via"] == "classification"
 
 
 def test_rejected_token_is_a_permanent_error(tls_trial, monkeypatch) -> None:

@@ -7,8 +7,12 @@ that their top-1 labels vary across inputs: these tests check transport, not acc
 
 from __future__ import annotations
 
+import select
 import shutil
+import socket
+import ssl
 import subprocess
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -179,6 +183,68 @@ def tls_trial(tmp_path_factory: pytest.TempPathFactory, triton_onnx: dict[str, P
     )
     with server:
         yield TlsTrial(server=server, cert=cert, token=token)
+
+
+class TlsProxy:
+    """A TLS-terminating relay on 127.0.0.1 in front of a plaintext port (Triton's HTTP has no TLS)."""
+
+    def __init__(self, target_port: int, cert: Path, key: Path) -> None:
+        self.target_port = target_port
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(str(cert), str(key))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="tls-proxy", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            client = self._context.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):  # e.g. the client rejected our certificate
+            conn.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        try:
+            while not self._stop.is_set():
+                ready = [client] if client.pending() else select.select([client, upstream], [], [], 0.5)[0]
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (upstream if sock is client else client).sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(timeout=2)
+
+
+@pytest.fixture(scope="session")
+def https_proxy(tls_trial: TlsTrial) -> Iterator[TlsProxy]:
+    """HTTPS (self-signed certificate) in front of the TLS trial server's HTTP port."""
+    proxy = TlsProxy(tls_trial.server.http_port, tls_trial.cert, tls_trial.cert.with_name("key.pem"))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture

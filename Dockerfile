@@ -1,0 +1,38 @@
+# syntax=docker/dockerfile:1
+#
+# DeepCore auditor, GPU flavour: ONNX Runtime with the CUDA execution provider (onnxruntime-gpu)
+# and the Triton clients. Build: docker build -t deepcore:gpu .
+# Run:   docker run --rm --gpus all -v "$PWD:/work" deepcore:gpu audit ...
+#
+# - The host needs an NVIDIA driver and the NVIDIA container toolkit. The CUDA 13 / cuDNN 9
+#   user-space libraries come from PyPI (onnxruntime-gpu's "cuda" and "cudnn" extras), so the base
+#   is a plain Python image and nothing is installed with apt.
+# - Exactly one ONNX Runtime: onnxruntime-gpu (the project's "gpu" extra). The CPU package
+#   provides the same module and would overwrite it, so the "cpu" extra is never installed here.
+# - torch is the CPU build, pinned: owner-side work (training, fingerprinting) runs on the CPU and
+#   suspects run in ONNX Runtime or behind Triton; an unpinned torch would pull a multi-GB CUDA
+#   build beside the libraries above.
+FROM python:3.11.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/deepcore \
+    PATH=/opt/deepcore/bin:$PATH
+
+RUN python -m venv /opt/deepcore \
+    && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY adapters ./adapters
+COPY auditor ./auditor
+COPY fingerprints ./fingerprints
+RUN pip install --no-cache-dir "/src[gpu,triton]" "onnxruntime-gpu[cuda,cudnn]==1.31.1" \
+    && useradd --create-home --uid 10001 --user-group deepcore \
+    && install -d -o deepcore -g deepcore /work
+
+USER 10001:10001
+WORKDIR /work
+ENTRYPOINT ["deepcore"]
+CMD ["--help"]
