@@ -4,7 +4,7 @@ Backends (ONNX Runtime, PyTorch) are imported lazily by `adapters.open` so the i
 without every framework installed.
 """
 
-from adapters.base import Access, InputConvention, Oracle, OracleInfo
+from adapters.base import Access, InputConvention, LabelsOnly, Oracle, OracleInfo
 from adapters.errors import (
     BudgetExceeded,
     DeepCoreError,
@@ -23,6 +23,7 @@ __all__ = [
     "IncompatibleSuspect",
     "InputConvention",
     "InputError",
+    "LabelsOnly",
     "Oracle",
     "OracleError",
     "OracleInfo",

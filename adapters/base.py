@@ -190,3 +190,21 @@ def to_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
     z = out - out.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True), "logits"
+
+
+class LabelsOnly(Oracle):
+    """Shows only top-1 labels of any oracle: a local stand-in for a label-only public API."""
+
+    def __init__(self, inner: Oracle) -> None:
+        self.inner = inner
+
+    @property
+    def info(self) -> OracleInfo:
+        i = self.inner.info
+        return OracleInfo(i.kind, i.identity, (Access.LABELS,), i.num_classes, {**i.details, "labels_only": True})
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        return self.inner.query(points, Access.LABELS)
+
+    def close(self) -> None:
+        self.inner.close()

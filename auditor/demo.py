@@ -11,7 +11,6 @@ Models and the fingerprint are cached, so a second run only audits.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -30,7 +29,17 @@ from auditor.audit import AuditConfig, audit
 from fingerprints.build import BuildConfig, build_fingerprint
 from fingerprints.data import channel_stats, default_cache_dir, load_data
 from fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
-from fingerprints.models import Normalized, TrainConfig, accuracy, build_architecture, predict, prune_by_magnitude, train
+from fingerprints.models import (
+    clone,
+    Normalized,
+    TrainConfig,
+    accuracy,
+    build_architecture,
+    export_onnx,
+    predict,
+    prune_by_magnitude,
+    train,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +71,6 @@ SUSPECTS: tuple[SuspectRecipe, ...] = (
 )
 
 
-def export_onnx(model: nn.Module, path: Path, point_shape: tuple[int, int, int]) -> None:
-    """Export `model` (taking the model-space input) to ONNX with a dynamic batch dimension."""
-    model = copy.deepcopy(model).eval()
-    tmp = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(model, (torch.zeros(1, *point_shape),), str(tmp), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    tmp.replace(path)
-
-
 def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -83,7 +83,7 @@ def _make_suspect(r: SuspectRecipe, owner: Normalized, halves: dict[str, tuple[n
     x, y = halves[r.data]
     torch.manual_seed(r.seed)
     if r.how == "fine-tune":
-        return train(copy.deepcopy(owner), x, y, TrainConfig(epochs=1, lr=3e-4, seed=r.seed))
+        return train(clone(owner), x, y, TrainConfig(epochs=1, lr=3e-4, seed=r.seed))
     if r.how == "prune":
         return train(prune_by_magnitude(owner, 0.6), x, y, TrainConfig(epochs=1, lr=3e-4, seed=r.seed))
     fresh = Normalized(build_architecture(r.arch, shape, k), owner.convention)
@@ -118,7 +118,7 @@ def prepare(cache: Path, say: Callable[[str], None]) -> tuple[Fingerprint, dict[
     meta: dict[str, Any] = {"owner_test_accuracy": round(accuracy(owner, test_x, test_y), 4), "suspects": {}}
     say(f"owner test accuracy {meta['owner_test_accuracy']:.3f}")
     owner_ts = cache / "owner.pt"
-    torch.jit.save(torch.jit.trace(copy.deepcopy(owner.net).eval(), torch.zeros(1, *shape)), str(owner_ts))
+    torch.jit.save(torch.jit.trace(clone(owner.net).eval(), torch.zeros(1, *shape)), str(owner_ts))
     owner_onnx = cache / "owner.onnx"
     export_onnx(owner.net, owner_onnx, shape)
     for r in SUSPECTS:

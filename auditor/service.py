@@ -86,6 +86,7 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     )
     owner = Normalized(net, convention)
     points, labels = data.train.points(), data.train.y
+    probe_owner(owner, points[:2], data.train.num_classes)
     test_acc = accuracy(owner, data.test.points(), data.test.y) if len(data.test) else float("nan")
     say(f"owner loaded ({identity.get('sha256', '')[:12]}..), test accuracy {test_acc:.3f} on {len(data.test)} samples")
     if test_acc < 1.5 / data.train.num_classes:
@@ -102,6 +103,21 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, extra_references=extra, progress=say)
     fp = Fingerprint(**{**fp.__dict__, "extra": {**fp.extra, "owner_test_accuracy": round(test_acc, 4), "data": data.source}})
     return fp, save_fingerprint(fp, req.out)
+
+
+def probe_owner(owner: Any, points: Any, num_classes: int) -> None:
+    """Run the owner on two data points: a model that cannot take them fails here, in one line."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = owner(torch.from_numpy(points))
+    except Exception as e:  # any framework error: the owner does not fit the data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"owner model cannot take the data's inputs {list(points.shape[1:])} under the declared convention: {first}") from e
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != num_classes:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"owner model outputs {shape} for the data's {num_classes} classes")
 
 
 @dataclass(frozen=True)

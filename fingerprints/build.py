@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from adapters.base import Access, InputConvention, Oracle
 from fingerprints.core import CoreConfig, build_core_points
 from fingerprints.format import Fingerprint, ModelAnswers
 from fingerprints.models import (
+    clone,
     Normalized,
     TrainConfig,
     build_architecture,
@@ -114,7 +114,7 @@ def train_known_model(
     x = points[subset]
     tc = TrainConfig(epochs=config.epochs, seed=seed)
     if spec.family == "fine-tune":
-        return train(copy.deepcopy(owner), x, labels[subset], TrainConfig(epochs=1, lr=1e-4, seed=seed))
+        return train(clone(owner), x, labels[subset], TrainConfig(epochs=1, lr=1e-4, seed=seed))
     if spec.family == "prune":
         return train(prune_by_magnitude(owner, config.prune_ratio), x, labels[subset], TrainConfig(epochs=1, lr=1e-4, seed=seed))
     if spec.arch == "owner":

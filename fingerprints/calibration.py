@@ -25,6 +25,7 @@ MODES = ("agreement", "similarity", "clustering")
 CONFIDENCE = 0.95
 MIN_GAP = 0.15  # p1 is held at least this far above p0, so the test has power
 P1_DEFAULT = 0.9  # when no held-out piracy simulation is stored
+P1_MAX = 0.98  # a pirate is never assumed more faithful than this: one disagreement is not proof
 SMOOTHING = 4.0  # clustering: pseudo-models pulling each point's rate towards the pooled bound
 
 
@@ -83,10 +84,11 @@ def rates(fp: Fingerprint, mode: str) -> Rates:
     if p1 < p0 + MIN_GAP:
         notes.append(f"held-out pirates score {p1:.2f}, close to p0 {p0:.2f}: p1 raised to p0 + {MIN_GAP}")
         p1 = p0 + MIN_GAP
-    if p1 >= 1.0:
-        notes.append(f"independent models agree up to {p0:.2f}: this fingerprint cannot separate them")
-        p1 = 1.0 - 1e-3
-        p0 = min(p0, p1 - 1e-3)
+    if p1 > P1_MAX:
+        p1 = P1_MAX
+        if p0 > P1_MAX - MIN_GAP:
+            notes.append(f"independent models agree up to {p0:.2f}: this fingerprint cannot separate them well")
+            p0 = min(p0, P1_MAX - 0.02)
     p0_i, p1_i = np.full(n, p0), np.full(n, p1)
     if mode == "clustering":
         k0 = np.sum([_scores(fp, m, False) for m in indep], axis=0)

@@ -8,10 +8,12 @@ space through the convention into the model, exactly as the owner sees its input
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,9 +70,24 @@ class Normalized(nn.Module):
         return self.net(apply_convention_torch(points, self.convention))
 
 
+def clone(model: nn.Module) -> nn.Module:
+    """An independent, trainable copy of any module, TorchScript included.
+
+    (copy.deepcopy of a ScriptModule yields non-leaf parameters that no optimizer accepts.)
+    """
+    if isinstance(model, Normalized):
+        return Normalized(clone(model.net), model.convention)
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        buf.seek(0)
+        return torch.jit.load(buf)
+    return copy.deepcopy(model)
+
+
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:
     """A copy of `model` with the same architecture and fresh random weights (any nn.Module)."""
-    fresh = copy.deepcopy(model)
+    fresh = clone(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in fresh.parameters():
@@ -133,7 +150,7 @@ def train(
 
 def prune_by_magnitude(model: nn.Module, ratio: float) -> nn.Module:
     """A copy of `model` with the smallest `ratio` of each weight matrix/kernel set to zero."""
-    pruned = copy.deepcopy(model)
+    pruned = clone(model)
     with torch.no_grad():
         for p in pruned.parameters():
             if p.dim() > 1:
@@ -157,3 +174,12 @@ def predict(model: nn.Module, points: np.ndarray, batch_size: int = 512) -> np.n
 
 def accuracy(model: nn.Module, points: np.ndarray, labels: np.ndarray) -> float:
     return float((predict(model, points).argmax(1) == labels).mean())
+
+
+def export_onnx(model: nn.Module, path: Path, point_shape: tuple[int, int, int]) -> None:
+    """Export `model` to ONNX (opset 17, dynamic batch), written atomically to `path`."""
+    model = clone(model).eval()
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.onnx.export(model, (torch.zeros(1, *point_shape),), str(tmp), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    tmp.replace(path)

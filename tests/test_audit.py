@@ -1,0 +1,129 @@
+"""The audit end to end on real small models through real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adapters.base import Access, LabelsOnly
+from adapters.errors import IncompatibleSuspect, InputError
+from adapters.onnx import OnnxOracle
+from auditor.audit import AuditConfig, audit
+from auditor.budget import QueryLedger
+from fingerprints.calibration import rates
+from fingerprints.format import load_fingerprint
+
+
+def _open(world, path):
+    fp = load_fingerprint(world.fingerprint)
+    return fp, OnnxOracle(path, convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes)
+
+
+def test_fingerprint_points_are_core_points_of_the_owner(world):
+    fp, owner = _open(world, world.owner_onnx)
+    probs = owner.query(fp.points, Access.PROBS)
+    assert (probs.argmax(1) == fp.owner_labels).all()
+    assert probs.max(1).min() >= fp.method["params"]["core"]["min_confidence"] - 1e-4
+    assert fp.points.min() >= 0 and fp.points.max() <= 1
+
+
+def test_selection_references_were_kept_apart_from_calibration(world):
+    fp = load_fingerprint(world.fingerprint)
+    roles = {(m.kind, m.role) for m in fp.known_models}
+    assert {("independent", "selection"), ("independent", "calibration"), ("piracy", "calibration")} <= roles
+    summary = rates(fp, "agreement").summary
+    assert all(name.startswith("cal-") for name in summary["independent_models"])
+
+
+@pytest.mark.parametrize("mode,access", [("agreement", Access.LABELS), ("similarity", Access.PROBS), ("clustering", Access.LABELS)])
+def test_copies_of_the_owner_are_flagged(world, mode, access):
+    for path in (world.owner_onnx, world.pirate_onnx):
+        fp, suspect = _open(world, path)
+        res = audit(fp, suspect, AuditConfig(access=access, mode=mode, budget=60, batch_size=5))
+        assert res.verdict == "piracy", (path.name, mode, res.to_dict())
+        assert res.queries_used <= 30
+        assert res.trajectory[-1].llr >= res.thresholds["piracy"]
+
+
+@pytest.mark.parametrize("mode,access", [("agreement", Access.LABELS), ("similarity", Access.PROBS), ("clustering", Access.LABELS)])
+def test_independent_model_is_never_accused(world, mode, access):
+    fp, suspect = _open(world, world.independent_onnx)
+    res = audit(fp, suspect, AuditConfig(access=access, mode=mode, budget=60, batch_size=5))
+    assert res.verdict != "piracy", res.to_dict()
+    assert res.queries_used <= 60
+
+
+def test_trajectory_reports_the_verdict_against_queries(world):
+    fp, suspect = _open(world, world.pirate_onnx)
+    res = audit(fp, suspect, AuditConfig(budget=60, batch_size=5))
+    qs = [s.queries for s in res.trajectory]
+    assert qs == list(range(5, 5 * len(qs) + 1, 5))
+    assert res.trajectory[-1].decision == res.verdict
+    assert all(s.decision is None for s in res.trajectory[:-1])
+    d = res.to_dict()
+    assert {"verdict", "queries_used", "budget", "alpha", "trajectory", "fingerprint_sha256", "suspect"} <= d.keys()
+    assert d["suspect"]["identity"]["sha256"]
+
+
+def test_budget_is_a_hard_limit_and_ends_inconclusive(world):
+    fp, suspect = _open(world, world.independent_onnx)
+    # alpha tiny and beta tiny: the test cannot decide within 10 queries.
+    res = audit(fp, suspect, AuditConfig(budget=10, batch_size=5, alpha=1e-9, beta=1e-9))
+    assert res.verdict == "inconclusive"
+    assert res.queries_used == 10
+    assert any("budget" in n for n in res.notes)
+
+
+def test_similarity_mode_refuses_a_labels_only_oracle_before_any_query(world):
+    fp, suspect = _open(world, world.pirate_onnx)
+    labels_only = LabelsOnly(suspect)
+    with pytest.raises(InputError, match="needs --access probs"):
+        audit(fp, labels_only, AuditConfig(access=Access.LABELS, mode="similarity"))
+    ledger = QueryLedger({})
+    with pytest.raises(IncompatibleSuspect, match="answers labels only"):
+        audit(fp, labels_only, AuditConfig(access=Access.PROBS, mode="similarity"), ledger=ledger)
+    assert len(ledger) == 0
+
+
+def test_seed_changes_the_order_not_the_outcome_for_a_copy(world):
+    fp, _ = _open(world, world.owner_onnx)
+    firsts = set()
+    for seed in range(3):
+        _, suspect = _open(world, world.owner_onnx)
+        res = audit(fp, suspect, AuditConfig(budget=60, batch_size=5, seed=seed))
+        assert res.verdict == "piracy"
+        firsts.add(res.queries_used)
+    assert firsts  # deterministic per seed; below, the same seed gives the same trajectory
+    _, s1 = _open(world, world.independent_onnx)
+    _, s2 = _open(world, world.independent_onnx)
+    a = audit(fp, s1, AuditConfig(budget=60, batch_size=5, seed=7))
+    b = audit(fp, s2, AuditConfig(budget=60, batch_size=5, seed=7))
+    assert [x.llr for x in a.trajectory] == [x.llr for x in b.trajectory]
+
+
+def test_resume_from_ledger_asks_nothing_twice(world, tmp_path):
+    fp, suspect = _open(world, world.independent_onnx)
+    cfg = AuditConfig(budget=20, batch_size=5, alpha=1e-9, beta=1e-9)
+    from auditor.audit import ledger_header
+
+    path = tmp_path / "ledger.jsonl"
+    first = audit(fp, suspect, cfg, ledger=QueryLedger.open(path, ledger_header(fp, suspect, cfg), resume=False))
+    assert first.queries_used == 20
+    cfg2 = AuditConfig(budget=40, batch_size=5, alpha=1e-9, beta=1e-9)
+    ledger = QueryLedger.open(path, ledger_header(fp, suspect, cfg2), resume=True)
+    assert len(ledger) == 20
+    second = audit(fp, suspect, cfg2, ledger=ledger)
+    assert second.replayed_from_ledger == 20
+    assert second.queries_used == 40
+    lines = path.read_text().splitlines()[1:]
+    digests = [line.split('"digest": "')[1][:64] for line in lines]
+    assert len(digests) == len(set(digests)) == 40
+
+
+def test_known_model_answers_match_the_stored_calibration(world):
+    fp = load_fingerprint(world.fingerprint)
+    r = rates(fp, "agreement")
+    for m in fp.known_models:
+        if m.role == "calibration" and m.kind == "independent":
+            assert r.summary["independent_models"][m.name] == pytest.approx(float(np.mean(m.labels == fp.owner_labels)), abs=1e-4)
+    assert 0 < r.p0.max() < r.p1.min() < 1

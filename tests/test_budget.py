@@ -1,0 +1,108 @@
+"""The budget, retry and ledger wrappers around a real ONNX Runtime suspect."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.base import Access, InputConvention, Oracle, OracleInfo
+from adapters.errors import BudgetExceeded, InputError, TransientOracleError
+from adapters.onnx import OnnxOracle
+from auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
+from fingerprints.models import build_architecture, export_onnx
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def suspect(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("budget") / "m.onnx"
+    export_onnx(build_architecture("mlp", SHAPE, 10), path, SHAPE)
+    return OnnxOracle(path, convention=InputConvention(), point_shape=SHAPE, num_classes=10)
+
+
+class Flaky(Oracle):
+    """Fails with a transient error on the calls listed, otherwise asks the real suspect."""
+
+    def __init__(self, inner: Oracle, fail_on: set[int]) -> None:
+        self.inner, self.fail_on, self.calls = inner, fail_on, 0
+
+    @property
+    def info(self) -> OracleInfo:
+        return self.inner.info
+
+    def _answer(self, points, access):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise TransientOracleError("simulated timeout")
+        return self.inner.query(points, access)
+
+
+def pts(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *SHAPE), dtype=np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(budget=st.integers(0, 40), batches=st.lists(st.integers(1, 12), max_size=12), fails=st.sets(st.integers(1, 30), max_size=8))
+def test_never_past_the_budget_and_every_answer_recorded_once(suspect, budget, batches, fails):
+    budgeted = Budgeted(Flaky(suspect, fails), budget)
+    ledger = QueryLedger({})
+    oracle = Recorded(Retrying(budgeted, attempts=3, sleep=lambda s: None), ledger)
+    asked = 0
+    for i, n in enumerate(batches):
+        p = pts(n, seed=i)
+        try:
+            out = oracle.query(p, Access.LABELS)
+            assert len(out) == n
+            asked += n
+        except (BudgetExceeded, TransientOracleError):
+            pass
+        assert budgeted.spent <= budget
+    assert len(ledger) == len(set(ledger.order)) == asked
+
+
+def test_retries_are_charged_to_the_budget(suspect):
+    budgeted = Budgeted(Flaky(suspect, {1}), 100)
+    out = Retrying(budgeted, sleep=lambda s: None).query(pts(5), Access.LABELS)
+    assert len(out) == 5 and budgeted.spent == 10
+
+
+def test_budget_refuses_before_sending(suspect):
+    flaky = Flaky(suspect, set())
+    b = Budgeted(flaky, 4)
+    with pytest.raises(BudgetExceeded):
+        b.query(pts(5), Access.LABELS)
+    assert flaky.calls == 0 and b.spent == 0
+
+
+def test_recorded_answers_are_replayed_not_asked(suspect):
+    ledger = QueryLedger({})
+    b = Budgeted(suspect, 100)
+    r = Recorded(b, ledger)
+    first = r.query(pts(6), Access.PROBS)
+    again = r.query(pts(6), Access.PROBS)
+    assert np.array_equal(first, again) and b.spent == 6 and r.replayed == 6
+
+
+def test_ledger_file_resume_checks_header_and_survives_a_torn_line(suspect, tmp_path):
+    path = tmp_path / "l.jsonl"
+    header = {"fingerprint_sha256": "f", "suspect": {"sha256": "s"}, "access": "labels"}
+    ledger = QueryLedger.open(path, header, resume=False)
+    p = pts(4)
+    ledger.record([point_digest(x) for x in p], suspect.query(p, Access.LABELS))
+    with open(path, "a") as f:
+        f.write('{"digest": "abc", "ans')  # killed mid-write
+    again = QueryLedger.open(path, header, resume=True)
+    assert len(again) == 4
+    with pytest.raises(InputError, match="another suspect"):
+        QueryLedger.open(path, {**header, "suspect": {"sha256": "other"}}, resume=True)
+    with pytest.raises(InputError, match="already exists"):
+        QueryLedger.open(path, header, resume=False)
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0])["ledger"] == header

@@ -1,0 +1,179 @@
+"""The `deepcore` command's contract: exit statuses, JSON output, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from auditor.cli import cli
+from fingerprints.models import build_architecture, export_onnx
+from conftest import TINY
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def audit_args(world, suspect: Path, *extra: str) -> list[str]:
+    return ["audit", "--fingerprint", str(world.fingerprint), "--suspect", str(suspect), "--budget", "60", "--batch-size", "5", *extra]
+
+
+def one_line_error(result, *words: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("deepcore: error: "), result.output
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_audit_json_and_exit_status_for_piracy(world):
+    r = run(*audit_args(world, world.pirate_onnx, "--json"))
+    assert r.exit_code == 1, r.output
+    d = json.loads(r.stdout)
+    assert d["verdict"] == "piracy"
+    assert {"verdict", "queries_used", "budget", "alpha", "trajectory"} <= d.keys()
+    assert d["budget"] == 60 and 0 < d["queries_used"] <= 60
+
+
+def test_audit_exit_status_for_independent_is_not_piracy(world):
+    r = run(*audit_args(world, world.independent_onnx, "--json"))
+    assert r.exit_code in (0, 3), r.output
+    assert json.loads(r.stdout)["verdict"] in ("independent", "inconclusive")
+
+
+def test_audit_inconclusive_exits_3(world):
+    r = run(*audit_args(world, world.independent_onnx, "--budget", "5", "--alpha", "1e-9", "--beta", "1e-9", "--json"))
+    assert r.exit_code == 3, r.output
+    assert json.loads(r.stdout)["verdict"] == "inconclusive"
+
+
+def test_audit_writes_report_and_ledger_then_resumes(world, tmp_path):
+    ledger, report = tmp_path / "l.jsonl", tmp_path / "r.json"
+    args = audit_args(world, world.independent_onnx, "--budget", "10", "--alpha", "1e-9", "--beta", "1e-9", "--ledger", str(ledger), "--report", str(report), "--json")
+    assert run(*args).exit_code == 3
+    assert json.loads(report.read_text())["queries_used"] == 10
+    one_line_error(run(*args), "already exists", "--resume")
+    args[args.index("--budget") + 1] = "20"
+    r = run(*args, "--resume")
+    assert r.exit_code == 3, r.output
+    d = json.loads(r.stdout)
+    assert d["replayed_from_ledger"] == 10 and d["queries_used"] == 20
+
+
+def test_fingerprint_command_writes_a_verifiable_file(world, tmp_path):
+    out = tmp_path / "fp.json"
+    data = world.root / "owner-data.npz"
+    r = run("fingerprint", "--owner", str(world.owner_ts), "--data", str(data), "--out", str(out), *TINY, "--points", "10", "--candidates", "20", "--steps", "5", "--train-samples", "500", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    i = run("inspect", str(out), "--json")
+    assert i.exit_code == 0
+    d = json.loads(i.stdout)
+    assert d["points"] <= 10 and d["point_shape"] == [1, 28, 28] and d["owner"]["sha256"]
+
+
+# ---- bad input: one line, exit 2, nothing written -------------------------------------------
+
+
+def test_missing_fingerprint(world, tmp_path):
+    one_line_error(run(*["audit", "--fingerprint", str(tmp_path / "nope.json"), "--suspect", str(world.pirate_onnx)]), "fingerprint file not found")
+
+
+def test_corrupt_fingerprint(world, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b"\x00\x01garbage")
+    one_line_error(run("audit", "--fingerprint", str(bad), "--suspect", str(world.pirate_onnx)), "not a fingerprint")
+
+
+def test_tampered_fingerprint(world, tmp_path):
+    doc = json.loads(world.fingerprint.read_text())
+    doc["content"]["method"]["seed"] = 12345
+    bad = tmp_path / "tampered.json"
+    bad.write_text(json.dumps(doc))
+    one_line_error(run("audit", "--fingerprint", str(bad), "--suspect", str(world.pirate_onnx)), "does not match its sha256")
+
+
+def test_missing_suspect(world, tmp_path):
+    one_line_error(run(*audit_args(world, tmp_path / "gone.onnx")), "not found")
+
+
+def test_corrupt_suspect(world, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx at all")
+    one_line_error(run(*audit_args(world, bad)), "bad.onnx")
+
+
+def test_suspect_whose_input_does_not_fit(world, tmp_path):
+    torch.manual_seed(0)
+    other = tmp_path / "cifar-shaped.onnx"
+    export_onnx(build_architecture("mlp", (3, 32, 32), 10), other, (3, 32, 32))
+    one_line_error(run(*audit_args(world, other)), "32")
+
+
+def test_suspect_with_another_number_of_classes(world, tmp_path):
+    torch.manual_seed(0)
+    five = tmp_path / "five.onnx"
+    export_onnx(build_architecture("mlp", (1, 28, 28), 5), five, (1, 28, 28))
+    one_line_error(run(*audit_args(world, five)), "5")
+
+
+def test_budget_smaller_than_one_batch(world):
+    one_line_error(run(*audit_args(world, world.pirate_onnx, "--budget", "3")), "smaller than one batch")
+
+
+def test_similarity_mode_needs_probs(world):
+    one_line_error(run(*audit_args(world, world.pirate_onnx, "--mode", "similarity")), "--access probs")
+
+
+def test_resume_without_ledger(world):
+    one_line_error(run(*audit_args(world, world.pirate_onnx, "--resume")), "--ledger")
+
+
+def test_bad_suspect_mean(world):
+    one_line_error(run(*audit_args(world, world.pirate_onnx, "--suspect-mean", "a,b")), "--suspect-mean")
+
+
+def test_unknown_data_name_writes_nothing(world, tmp_path):
+    out = tmp_path / "fp.json"
+    one_line_error(run("fingerprint", "--owner", str(world.owner_ts), "--data", "imagenet-21k", "--out", str(out)), "unknown data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_owner(tmp_path):
+    one_line_error(run("fingerprint", "--owner", str(tmp_path / "o.pt"), "--data", "fashion-mnist", "--out", str(tmp_path / "f.json")), "not found")
+
+
+def test_owner_that_is_not_a_model(tmp_path):
+    bad = tmp_path / "o.pt"
+    bad.write_bytes(b"junk")
+    one_line_error(run("fingerprint", "--owner", str(bad), "--data", "fashion-mnist", "--out", str(tmp_path / "f.json")), "o.pt")
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_owner_whose_input_does_not_fit_the_data(world, tmp_path):
+    torch.manual_seed(0)
+    net = torch.jit.trace(build_architecture("mlp", (3, 32, 32), 10).eval(), torch.zeros(1, 3, 32, 32))
+    path = tmp_path / "cifar-owner.pt"
+    torch.jit.save(net, str(path))
+    r = run("fingerprint", "--owner", str(path), "--data", str(world.root / "owner-data.npz"), "--out", str(tmp_path / "f.json"))
+    one_line_error(r, "owner")
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_output_directory_missing(world, tmp_path):
+    one_line_error(run("fingerprint", "--owner", str(world.owner_ts), "--data", "fashion-mnist", "--out", str(tmp_path / "no" / "f.json")), "does not exist")
+
+
+def test_real_process_exit_status_and_clean_stderr(world):
+    p = subprocess.run([sys.executable, "-m", "auditor", *audit_args(world, world.owner_onnx, "--json")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert json.loads(p.stdout)["verdict"] == "piracy"
+    q = subprocess.run([sys.executable, "-m", "auditor", "audit", "--fingerprint", "/nonexistent", "--suspect", "x.onnx"], capture_output=True, text=True, timeout=120)
+    assert q.returncode == 2 and q.stderr.strip().count("\n") == 0 and "Traceback" not in q.stderr

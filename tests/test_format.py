@@ -1,0 +1,91 @@
+"""The fingerprint file: round trip, digest, and refusal of anything modified or malformed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.base import InputConvention
+from adapters.errors import FingerprintError, InputError
+from fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
+
+
+def make(n: int = 5) -> Fingerprint:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=n).astype(np.float32)
+    labels = probs.argmax(1).astype(np.int64)
+    known = (ModelAnswers("cal-a", "independent", "same-arch", "calibration", labels[::-1].copy(), rng.random(n)),)
+    return Fingerprint(rng.random((n, 1, 4, 4), dtype=np.float32), labels, probs, InputConvention(mean=(0.5,), std=(0.25,)),
+                       ("a", "b", "c"), {"sha256": "00"}, {"name": "deepcore", "seed": 3}, known, "2026-11-29T00:00:00+00:00")
+
+
+def test_round_trip_is_exact(tmp_path):
+    fp = make()
+    digest = save_fingerprint(fp, tmp_path / "f.json")
+    back = load_fingerprint(tmp_path / "f.json")
+    assert back.digest == digest == fp.digest
+    assert np.array_equal(back.points, fp.points) and back.points.dtype == np.float32
+    assert np.array_equal(back.known_models[0].labels, fp.known_models[0].labels)
+    assert back.convention == fp.convention and back.classes == fp.classes
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["method"].__setitem__("seed", 4),
+    lambda c: c["owner_labels"].__setitem__("base64", c["owner_labels"]["base64"][::-1]),
+    lambda c: c["known_models"][0].__setitem__("kind", "piracy"),
+    lambda c: c["convention"].__setitem__("std", [0.3]),
+])
+def test_any_modification_is_refused(tmp_path, edit):
+    save_fingerprint(make(), tmp_path / "f.json")
+    doc = json.loads((tmp_path / "f.json").read_text())
+    edit(doc["content"])
+    (tmp_path / "f.json").write_text(json.dumps(doc))
+    with pytest.raises(FingerprintError, match="does not match"):
+        load_fingerprint(tmp_path / "f.json")
+
+
+def test_other_versions_and_files_are_refused(tmp_path):
+    save_fingerprint(make(), tmp_path / "f.json")
+    doc = json.loads((tmp_path / "f.json").read_text())
+    doc["version"] = 99
+    (tmp_path / "v.json").write_text(json.dumps(doc))
+    with pytest.raises(FingerprintError, match="version 99"):
+        load_fingerprint(tmp_path / "v.json")
+    (tmp_path / "x.json").write_text('{"format": "something else"}')
+    with pytest.raises(FingerprintError, match="not a DeepCore fingerprint"):
+        load_fingerprint(tmp_path / "x.json")
+    with pytest.raises(InputError, match="not found"):
+        load_fingerprint(tmp_path / "missing.json")
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    save_fingerprint(make(), tmp_path / "f.json")
+    save_fingerprint(make(7), tmp_path / "f.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    assert len(load_fingerprint(tmp_path / "f.json")) == 7
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_arbitrary_bytes_raise_only_the_projects_error(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("fuzz") / "f.json"
+    path.write_bytes(blob)
+    with pytest.raises(FingerprintError):
+        load_fingerprint(path)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12))
+def test_well_digested_garbage_content_raises_only_the_projects_error(tmp_path_factory, content):
+    from fingerprints.format import FORMAT_NAME, FORMAT_VERSION, canonical_digest
+
+    path = tmp_path_factory.mktemp("fuzz") / "f.json"
+    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "content": content}
+    doc["content_sha256"] = canonical_digest(content) if isinstance(content, dict) else "x"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FingerprintError):
+        load_fingerprint(path)
