@@ -105,9 +105,29 @@ def check_compatible(fp: Fingerprint, oracle: Oracle, config: AuditConfig) -> No
         raise IncompatibleSuspect(f"suspect has {info.num_classes} classes, the fingerprint {fp.num_classes}")
 
 
+# Identity keys that say where a suspect was reached, not what it is. A Triton server restarted
+# after a crash may come back on another port (or be reached over gRPC instead of HTTP), so the
+# URL is kept in the ledger for the record ("suspect_location") but left out of what --resume
+# checks: the model name, its version, the server version and the digest of the model's config
+# still have to match, so a ledger is never continued against another model or configuration.
+LOCATION_KEYS = ("url",)
+
+
 def ledger_header(fp: Fingerprint, suspect: Oracle, config: AuditConfig) -> dict[str, Any]:
-    """What a ledger must match to be resumed: same fingerprint, suspect and access."""
-    return {"fingerprint_sha256": fp.digest, "suspect": suspect.info.identity, "access": config.access.value}
+    """What a ledger must match to be resumed: same fingerprint, suspect and access.
+
+    The suspect's location (`LOCATION_KEYS`) is recorded beside, not checked.
+    """
+    identity = suspect.info.identity
+    header: dict[str, Any] = {
+        "fingerprint_sha256": fp.digest,
+        "suspect": {k: v for k, v in identity.items() if k not in LOCATION_KEYS},
+        "access": config.access.value,
+    }
+    location = {k: identity[k] for k in LOCATION_KEYS if k in identity}
+    if location:
+        header["suspect_location"] = location
+    return header
 
 
 def audit(

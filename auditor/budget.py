@@ -125,7 +125,9 @@ class QueryLedger:
             raise InputError(f"{path} is not a query ledger") from e
         for key in ("fingerprint_sha256", "suspect", "access"):
             if first.get(key) != header.get(key):
-                raise InputError(f"cannot resume: ledger {path} was written for another {key.replace('_', ' ')}")
+                raise InputError(
+                    f"cannot resume: ledger {path} was written for another {key.replace('_', ' ')}{_differing(first.get(key), header.get(key))}"
+                )
         ledger = cls(first, path)
         for n, line in enumerate(lines[1:], start=2):
             try:
@@ -145,16 +147,26 @@ class QueryLedger:
 
     def record(self, digests: list[str], answers: np.ndarray) -> None:
         new = [(d, a) for d, a in zip(digests, answers.tolist()) if d not in self.entries]
-        for d, a in new:
-            self._remember(d, a)
+        # Disk first, then memory: an audit interrupted in between never counts (in len(), and
+        # in the --resume hint) an answer the file does not hold.
         if self.path is not None and new:
             with open(self.path, "a") as f:
                 f.write("".join(json.dumps({"digest": d, "answer": a, "t": round(time.time(), 3)}) + "\n" for d, a in new))
                 f.flush()
                 os.fsync(f.fileno())
+        for d, a in new:
+            self._remember(d, a)
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def _differing(old: Any, new: Any) -> str:
+    """' (differs in: a, b)' for two dicts, else ''; names only, never values."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return f" (differs in: {', '.join(map(str, keys))})" if keys else ""
 
 
 class Recorded(Oracle):

@@ -39,8 +39,8 @@ def _guarded(fn: F) -> F:
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except OSError as e:
             _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
-        except KeyboardInterrupt:
-            _fail("interrupted")
+        except KeyboardInterrupt as e:  # notes say what was kept (e.g. the ledger and --resume)
+            _fail("; ".join(["interrupted", *getattr(e, "__notes__", [])]))
 
     return wrapper  # type: ignore[return-value]
 
@@ -70,8 +70,8 @@ def cli(verbose: int) -> None:
 @click.option("--steps", type=int, default=60, show_default=True, help="Optimization steps per point.")
 @click.option("--min-confidence", type=float, default=0.9, show_default=True, help="Owner confidence a core point must reach.")
 @click.option("--reference-weight", type=float, default=1.0, show_default=True, help="Weight of pushing references away.")
-@click.option("--train-samples", type=int, default=20000, show_default=True, help="Owner-data samples for each simulation/reference.")
-@click.option("--epochs", type=int, default=2, show_default=True, help="Training epochs of simulations and references.")
+@click.option("--train-samples", type=int, default=50000, show_default=True, help="Owner-data samples for each simulation/reference (train them as well as the owner: weak references understate p0).")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Training epochs of simulations and references.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where decoded data is cached.")
 @_guarded
@@ -101,6 +101,16 @@ def fingerprint(**o: Any) -> None:
 @click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help="Keep every answered query in this JSONL file.")
 @click.option("--resume", is_flag=True, help="Continue the audit in --ledger without asking its points again.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON here.")
+@click.option("--retries", type=int, default=3, show_default=True, help="Attempts per batch when the suspect fails transiently (timeout, 503); each is charged to the budget.")
+@click.option("--concurrency", type=int, help="Triton: requests in flight at once [default: 4].")
+@click.option("--request-timeout", type=float, help="Triton: seconds to wait for one request [default: 60].")
+@click.option("--connect-timeout", type=float, help="Triton: seconds to wait for the server when opening [default: 10].")
+@click.option("--auth-token-env", metavar="NAME", help="Triton: environment variable holding a bearer token (sent as Authorization, never shown).")
+@click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="Triton: extra request header; repeatable.")
+@click.option("--ssl/--no-ssl", default=None, help="Triton: use TLS with a triton+http/grpc URL (same as triton+https/grpcs).")
+@click.option("--ssl-root-certificates", type=click.Path(dir_okay=False, path_type=Path), help="Triton TLS: PEM file of the certificates to trust.")
+@click.option("--ssl-insecure", is_flag=True, help="Triton HTTPS: skip certificate verification (trials only).")
+@click.option("--labels-via", type=click.Choice(["auto", "classification", "argmax"]), help="Triton --access labels: top-1 from the classification extension or argmax of the output [default: auto].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_guarded
 def audit(**o: Any) -> None:
@@ -109,6 +119,7 @@ def audit(**o: Any) -> None:
 
     as_json = o.pop("as_json")
     progress = None if as_json else (lambda s: click.echo(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}", err=True))
+    o["headers"] = tuple(o["headers"])
     result = run_audit_request(AuditRequest(**o), progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -134,25 +145,52 @@ def inspect(fingerprint_path: Path, as_json: bool) -> None:
     click.echo(json.dumps(d) if as_json else "\n".join(f"{k}: {v}" for k, v in d.items()))
 
 
+@cli.command("serve-triton")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", "names", multiple=True, help="Model name on the server, one per MODEL in order [default: the file's name].")
+@click.option("--repository", type=click.Path(file_okay=False, path_type=Path), help="Write the model repository (and server log) here, a new or empty directory, kept [default: a temporary one, removed].")
+@click.option("--max-batch-size", type=int, default=64, show_default=True, help="Samples per request the models accept (0: one, no batch axis).")
+@_guarded
+def serve_triton(models: tuple[Path, ...], names: tuple[str, ...], repository: Path | None, max_batch_size: int) -> None:
+    """Serve ONNX models on a local Triton server (127.0.0.1, free ports) for a trial audit.
+
+    Prints each model's triton+http:// and triton+grpc:// URL on stdout, one per line, then
+    serves until Ctrl-C or SIGTERM; the server is always stopped. Needs nvidia-pytriton.
+    """
+    from auditor.serving import ServeRequest, Served, serve_until_stopped
+
+    def ready(served: Served) -> None:
+        for urls in served.urls.values():
+            click.echo(urls["http"])
+            click.echo(urls["grpc"])
+        sys.stdout.flush()
+        click.echo(f"tritonserver (pid {served.pid}) serves {len(served.urls)} model(s) from {served.repository}; stop it with Ctrl-C or SIGTERM", err=True)
+
+    why = serve_until_stopped(ServeRequest(models=models, names=names, repository=repository, max_batch_size=max_batch_size), ready)
+    click.echo(f"tritonserver stopped ({why})", err=True)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--triton", is_flag=True, help="Serve the suspects from a local Triton server and audit them over HTTP and gRPC.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where models are cached (default ~/.cache/deepcore).")
 @click.option("--budget", type=int, default=200, show_default=True)
 @click.option("--alpha", type=float, default=0.01, show_default=True)
 @_guarded
-def demo(as_json: bool, cache_dir: Path | None, budget: int, alpha: float) -> None:
-    """Train a Fashion-MNIST owner and 8 suspects, fingerprint, audit each through ONNX Runtime."""
+def demo(as_json: bool, triton: bool, cache_dir: Path | None, budget: int, alpha: float) -> None:
+    """Train a Fashion-MNIST owner and its suspects, fingerprint, audit each through ONNX Runtime (or Triton)."""
     from auditor.demo import run_demo
 
-    report = run_demo(cache_dir=cache_dir, budget=budget, alpha=alpha, progress=lambda m: click.echo(m, err=True))
+    transports = ("http", "grpc") if triton else ("onnx",)
+    report = run_demo(cache_dir=cache_dir, budget=budget, alpha=alpha, transports=transports, progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(report))
         return
     rows = report["suspects"]
-    click.echo(f"{'suspect':<28}{'truth':<13}{'verdict':<13}{'queries':>8}{'agreement':>11}{'time s':>8}")
+    click.echo(f"{'suspect':<28}{'via':<6}{'truth':<13}{'verdict':<13}{'queries':>8}{'agreement':>11}{'time s':>8}")
     for r in rows:
         mark = "" if r["truth"] == r["verdict"] else "  <-- wrong"
-        click.echo(f"{r['name']:<28}{r['truth']:<13}{r['verdict']:<13}{r['queries_used']:>8}{r['agreement']:>11.3f}{r['time_s']:>8.2f}{mark}")
+        click.echo(f"{r['name']:<28}{r['transport']:<6}{r['truth']:<13}{r['verdict']:<13}{r['queries_used']:>8}{r['agreement']:>11.3f}{r['time_s']:>8.2f}{mark}")
     click.echo(f"{sum(r['truth'] == r['verdict'] for r in rows)}/{len(rows)} verdicts right; fingerprint {report['fingerprint_sha256'][:16]}..")
 
 

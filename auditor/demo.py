@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from adapters.base import Access, InputConvention
+from adapters.errors import InputError
 from adapters.open import open_suspect
 from auditor.audit import AuditConfig, audit
 from fingerprints.build import BuildConfig, build_fingerprint
@@ -43,7 +45,7 @@ from fingerprints.models import (
 
 logger = logging.getLogger(__name__)
 
-RECIPE = "demo-v1"  # bump when the recipe below changes: the cache is keyed by it
+RECIPE = "demo-v2"  # bump when the recipe below changes: the cache is keyed by it
 OWNER_ARCH = "cnn"
 
 
@@ -141,21 +143,48 @@ def prepare(cache: Path, say: Callable[[str], None]) -> tuple[Fingerprint, dict[
     return fp, paths, meta
 
 
+TRANSPORTS = ("onnx", "http", "grpc")  # local ONNX Runtime, or a local Triton server over HTTP / gRPC
+
+
 def run_demo(
-    *, cache_dir: Path | None = None, budget: int = 200, alpha: float = 0.01, progress: Callable[[str], None] | None = None
+    *,
+    cache_dir: Path | None = None,
+    budget: int = 200,
+    alpha: float = 0.01,
+    transports: Sequence[str] = ("onnx",),
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns {"suspects": [{name, truth, verdict, queries_used, ...}], ...}."""
+    """Run the demo; returns {"suspects": [{name, transport, truth, verdict, queries_used, ...}], ...}.
+
+    `transports` says how each suspect is asked: "onnx" (its file, in-process), "http" / "grpc"
+    (served by a local Triton server started for the demo and always stopped): one row per
+    suspect and transport, suspects in SUSPECTS order.
+    """
+    if not transports or any(t not in TRANSPORTS for t in transports) or len(set(transports)) != len(transports):
+        raise InputError(f"transports must be distinct values among {', '.join(TRANSPORTS)}, got {list(transports)}")
     say = progress or logger.info
     cache = Path(cache_dir or default_cache_dir()) / RECIPE
     fp, paths, meta = prepare(cache, say)
     config = AuditConfig(access=Access.LABELS, budget=budget, alpha=alpha)
     rows = []
-    for r in SUSPECTS:
-        say(f"auditing {r.name}")
-        with open_suspect(str(paths[r.name]), convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes) as s:
-            res = audit(fp, s, config)
-        rows.append({"name": r.name, "truth": r.truth, "verdict": res.verdict, "queries_used": res.queries_used,
-                     "agreement": res.agreement, "time_s": res.elapsed_s,
-                     "test_accuracy": meta["suspects"].get(r.name, {}).get("test_accuracy")})
-    return {"suspects": rows, "fingerprint_sha256": fp.digest, "owner_test_accuracy": meta["owner_test_accuracy"],
-            "budget": budget, "alpha": alpha, "cache": str(cache)}
+    with ExitStack() as stack:
+        specs: dict[tuple[str, str], str] = {(r.name, "onnx"): str(paths[r.name]) for r in SUSPECTS}
+        if any(t != "onnx" for t in transports):
+            from auditor.serving import ServeRequest, serving, unique_model_names
+
+            names = unique_model_names(r.name for r in SUSPECTS)
+            say(f"serving the {len(SUSPECTS)} suspects from a local Triton server")
+            served = stack.enter_context(serving(ServeRequest(models=tuple(paths[r.name] for r in SUSPECTS), names=tuple(names))))
+            for r, name in zip(SUSPECTS, names):
+                specs.update({(r.name, t): url for t, url in served.urls[name].items()})
+        for r in SUSPECTS:
+            for transport in transports:
+                spec = specs[(r.name, transport)]
+                say(f"auditing {r.name} ({spec if transport != 'onnx' else 'onnx'})")
+                with open_suspect(spec, convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes) as s:
+                    res = audit(fp, s, config)
+                rows.append({"name": r.name, "transport": transport, "truth": r.truth, "verdict": res.verdict,
+                             "queries_used": res.queries_used, "agreement": res.agreement, "time_s": res.elapsed_s,
+                             "test_accuracy": meta["suspects"].get(r.name, {}).get("test_accuracy")})
+    return {"suspects": rows, "transports": list(transports), "fingerprint_sha256": fp.digest,
+            "owner_test_accuracy": meta["owner_test_accuracy"], "budget": budget, "alpha": alpha, "cache": str(cache)}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import Access, InputConvention
-from adapters.errors import InputError
+from adapters.errors import InputError, OracleError
 from auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header
 from auditor.budget import QueryLedger
 from fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
@@ -37,8 +37,8 @@ class FingerprintRequest:
     steps: int = 60
     min_confidence: float = 0.9
     reference_weight: float = 1.0
-    train_samples: int = 20000
-    epochs: int = 2
+    train_samples: int = 50000
+    epochs: int = 3
     seed: int = 0
     cache_dir: Path | None = None
 
@@ -139,6 +139,56 @@ class AuditRequest:
     ledger: Path | None = None
     resume: bool = False
     report: Path | None = None
+    retries: int = 3
+    # Triton suspects only; None (or empty/False) = the adapter's default, and a local suspect
+    # refuses any that is set.
+    concurrency: int | None = None
+    request_timeout: float | None = None
+    connect_timeout: float | None = None
+    auth_token_env: str | None = None
+    headers: tuple[str, ...] = ()  # "Name: value" each
+    ssl: bool | None = None
+    ssl_root_certificates: Path | None = None
+    ssl_insecure: bool = False
+    labels_via: str | None = None
+
+
+class AuditInterrupted(OracleError):
+    """The suspect failed mid-audit; its answers so far are in the ledger and --resume continues."""
+
+    def __init__(self, message: str, *, ledger: Path, answered: int) -> None:
+        super().__init__(message)
+        self.ledger = ledger
+        self.answered = answered
+
+
+def parse_headers(items: tuple[str, ...] | list[str]) -> dict[str, str] | None:
+    """`("Name: value", ...)` -> {name: value}; None when there are none. Values are never echoed."""
+    headers: dict[str, str] = {}
+    for i, item in enumerate(items, start=1):
+        name, sep, value = item.partition(":")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or any(c.isspace() for c in name):  # not echoed: it may hold a secret
+            raise InputError(f"--header number {i} must look like 'Name: value'")
+        if name.lower() in (k.lower() for k in headers):
+            raise InputError(f"--header {name!r} given twice")
+        headers[name] = value
+    return headers or None
+
+
+def triton_options(req: AuditRequest) -> dict[str, Any]:
+    """The request's Triton options, named as `adapters.triton.open_triton` takes them (unset: None)."""
+    return {
+        "concurrency": req.concurrency,
+        "request_timeout_s": req.request_timeout,
+        "connect_timeout_s": req.connect_timeout,
+        "auth_token_env": req.auth_token_env,
+        "headers": parse_headers(req.headers),
+        "ssl": req.ssl,
+        "ssl_root_certificates": None if req.ssl_root_certificates is None else str(req.ssl_root_certificates),
+        "ssl_insecure": True if req.ssl_insecure else None,
+        "labels_via": req.labels_via,
+    }
 
 
 def suspect_convention(fp: Fingerprint, req: AuditRequest) -> InputConvention:
@@ -173,17 +223,34 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
 
     if req.resume and req.ledger is None:
         raise InputError("--resume needs --ledger: the file that holds the answered queries")
+    if req.retries < 1:
+        raise InputError(f"--retries counts attempts per batch and must be at least 1, got {req.retries}")
+    options = triton_options(req)
     fp = load_fingerprint(req.fingerprint_path)
     config = AuditConfig(access=Access(req.access), mode=req.mode, budget=req.budget, batch_size=req.batch_size,
                          alpha=req.alpha, beta=req.beta, seed=req.seed)
     config.validate()
     with open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
-                      num_classes=fp.num_classes, device=req.device) as suspect:
+                      num_classes=fp.num_classes, device=req.device, **options) as suspect:
         ledger = QueryLedger.open(req.ledger, ledger_header(fp, suspect, config), req.resume)
-        result = audit(fp, suspect, config, ledger=ledger, progress=progress)
+        try:
+            result = audit(fp, suspect, config, ledger=ledger, retries=req.retries, progress=progress)
+        except OracleError as e:
+            if req.ledger is None:
+                raise
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AuditInterrupted(f"{cause}; {_resume_hint(req.ledger, len(ledger))}", ledger=req.ledger, answered=len(ledger)) from e
+        except KeyboardInterrupt as e:
+            if req.ledger is not None:
+                e.add_note(_resume_hint(req.ledger, len(ledger)))
+            raise
     if req.report is not None:
         write_json_atomic(result.to_dict(), req.report)
     return result
+
+
+def _resume_hint(ledger: Path, answered: int) -> str:
+    return f"the ledger {ledger} holds {answered} answered queries: rerun with --resume to continue without asking them again"
 
 
 def describe_fingerprint(path: Path) -> dict[str, Any]:

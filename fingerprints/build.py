@@ -80,8 +80,8 @@ class BuildConfig:
 
     core: CoreConfig = field(default_factory=CoreConfig)
     zoo: tuple[KnownModelSpec, ...] = DEFAULT_ZOO
-    train_samples: int = 20000
-    epochs: int = 2
+    train_samples: int = 50000
+    epochs: int = 3
     prune_ratio: float = 0.5
     seed: int = 0
 

@@ -36,7 +36,7 @@ class CoreConfig:
     steps: int = 60
     min_confidence: float = 0.9
     reference_weight: float = 1.0
-    owner_weight: float = 1.0
+    owner_weight: float = 5.0
     batch_size: int = 200
     seed: int = 0
 
@@ -77,6 +77,7 @@ def optimize_points(
             p.requires_grad_(False)
     out = np.empty_like(seeds, dtype=np.float32)
     step = 2.5 * config.epsilon / config.steps
+    owner_goal = -float(np.log(1 - (1 - config.min_confidence) / 2))
     for start in range(0, len(seeds), config.batch_size):
         x0 = torch.from_numpy(np.ascontiguousarray(seeds[start : start + config.batch_size], dtype=np.float32))
         t = torch.from_numpy(targets[start : start + config.batch_size].astype(np.int64))
@@ -85,7 +86,10 @@ def optimize_points(
         for _ in range(config.steps):
             delta.requires_grad_(True)
             x = (x0 + delta).clamp(0, 1)
-            loss = config.owner_weight * _follow_loss(owner(x), t)
+            owner_ce = _follow_loss(owner(x), t)
+            # The owner is pushed hard until it is confident past the bound, then left alone, so
+            # points become core points without being painted into owner-only features.
+            loss = config.owner_weight * F.relu(owner_ce - owner_goal)
             if students:
                 loss = loss + torch.stack([_follow_loss(s(x), t) for s in students]).mean(0)
             if references:

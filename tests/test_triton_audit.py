@@ -1,0 +1,403 @@
+"""Auditing Triton-served suspects end to end: `deepcore audit` against a real local tritonserver.
+
+The transport must not change the answer: the world's suspects served over HTTP and gRPC get the
+same verdict, queries and trajectory as the same audit through local ONNX Runtime. One server
+(module scope) serves them; the fault tests start (and kill) their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from auditor.cli import cli
+from fingerprints.models import build_architecture, export_onnx
+
+pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not installed")
+pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] is not installed")
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
+
+from adapters.triton_serve import ServedModel, TritonServer, write_model_repository  # noqa: E402
+
+TOKEN_ENV = "DEEPCORE_TEST_TRITON_AUDIT_TOKEN"
+FORWARDED_HEADERS = r"(?i)^(authorization|x-deepcore-trial)$"
+SLOW_DELAY_S = 0.2  # per request of the "slow" models: long enough to interrupt an audit midway
+# An audit of the independent suspect that runs through (nearly) all its points: the kill and
+# Ctrl-C tests interrupt it midway.
+LONG = ("--budget", "40", "--alpha", "1e-9", "--beta", "1e-9")
+COMPARED = ("verdict", "queries_used", "trajectory", "agreement", "llr", "p0", "p1", "fingerprint_sha256")
+
+
+@dataclass(frozen=True)
+class Trial:
+    server: TritonServer
+    record: Path  # request parameters seen by model "pirate" (forwarded headers)
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def audit_args(world: Any, suspect: object, *extra: str) -> list[str]:
+    return ["audit", "--fingerprint", str(world.fingerprint), "--suspect", str(suspect), "--budget", "60", "--batch-size", "5", *extra]
+
+
+def one_line_error(result: Any, *words: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("deepcore: error: "), result.output
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def assert_same_audit(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    for key in COMPARED:
+        assert got[key] == expected[key], (key, got[key], expected[key])
+
+
+def ledger_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def count_complete_lines(path: Path) -> int:
+    try:
+        return path.read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def inference_count(server: TritonServer, model: str) -> int:
+    """Samples the server has answered for `model` (Triton's statistics extension)."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_address)
+    try:
+        stats = client.get_inference_statistics(model)["model_stats"]
+    finally:
+        client.close()
+    return sum(int(s.get("inference_count", 0)) for s in stats)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids (other than ours) whose command line contains `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def trial(world: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trial]:
+    """One real tritonserver serving the world's suspects (and two misfits); always stopped."""
+    root = tmp_path_factory.mktemp("triton-audit")
+    torch.manual_seed(0)
+    five, cifar = root / "five.onnx", root / "cifar.onnx"
+    export_onnx(build_architecture("mlp", (1, 28, 28), 5), five, (1, 28, 28))
+    export_onnx(build_architecture("mlp", (3, 32, 32), 10), cifar, (3, 32, 32))
+    record = root / "pirate-parameters.jsonl"
+    models = {
+        "pirate": ServedModel(world.pirate_onnx, record_parameters=record),
+        "independent": ServedModel(world.independent_onnx),
+        "pirate-labels": ServedModel(world.pirate_onnx, labels_output=True),  # INT64 labels only
+        "slow": ServedModel(world.independent_onnx, delay_s=SLOW_DELAY_S),
+        "five": ServedModel(five),  # 5 classes
+        "cifar": ServedModel(cifar),  # 3x32x32 input
+    }
+    repo = write_model_repository(models, root / "repository", max_batch_size=64)
+    extra = [f"--http-header-forward-pattern={FORWARDED_HEADERS}", f"--grpc-header-forward-pattern={FORWARDED_HEADERS}"]
+    with TritonServer(repo, log_path=root / "tritonserver.log", extra_args=extra) as server:
+        yield Trial(server=server, record=record)
+
+
+@pytest.fixture(scope="module")
+def local(world: Any) -> Callable[..., tuple[int, dict[str, Any]]]:
+    """The same audit through local ONNX Runtime (cached): (exit code, JSON result)."""
+    cache: dict[tuple[str, ...], tuple[int, dict[str, Any]]] = {}
+
+    def get(name: str, *extra: str) -> tuple[int, dict[str, Any]]:
+        key = (name, *extra)
+        if key not in cache:
+            r = run(*audit_args(world, getattr(world, f"{name}_onnx"), *extra, "--json"))
+            assert r.exit_code in (0, 1, 3), r.output
+            result = json.loads(r.stdout)
+            assert result["suspect"]["kind"] == "onnx" and result["trajectory"]
+            cache[key] = (r.exit_code, result)
+        return cache[key]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# The transport does not change the answer
+
+
+@pytest.mark.parametrize("name", ["pirate", "independent"])
+def test_triton_audit_equals_local_audit(world: Any, trial: Trial, local: Callable, name: str) -> None:
+    code, expected = local(name)
+    assert expected["verdict"] != ("independent" if name == "pirate" else "piracy"), expected["verdict"]
+    token = f"tok-{name}-{secrets.token_hex(8)}"
+    for protocol in ("http", "grpc"):
+        r = run(
+            *audit_args(world, trial.server.url(name, protocol), "--json"),
+            "--concurrency", "2", "--request-timeout", "30", "--connect-timeout", "5",
+            "--auth-token-env", TOKEN_ENV, "--header", f"X-DeepCore-Trial: {name}-{protocol}",
+            env={TOKEN_ENV: token},
+        )
+        assert r.exit_code == code, r.output
+        got = json.loads(r.stdout)
+        assert_same_audit(got, expected)
+        assert got["suspect"]["kind"] == "triton"
+        assert got["suspect"]["identity"]["model"] == name and got["suspect"]["identity"]["version"] == "1"
+        details = got["suspect"]["details"]
+        assert details["protocol"] == protocol and details["concurrency"] == 2
+        assert details["request_timeout_s"] == 30 and details["connect_timeout_s"] == 5 and details["authenticated"] is True
+        assert token not in r.output
+    if name == "pirate":  # the token and the header reached the model, over both protocols
+        seen = [{k.lower(): v for k, v in json.loads(line).items()} for line in trial.record.read_text().splitlines()]
+        for protocol in ("http", "grpc"):
+            assert {"authorization": f"Bearer {token}", "x-deepcore-trial": f"pirate-{protocol}"} in seen
+
+
+def test_label_only_endpoints_give_the_same_audit(world: Any, trial: Trial, local: Callable) -> None:
+    code, expected = local("pirate")
+    cases = [
+        ("pirate", "http", ["--labels-via", "classification"], "classification"),  # only top-1 crosses the wire
+        ("pirate", "grpc", ["--labels-via", "classification"], "classification"),
+        ("pirate", "http", ["--labels-via", "argmax"], "argmax"),
+        ("pirate-labels", "grpc", [], "labels"),  # a model that answers INT64 labels
+    ]
+    for model, protocol, extra, via in cases:
+        r = run(*audit_args(world, trial.server.url(model, protocol), "--json", *extra))
+        assert r.exit_code == code, (model, protocol, r.output)
+        got = json.loads(r.stdout)
+        assert_same_audit(got, expected)
+        assert got["suspect"]["details"]["labels_via"] == via
+        assert got["suspect"]["access"] == (["labels"] if model == "pirate-labels" else ["labels", "probs"])
+    labels_only = trial.server.url("pirate-labels", "http")
+    one_line_error(run(*audit_args(world, labels_only, "--access", "probs")), "only answers labels")
+    one_line_error(run(*audit_args(world, labels_only, "--labels-via", "classification")), "already answers labels")
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted audits lose nothing
+
+
+def test_server_killed_mid_audit_then_resume_on_a_new_server(world: Any, local: Callable, tmp_path: Path) -> None:
+    code, expected = local("independent", *LONG)
+    assert expected["queries_used"] >= 20, "the audit must be long enough to interrupt"
+    repo = write_model_repository({"independent": ServedModel(world.independent_onnx, delay_s=SLOW_DELAY_S)}, tmp_path / "repository")
+    ledger = tmp_path / "ledger.jsonl"
+    args = [*LONG, "--json", "--ledger", str(ledger), "--retries", "2", "--connect-timeout", "3", "--request-timeout", "10"]
+
+    first = TritonServer(repo, log_path=tmp_path / "first.log")
+    with first:
+        def kill_after_two_batches() -> None:
+            wait_for(lambda: count_complete_lines(ledger) >= 1 + 10, 60, "two answered batches")
+            first.kill()
+
+        killer = threading.Thread(target=kill_after_two_batches, daemon=True)
+        killer.start()
+        r = run(*audit_args(world, first.url("independent", "http"), *args))
+        killer.join(timeout=5)
+    assert not first.is_running()
+    line = one_line_error(r, "--resume")
+    held = len(ledger_lines(ledger)) - 1
+    assert f"the ledger {ledger} holds {held} answered queries" in line, line
+    assert 10 <= held < expected["queries_used"]
+
+    # A new server on other ports, asked over the other protocol: the URL changes, the model does not.
+    second = TritonServer(repo, log_path=tmp_path / "second.log")
+    with second:
+        r = run(*audit_args(world, second.url("independent", "grpc"), *args, "--resume"))
+        asked_again = inference_count(second, "independent")
+    assert r.exit_code == code, r.output
+    got = json.loads(r.stdout)
+    assert got["replayed_from_ledger"] == held
+    assert_same_audit(got, expected)
+    entries = ledger_lines(ledger)
+    assert "url" not in entries[0]["ledger"]["suspect"] and entries[0]["ledger"]["suspect"]["model"] == "independent"
+    digests = [e["digest"] for e in entries[1:]]
+    assert len(digests) == len(set(digests)) == expected["queries_used"]
+    assert asked_again == expected["queries_used"] - held, "the new server was asked points the ledger held"
+
+
+def test_ctrl_c_mid_audit_keeps_the_ledger_and_resume_finishes(world: Any, trial: Trial, local: Callable, tmp_path: Path) -> None:
+    code, expected = local("independent", *LONG)
+    ledger = tmp_path / "ledger.jsonl"
+    cmd = [sys.executable, "-m", "auditor", *audit_args(world, trial.server.url("slow", "http"), *LONG, "--json", "--ledger", str(ledger))]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: count_complete_lines(ledger) >= 1 + 5 or p.poll() is not None, 60, "one answered batch")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 2, (p.returncode, out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    held = len(ledger_lines(ledger)) - 1
+    assert len(lines) == 1 and lines[0].startswith("deepcore: error: interrupted"), err
+    assert f"holds {held} answered queries" in lines[0] and "--resume" in lines[0], lines[0]
+    assert 5 <= held < expected["queries_used"] and out == ""
+
+    r = run(*audit_args(world, trial.server.url("slow", "grpc"), *LONG, "--json", "--ledger", str(ledger), "--resume"))
+    assert r.exit_code == code, r.output
+    got = json.loads(r.stdout)
+    assert got["replayed_from_ledger"] == held
+    assert_same_audit(got, expected)
+    digests = [e["digest"] for e in ledger_lines(ledger)[1:]]
+    assert len(digests) == len(set(digests)) == expected["queries_used"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One line, exit 2
+
+
+def test_unusable_triton_suspects_are_one_line_errors(world: Any, trial: Trial) -> None:
+    port = free_port()
+    for scheme in ("triton+http", "triton+grpc"):
+        one_line_error(run(*audit_args(world, f"{scheme}://127.0.0.1:{port}/pirate", "--connect-timeout", "2")), "unreachable", str(port))
+    one_line_error(run(*audit_args(world, trial.server.url("no-such-model", "http"))), "does not serve", "no-such-model")
+    one_line_error(run(*audit_args(world, trial.server.url("pirate", "grpc", version=7))), "does not serve", "version 7")
+    one_line_error(run(*audit_args(world, trial.server.url("cifar", "http"))), "shape", "32")
+    one_line_error(run(*audit_args(world, trial.server.url("five", "grpc"))), "5 classes")
+    url = trial.server.url("pirate", "http")
+    one_line_error(run(*audit_args(world, url, "--concurrency", "0")), "concurrency")
+    one_line_error(run(*audit_args(world, url, "--auth-token-env", "DEEPCORE_TEST_UNSET_VARIABLE")), "DEEPCORE_TEST_UNSET_VARIABLE")
+    one_line_error(run(*audit_args(world, url, "--header", "Authorization Bearer s3cret")), "Name: value")
+    assert "s3cret" not in run(*audit_args(world, url, "--header", "Authorization Bearer s3cret")).output
+    one_line_error(run(*audit_args(world, url, "--ssl-insecure")), "TLS")
+    one_line_error(run(*audit_args(world, url, "--retries", "0")), "--retries")
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--concurrency", "2"], ["--request-timeout", "5"], ["--connect-timeout", "5"], ["--header", "X-A: b"],
+     ["--labels-via", "argmax"], ["--ssl"], ["--auth-token-env", TOKEN_ENV]],
+)
+def test_triton_options_with_a_local_suspect_are_refused(world: Any, option: list[str]) -> None:
+    one_line_error(run(*audit_args(world, world.pirate_onnx, *option)), "Triton suspects only")
+
+
+# ---------------------------------------------------------------------------------------------
+# deepcore serve-triton and deepcore demo --triton
+
+
+def test_serve_triton_command_serves_until_sigterm(world: Any, local: Callable, tmp_path: Path) -> None:
+    code, expected = local("pirate")
+    repo = tmp_path / "repo"
+    cmd = [sys.executable, "-m", "auditor", "serve-triton", str(world.pirate_onnx), "--name", "served-pirate",
+           "--repository", str(repo), "--max-batch-size", "8"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    threading.Thread(target=lambda: [lines.put(ln.strip()) for ln in p.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        urls = [lines.get(timeout=90) for _ in range(2)]
+        assert urls[0].startswith("triton+http://127.0.0.1:") and urls[1].startswith("triton+grpc://127.0.0.1:"), urls
+        assert all(u.endswith("/served-pirate") for u in urls), urls
+        for url in urls:
+            r = run(*audit_args(world, url, "--json"))
+            assert r.exit_code == code, r.output
+            got = json.loads(r.stdout)
+            assert_same_audit(got, expected)
+            assert got["suspect"]["details"]["max_batch_size"] == 8
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for pid in processes_mentioning(str(repo.resolve())):  # only what this test started
+            os.kill(pid, signal.SIGKILL)
+    err = p.stderr.read()  # type: ignore[union-attr]
+    assert rc == 0, err
+    assert "tritonserver stopped (SIGTERM)" in err
+    assert processes_mentioning(str(repo.resolve())) == [], "server or stub left running"
+    for url in urls:
+        port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert (repo / "served-pirate" / "config.pbtxt").is_file(), "a --repository given by the user is kept"
+
+
+def test_serve_triton_refuses_bad_input_before_starting(world: Any, tmp_path: Path) -> None:
+    one_line_error(run("serve-triton", str(world.pirate_onnx), "--name", "a", "--name", "b"), "one per model")
+    one_line_error(run("serve-triton", str(tmp_path / "missing.onnx")), "not found")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something").write_text("x")
+    one_line_error(run("serve-triton", str(world.pirate_onnx), "--repository", str(tmp_path / "full")), "new or empty")
+    one_line_error(run("serve-triton", str(world.pirate_onnx), "--name", "bad/name"), "bad/name")
+
+
+def test_demo_over_triton_gives_the_local_verdicts(world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import auditor.demo as demo
+
+    # Two of the demo's suspects (one with a name Triton does not accept as is), from a prepared
+    # cache so that nothing is trained: the world's pirate and independent models stand in.
+    piracy = [s for s in demo.SUSPECTS if s.truth == "piracy"]
+    unsafe = [s for s in piracy if not s.name.replace("-", "").replace("_", "").replace(".", "").isalnum()]
+    chosen = ((unsafe or piracy)[0], next(s for s in demo.SUSPECTS if s.truth == "independent"))
+    monkeypatch.setattr(demo, "SUSPECTS", chosen)
+    cache = tmp_path / demo.RECIPE
+    cache.mkdir()
+    shutil.copyfile(world.fingerprint, cache / "fingerprint.json")
+    (cache / "meta.json").write_text(json.dumps({"owner_test_accuracy": 0.0, "suspects": {}}))
+    for s in chosen:
+        shutil.copyfile(world.pirate_onnx if s.truth == "piracy" else world.independent_onnx, cache / f"{s.name}.onnx")
+
+    local_rows = demo.run_demo(cache_dir=tmp_path, budget=60, transports=("onnx",))["suspects"]
+    r = run("demo", "--triton", "--json", "--cache-dir", str(tmp_path), "--budget", "60")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["suspects"]
+    assert [(row["name"], row["transport"]) for row in rows] == [(s.name, t) for s in chosen for t in ("http", "grpc")]
+    by_name = {row["name"]: row for row in local_rows}
+    for row in rows:
+        for key in ("truth", "verdict", "queries_used", "agreement"):
+            assert row[key] == by_name[row["name"]][key], (row, by_name[row["name"]])
+    table = run("demo", "--cache-dir", str(tmp_path), "--budget", "60")
+    assert table.exit_code == 0, table.output
+    assert [ln.split()[1] for ln in table.stdout.splitlines()[1:-1]] == ["onnx", "onnx"]
