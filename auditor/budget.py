@@ -116,6 +116,33 @@ class QueryLedger:
                 raise InputError(f"cannot write ledger: directory {path.parent} does not exist")
             path.write_text(json.dumps({"ledger": header}) + "\n")
             return cls(header, path)
+        ledger = cls.read(path)
+        for key in ("fingerprint_sha256", "suspect", "access"):
+            if ledger.header.get(key) != header.get(key):
+                raise InputError(
+                    f"cannot resume: ledger {path} was written for another {key.replace('_', ' ')}"
+                    f"{_differing(ledger.header.get(key), header.get(key))}"
+                )
+        ledger._cut_torn_tail()
+        return ledger
+
+    def _cut_torn_tail(self) -> None:
+        """Cut a torn last line (a write interrupted midway) so that new answers start on a line
+        of their own; otherwise the next answer would be glued to it and the file be corrupt."""
+        assert self.path is not None
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+            logger.debug("cut a torn last line off ledger %s", self.path)
+
+    @classmethod
+    def read(cls, path: Path, *, quiet: bool = False) -> QueryLedger:
+        """The ledger stored at `path`, not checked against any audit; a torn last line is ignored
+        (with a warning unless `quiet`)."""
+        path = Path(path)
         if not path.is_file():
             raise InputError(f"cannot resume: ledger {path} not found")
         lines = path.read_text().splitlines()
@@ -123,11 +150,6 @@ class QueryLedger:
             first = json.loads(lines[0])["ledger"]
         except (IndexError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise InputError(f"{path} is not a query ledger") from e
-        for key in ("fingerprint_sha256", "suspect", "access"):
-            if first.get(key) != header.get(key):
-                raise InputError(
-                    f"cannot resume: ledger {path} was written for another {key.replace('_', ' ')}{_differing(first.get(key), header.get(key))}"
-                )
         ledger = cls(first, path)
         for n, line in enumerate(lines[1:], start=2):
             try:
@@ -135,7 +157,7 @@ class QueryLedger:
                 ledger._remember(rec["digest"], rec["answer"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 if n == len(lines):
-                    logger.warning("ignoring a torn last line in ledger %s", path)
+                    (logger.debug if quiet else logger.warning)("ignoring a torn last line in ledger %s", path)
                     break
                 raise InputError(f"ledger {path} is corrupt at line {n}") from None
         return ledger
@@ -147,8 +169,8 @@ class QueryLedger:
 
     def record(self, digests: list[str], answers: np.ndarray) -> None:
         new = [(d, a) for d, a in zip(digests, answers.tolist()) if d not in self.entries]
-        # Disk first, then memory: an audit interrupted in between never counts (in len(), and
-        # in the --resume hint) an answer the file does not hold.
+        # Disk first, then memory: an audit interrupted in between never counts (in len()) an
+        # answer the file does not hold.
         if self.path is not None and new:
             with open(self.path, "a") as f:
                 f.write("".join(json.dumps({"digest": d, "answer": a, "t": round(time.time(), 3)}) + "\n" for d, a in new))

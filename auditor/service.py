@@ -239,14 +239,27 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
             if req.ledger is None:
                 raise
             cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AuditInterrupted(f"{cause}; {_resume_hint(req.ledger, len(ledger))}", ledger=req.ledger, answered=len(ledger)) from e
+            answered = _answered_on_disk(ledger)
+            raise AuditInterrupted(f"{cause}; {_resume_hint(req.ledger, answered)}", ledger=req.ledger, answered=answered) from e
         except KeyboardInterrupt as e:
             if req.ledger is not None:
-                e.add_note(_resume_hint(req.ledger, len(ledger)))
+                e.add_note(_resume_hint(req.ledger, _answered_on_disk(ledger)))
             raise
     if req.report is not None:
         write_json_atomic(result.to_dict(), req.report)
     return result
+
+
+def _answered_on_disk(ledger: QueryLedger) -> int:
+    """Answers the ledger file holds (what --resume will replay): an interrupt may land between
+    a batch's write and its bookkeeping in memory, so the file is counted, not the object."""
+    if ledger.path is None:
+        return len(ledger)
+    try:
+        return len(QueryLedger.read(ledger.path, quiet=True))
+    except InputError as e:
+        logger.debug("counting the answers in %s failed: %s", ledger.path, e)
+        return len(ledger)
 
 
 def _resume_hint(ledger: Path, answered: int) -> str:

@@ -103,6 +103,12 @@ def optimize_points(
 
 
 @torch.no_grad()
+def _probs(model: nn.Module, points: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    return np.concatenate([F.softmax(model(torch.from_numpy(points[i : i + batch_size])).float(), dim=1).numpy()
+                           for i in range(0, len(points), batch_size)])
+
+
+@torch.no_grad()
 def _labels(model: nn.Module, points: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
     labels, conf = [], []
     for start in range(0, len(points), batch_size):
@@ -113,16 +119,23 @@ def _labels(model: nn.Module, points: np.ndarray, batch_size: int = 500) -> tupl
     return np.concatenate(labels), np.concatenate(conf).astype(np.float64)
 
 
-def choose_seeds(labels: np.ndarray, owner_labels: np.ndarray, num_classes: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeds the owner classifies correctly, balanced over classes, each with a random other target."""
+def choose_seeds(labels: np.ndarray, owner_probs: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds the owner classifies correctly, each with a target class other than its own.
+
+    Targets are drawn among the other classes with weights sqrt(owner probability): varied, yet
+    mostly reachable within epsilon (uniform targets leave most candidates short of the core).
+    """
     rng = np.random.default_rng(seed)
+    owner_labels = owner_probs.argmax(1)
     good = np.flatnonzero(labels == owner_labels)
     if len(good) == 0:
         good = np.arange(len(labels))
     picked = rng.choice(good, size=min(n, len(good)), replace=False)
-    shift = rng.integers(1, num_classes, size=len(picked))
-    targets = (owner_labels[picked] + shift) % num_classes
-    return picked, targets.astype(np.int64)
+    w = np.sqrt(np.clip(owner_probs[picked].astype(np.float64), 1e-12, None))
+    w[np.arange(len(picked)), owner_labels[picked]] = 0.0
+    w /= w.sum(axis=1, keepdims=True)
+    targets = np.array([rng.choice(w.shape[1], p=row) for row in w], dtype=np.int64)
+    return picked, targets
 
 
 def build_core_points(
@@ -135,8 +148,7 @@ def build_core_points(
     config: CoreConfig,
 ) -> CorePoints:
     """Grow `n_candidates` points from seeds, keep the `n_points` most discriminative core points."""
-    owner_labels, _ = _labels(owner, data_points)
-    seed_index, targets = choose_seeds(data_labels, owner_labels, num_classes, config.n_candidates, config.seed)
+    seed_index, targets = choose_seeds(data_labels, _probs(owner, data_points), config.n_candidates, config.seed)
     logger.info("optimizing %d candidate points (%d students, %d references)", len(seed_index), len(students), len(references))
     cand = optimize_points(owner, students, references, data_points[seed_index], targets, config)
     o_lab, o_conf = _labels(owner, cand)

@@ -23,7 +23,7 @@ from fingerprints.models import (
 )
 
 # Small enough for the suite, large enough that the verdicts mean something.
-TINY = ["--points", "60", "--candidates", "200", "--steps", "60", "--train-samples", "5000", "--epochs", "2"]
+TINY = ["--points", "60", "--candidates", "200", "--steps", "60", "--train-samples", "6000", "--epochs", "3"]
 
 
 @dataclass(frozen=True)
