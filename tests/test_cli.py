@@ -61,7 +61,8 @@ def test_audit_writes_report_and_ledger_then_resumes(world, tmp_path):
     assert run(*args).exit_code == 3
     assert json.loads(report.read_text())["queries_used"] == 10
     one_line_error(run(*args), "already exists", "--resume")
-    args[args.index("--budget") + 1] = "20"
+    last = len(args) - 1 - args[::-1].index("--budget")
+    args[last + 1] = "20"
     r = run(*args, "--resume")
     assert r.exit_code == 3, r.output
     d = json.loads(r.stdout)
