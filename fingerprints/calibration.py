@@ -92,14 +92,14 @@ def rates(fp: Fingerprint, mode: str) -> Rates:
     # between p0 and p1 would drift to 'independent'. So p1 sits halfway between p0 and the
     # held-out pirates' lower bound, never closer than MIN_GAP to p0.
     p1 = max(p0 + MIN_GAP, (p0 + pirates) / 2)
-    if pirates < p0 + MIN_GAP:
-        notes.append(f"held-out pirates score down to {pirates:.2f}, not clearly above p0 {p0:.2f}: "
-                     f"pirates that agree less than {p1:.2f} may be called independent")
     if p1 > P1_MAX:
         # p0 is never lowered (that would void the false-identification bound); p1 shrinks instead.
         p1 = max(P1_MAX, (p0 + 1) / 2)
         if p0 > P1_MAX - MIN_GAP:
-            notes.append(f"independent models agree up to {p0:.2f}: this fingerprint cannot separate them well")
+            notes.append(f"independent models agree up to {p0:.2f}: only near-copies of the owner can be told apart")
+    if pirates < p0 + MIN_GAP:
+        notes.append(f"held-out pirates score down to {pirates:.2f}, not clearly above p0 {p0:.2f}: "
+                     f"pirates that agree less than {p1:.2f} may be called independent")
     p0_i, p1_i = np.full(n, p0), np.full(n, p1)
     if mode == "clustering":
         k0 = np.sum([_scores(fp, m, False) for m in indep], axis=0)
