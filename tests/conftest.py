@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,22 @@ from fingerprints.models import (
     predict,
     train,
 )
+
+def audit_args(world: "World", suspect: object, *extra: str) -> list[str]:
+    """`deepcore audit` arguments for a world suspect, budget 60 in batches of 5."""
+    return ["audit", "--fingerprint", str(world.fingerprint), "--suspect", str(suspect), "--budget", "60", "--batch-size", "5", *extra]
+
+
+def one_line_error(result: Any, *words: str) -> str:
+    """Assert a CLI result is the project's one-line error (exit 2) naming `words`."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("deepcore: error: "), result.output
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
 
 # Small enough for the suite, large enough that the verdicts mean something.
 TINY = ["--points", "60", "--candidates", "200", "--steps", "60", "--train-samples", "6000", "--epochs", "3"]

@@ -14,24 +14,11 @@ from click.testing import CliRunner
 
 from auditor.cli import cli
 from fingerprints.models import build_architecture, export_onnx
-from conftest import TINY
+from conftest import TINY, audit_args, one_line_error
 
 
 def run(*args: str):
     return CliRunner().invoke(cli, list(args))
-
-
-def audit_args(world, suspect: Path, *extra: str) -> list[str]:
-    return ["audit", "--fingerprint", str(world.fingerprint), "--suspect", str(suspect), "--budget", "60", "--batch-size", "5", *extra]
-
-
-def one_line_error(result, *words: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("deepcore: error: "), result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_audit_json_and_exit_status_for_piracy(world):

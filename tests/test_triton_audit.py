@@ -28,6 +28,7 @@ import torch
 from click.testing import CliRunner
 
 from auditor.cli import cli
+from conftest import audit_args, one_line_error
 from fingerprints.models import build_architecture, export_onnx
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not installed")
@@ -53,20 +54,6 @@ class Trial:
 
 def run(*args: str, env: dict[str, str] | None = None) -> Any:
     return CliRunner().invoke(cli, [str(a) for a in args], env=env)
-
-
-def audit_args(world: Any, suspect: object, *extra: str) -> list[str]:
-    return ["audit", "--fingerprint", str(world.fingerprint), "--suspect", str(suspect), "--budget", "60", "--batch-size", "5", *extra]
-
-
-def one_line_error(result: Any, *words: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("deepcore: error: "), result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def assert_same_audit(got: dict[str, Any], expected: dict[str, Any]) -> None:
