@@ -67,13 +67,21 @@ class InputConvention:
                 raise IncompatibleSuspect(
                     f"input convention has {len(values)} {name} values but the points have {channels} channels"
                 )
-        x = points.astype(np.float32) * np.float32(self.scale)
+        # One fresh float32 copy, then in-place steps (no temporaries). Steps that are exact
+        # identities in IEEE arithmetic (x * 1, x - (+0.0), x / 1) are skipped: same bits.
+        x = points.astype(np.float32)
+        if self.scale != 1.0:
+            np.multiply(x, np.float32(self.scale), out=x)
         if self.dtype == "uint8":
-            x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+            np.rint(x, out=x)
+            np.clip(x, 0, 255, out=x)
+            x = x.astype(np.uint8)
         else:
-            mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-            std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
-            x = ((x - mean) / std).astype(self.dtype)
+            if any(m != 0.0 or math.copysign(1.0, m) < 0 for m in self.mean):
+                np.subtract(x, np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1), out=x)
+            if any(s != 1.0 for s in self.std):
+                np.divide(x, np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1), out=x)
+            x = x.astype(self.dtype, copy=False)
         if self.layout == "NHWC":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         return x

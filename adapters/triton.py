@@ -29,6 +29,7 @@ own client (tritonclient's HTTP client is not thread-safe); answers are reassemb
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -484,10 +485,25 @@ class TritonOracle(Oracle):
         self._details = details
         self._readings: set[str] = set()
         self._lock = threading.Lock()
+        self._concurrency = concurrency
+        self._passthrough = (  # the convention leaves float32 points unchanged (same bits)
+            convention.layout == "NCHW"
+            and convention.dtype == "float32"
+            and convention.scale == 1.0
+            and all(m == 0.0 and math.copysign(1.0, m) > 0 for m in convention.mean)
+            and all(v == 1.0 for v in convention.std)
+        )
         self._pool = _ClientPool(lambda: _make_client(transport), concurrency, f"triton-{transport.endpoint.model}")
         # An oracle dropped without close() still stops its worker threads.
         self._release = weakref.finalize(self, self._pool.close, transport.request_timeout_s + 1.0)
         self._closed = False
+        # Per-request constants, worked out once.
+        self._module = _client_module(transport.endpoint.protocol)
+        self._what = f"Triton inference on {transport.endpoint.url(identity['version'])}"
+        self._headers = transport.header_dict()  # copied per request: tritonclient's HTTP infer adds to it
+        self._infer_kwargs: dict[str, Any] = {"model_version": identity["version"]}
+        if transport.endpoint.protocol == "grpc":
+            self._infer_kwargs["client_timeout"] = transport.request_timeout_s
 
     @property
     def info(self) -> OracleInfo:
@@ -507,26 +523,65 @@ class TritonOracle(Oracle):
             raise OracleError("this Triton oracle is closed")
         if tuple(points.shape[1:]) != self._point_shape:
             raise InputError(f"points of shape {tuple(points.shape[1:])} do not match this oracle's {self._point_shape}")
-        x = self._convention.apply(points)
-        plan = self._plan
+        convention, plan = self._convention, self._plan
+        convention.apply(points[:0])  # the convention's checks, here rather than in a worker
         mode = "labels" if plan.output_kind == "labels" else (plan.labels_via if access is Access.LABELS else "raw")
         if mode == "argmax":
             mode = "raw"
-        starts = range(0, len(x), plan.chunk)
-        futures = [self._pool.submit(lambda c, s=s: self._infer(c, x[s : s + plan.chunk], mode)) for s in starts]
-        wait_s = self._transport.request_timeout_s + self._transport.connect_timeout_s + 5.0
-        parts: list[np.ndarray] = []
-        try:
-            for future in futures:
+        chunk, infer = plan.chunk, self._infer
+        # The identity convention on float32 points: apply() would return an equal copy, and the
+        # client copies the data into the request anyway, so send slices of the points as they are.
+        as_is = self._passthrough and points.dtype == np.float32
+        n_chunks = -(-len(points) // chunk)
+        parts: list[Any] = [None] * n_chunks
+        errors: dict[int, BaseException] = {}
+        taken = itertools.count()  # next chunk to send (next() is atomic under the GIL)
+        workers = min(self._concurrency, n_chunks)
+        answered = [0] * workers  # requests answered, one counter per worker (progress for the timeout)
+        stop = [False]
+
+        # One task per worker, each sending chunks back to back in the order they are taken:
+        # no hand-off through the pool between requests. Each worker converts its own chunk
+        # (elementwise, so the same bits as converting all at once).
+        def work(client: Any, k: int) -> None:
+            while not stop[0]:
+                i = next(taken)
+                if i >= n_chunks:
+                    return
+                s = i * chunk
                 try:
-                    parts.append(future.result(timeout=wait_s))
-                except FutureTimeout as e:
-                    raise TransientOracleError(
-                        f"Triton at {self._transport.endpoint.address} gave no answer within {wait_s:.0f} s"
-                    ) from e
+                    x = points[s : s + chunk]
+                    parts[i] = infer(client, x if as_is else convention.apply(x), mode)
+                except BaseException as e:  # noqa: BLE001 - raised by the caller, lowest chunk first
+                    errors[i] = e
+                    stop[0] = True
+                    return
+                answered[k] += 1
+
+        futures = [self._pool.submit(lambda c, k=k: work(c, k)) for k in range(workers)]
+        wait_s = self._transport.request_timeout_s + self._transport.connect_timeout_s + 5.0
+        try:
+            for k, future in enumerate(futures):
+                while True:
+                    before = sum(answered)
+                    try:
+                        future.result(timeout=wait_s)
+                        break
+                    except FutureTimeout as e:
+                        if sum(answered) == before:  # no request answered for wait_s
+                            raise TransientOracleError(
+                                f"Triton at {self._transport.endpoint.address} gave no answer within {wait_s:.0f} s"
+                            ) from e
+                    except BaseException as e:  # noqa: BLE001 - the worker's client could not be made
+                        errors.setdefault(-1 - k, e)
+                        stop[0] = True
+                        break
         finally:
+            stop[0] = True
             for future in futures:
                 future.cancel()
+        if errors:
+            raise errors[min(errors, key=lambda i: (i < 0, abs(i)))]
         answer = np.concatenate(parts, axis=0)
         if mode in ("labels", "classification"):
             return answer.astype(np.int64)
@@ -543,20 +598,16 @@ class TritonOracle(Oracle):
 
     def _infer(self, client: Any, x: np.ndarray, mode: str) -> np.ndarray:
         """One request (runs in a worker thread): x is [n, ...] in the model's layout and dtype."""
-        plan, t = self._plan, self._transport
-        module = _client_module(t.endpoint.protocol)
+        plan, module, what = self._plan, self._module, self._what
         n = len(x)
-        data = x if plan.batch_dim else x[0]
-        what = f"Triton inference on {t.endpoint.url(self._identity['version'])}"
+        data = np.ascontiguousarray(x if plan.batch_dim else x[0])
 
         def request() -> Any:
             inp = module.InferInput(plan.input_name, list(data.shape), plan.input_datatype)
-            inp.set_data_from_numpy(np.ascontiguousarray(data))
+            inp.set_data_from_numpy(data)
             out = module.InferRequestedOutput(plan.output_name, class_count=1 if mode == "classification" else 0)
-            kwargs: dict[str, Any] = {"model_version": self._identity["version"], "outputs": [out], "headers": t.header_dict()}
-            if t.endpoint.protocol == "grpc":
-                kwargs["client_timeout"] = t.request_timeout_s
-            result = client.infer(t.endpoint.model, [inp], **kwargs)
+            headers = None if self._headers is None else dict(self._headers)
+            result = client.infer(self._transport.endpoint.model, [inp], outputs=[out], headers=headers, **self._infer_kwargs)
             return result.as_numpy(plan.output_name)
 
         raw = _call(what, request)
