@@ -169,7 +169,7 @@ def audit(
         idx = order[asked : asked + n]
         try:
             answer = oracle.query(fp.points[idx], config.access)
-        except BudgetExceeded as e:
+        except BudgetExceeded as e:  # retries spent what was left
             notes.append(f"stopped: {e}")
             break
         asked += n
@@ -187,9 +187,10 @@ def audit(
         trajectory.append(step)
         if progress:
             progress(step)
-    if decision is None:
-        why = "the budget" if asked >= config.budget else "the fingerprint's points"
-        notes.append(f"{why} ran out after {asked} queries before the test decided")
+    if decision is None and asked >= len(order):
+        notes.append(f"the fingerprint's {len(order)} points ran out before the test decided")
+    elif decision is None and asked >= config.budget:
+        notes.append(f"the budget ran out after {asked} queries before the test decided")
     p0, p1 = float(r.p0.mean()), float(r.p1.mean())
     return AuditResult(
         verdict=decision or "inconclusive",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -101,7 +102,7 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
         train_samples=req.train_samples, epochs=req.epochs, seed=req.seed,
     )
     fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, extra_references=extra, progress=say)
-    fp = Fingerprint(**{**fp.__dict__, "extra": {**fp.extra, "owner_test_accuracy": round(test_acc, 4), "data": data.source}})
+    fp = dataclasses.replace(fp, extra={**fp.extra, "owner_test_accuracy": round(test_acc, 4), "data": data.source})
     return fp, save_fingerprint(fp, req.out)
 
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.base import Access, InputConvention, Oracle
+from adapters.base import Access, Oracle
+from adapters.errors import InputError
 from fingerprints.core import CoreConfig, build_core_points
 from fingerprints.format import Fingerprint, ModelAnswers
 from fingerprints.models import (
@@ -166,8 +167,6 @@ def build_fingerprint(
     say(f"growing {config.core.n_candidates} candidate core points against {len(students)} simulations and {len(refs)} references")
     cp = build_core_points(owner, students, refs, points, labels, num_classes, config.core)
     if len(cp.points) == 0:
-        from adapters.errors import InputError
-
         raise InputError("no candidate reached the owner confidence bound: lower --min-confidence or raise --epsilon")
     owner_probs = predict(owner, cp.points)
     answers = tuple(_answers(k.spec, k, cp.points, cp.targets) for k in known)
