@@ -162,3 +162,30 @@ def test_real_process_exit_status_and_clean_stderr(world):
     assert json.loads(p.stdout)["verdict"] == "piracy"
     q = subprocess.run([sys.executable, "-m", "auditor", "audit", "--fingerprint", "/nonexistent", "--suspect", "x.onnx"], capture_output=True, text=True, timeout=120)
     assert q.returncode == 2 and q.stderr.strip().count("\n") == 0 and "Traceback" not in q.stderr
+
+
+def test_cross_framework_suspect_with_its_own_input_convention(world, tmp_path):
+    """A converted (Keras-style) copy: NHWC input in 0..255, its own normalization inside."""
+    from fingerprints.format import load_fingerprint
+
+    fp = load_fingerprint(world.fingerprint)
+    mean, std = fp.convention.mean[0], fp.convention.std[0]
+    net = build_architecture("cnn", (1, 28, 28), 10)  # the world owner's architecture, its weights
+    net.load_state_dict(torch.jit.load(str(world.owner_ts)).state_dict())
+
+    class KerasStyle(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net((x.permute(0, 3, 1, 2) / 255.0 - mean) / std)
+
+    path = tmp_path / "keras-copy.onnx"
+    torch.onnx.export(KerasStyle().eval(), (torch.zeros(1, 28, 28, 1),), str(path), input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}}, opset_version=17, dynamo=False)
+    one_line_error(run(*audit_args(world, path)), "NHWC")
+    r = run(*audit_args(world, path, "--suspect-layout", "NHWC", "--suspect-scale", "255", "--suspect-mean", "0",
+                        "--suspect-std", "1", "--json"))
+    assert r.exit_code == 1, r.output
+    assert json.loads(r.stdout)["agreement"] == 1.0
