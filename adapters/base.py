@@ -9,6 +9,7 @@ owner saw. An answer is either top-1 labels ([N] int64) or probability vectors (
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -183,6 +184,17 @@ def check_answer(answer: np.ndarray, n: int, access: Access, num_classes: int | 
     if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
         raise OracleError("suspect returned non-finite or non-numeric probabilities")
     return a.astype(np.float64)
+
+
+def read_outputs(outputs: np.ndarray, access: Access, previous_reading: str | None) -> tuple[np.ndarray, str]:
+    """A local model's raw outputs -> the answer for `access`, and how they were read.
+
+    Warns when the reading (logits or probabilities) changes from one batch to the next.
+    """
+    probs, reading = to_probabilities(outputs)
+    if previous_reading is not None and reading != previous_reading:
+        logging.getLogger(__name__).warning("model outputs read as %s now, as %s before", reading, previous_reading)
+    return (probs.argmax(axis=1).astype(np.int64) if access is Access.LABELS else probs), reading
 
 
 def to_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:

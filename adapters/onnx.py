@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Access, InputConvention, Oracle, OracleInfo, to_probabilities
+from adapters.base import Access, InputConvention, Oracle, OracleInfo, read_outputs
 from adapters.errors import IncompatibleSuspect, InputError, OracleError
 
 log = logging.getLogger(__name__)
@@ -251,15 +251,9 @@ class OnnxOracle(Oracle):
             raise InputError(
                 f"points are {list(points.shape[1:])} but this suspect was opened for {list(self._point_shape)}"
             )
-        x = self._convention.apply(points)
-        outputs = run_in_batches(x, self._run, self._fixed_batch, self._max_batch)
-        probs, reading = to_probabilities(outputs)
-        if self._output_reading is not None and reading != self._output_reading:
-            log.warning("suspect outputs read as %s now, as %s before", reading, self._output_reading)
-        self._output_reading = reading
-        if access is Access.LABELS:
-            return probs.argmax(axis=1).astype(np.int64)
-        return probs
+        outputs = run_in_batches(self._convention.apply(points), self._run, self._fixed_batch, self._max_batch)
+        answer, self._output_reading = read_outputs(outputs, access, self._output_reading)
+        return answer
 
     def close(self) -> None:
         self._session = None

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.base import Access, InputConvention, Oracle, OracleInfo, to_probabilities
+from adapters.base import Access, InputConvention, Oracle, OracleInfo, read_outputs
 from adapters.errors import IncompatibleSuspect, InputError, OracleError
 from adapters.onnx import Dim, check_input_fits, file_sha256, first_line, run_in_batches
 
@@ -221,13 +221,8 @@ class TorchOracle(Oracle):
                 f"points are {list(points.shape[1:])} but this model was opened for {list(self._point_shape)}"
             )
         outputs = run_in_batches(self._convention.apply(points), self._run, self._fixed_batch, self._max_batch)
-        probs, reading = to_probabilities(outputs)
-        if self._output_reading is not None and reading != self._output_reading:
-            log.warning("model outputs read as %s now, as %s before", reading, self._output_reading)
-        self._output_reading = reading
-        if access is Access.LABELS:
-            return probs.argmax(axis=1).astype(np.int64)
-        return probs
+        answer, self._output_reading = read_outputs(outputs, access, self._output_reading)
+        return answer
 
     def close(self) -> None:
         self._model = None

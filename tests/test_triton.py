@@ -18,30 +18,17 @@ from adapters.base import Access, InputConvention
 from adapters.errors import IncompatibleSuspect, InputError, OracleError, TransientOracleError
 from adapters.triton import _parse_classification, _translate, open_triton, parse_triton_url
 
-try:
-    from triton_fixtures import (
-        NUM_CLASSES,
-        POINT_SHAPE,
-        SLOW_DELAY_S,
-        fresh_server,
-        https_proxy,
-        points,
-        tls_trial,
-        triton_onnx,
-        triton_trial,
-    )
-except ImportError:  # tests/ made a package
-    from tests.triton_fixtures import (  # type: ignore[no-redef]
-        NUM_CLASSES,
-        POINT_SHAPE,
-        SLOW_DELAY_S,
-        fresh_server,
-        https_proxy,
-        points,
-        tls_trial,
-        triton_onnx,
-        triton_trial,
-    )
+from triton_fixtures import (
+    NUM_CLASSES,
+    POINT_SHAPE,
+    SLOW_DELAY_S,
+    fresh_server,
+    https_proxy,
+    points,
+    tls_trial,
+    triton_onnx,
+    triton_trial,
+)
 
 __all__ = ["fresh_server", "https_proxy", "tls_trial", "triton_onnx", "triton_trial"]  # fixtures used by name
 
