@@ -166,47 +166,80 @@ class Oracle(ABC):
         self.close()
 
 
+# A probability vector may be rounded by the suspect (to 1 or 2 decimals), so its sum may drift
+# from 1; a vector that sums to less than half or more than one and a half is not probabilities.
+_PROB_SUM_RANGE = (0.5, 1.5)
+_PROB_SLACK = 1e-6
+
+
+def _looks_like_probabilities(out: np.ndarray) -> bool:
+    sums = out.sum(axis=1)
+    return bool(
+        np.all(out >= -_PROB_SLACK) and np.all(out <= 1 + _PROB_SLACK)
+        and np.all(sums >= _PROB_SUM_RANGE[0]) and np.all(sums <= _PROB_SUM_RANGE[1])
+    )
+
+
 def check_answer(answer: np.ndarray, n: int, access: Access, num_classes: int | None) -> np.ndarray:
-    """Validate a backend's answer once, at the boundary, so nothing malformed reaches a verdict."""
-    a = np.asarray(answer)
+    """Validate a backend's answer once, at the boundary, so nothing malformed reaches a verdict.
+
+    Labels must be n integers in 0..K-1; probabilities n rows of K finite values in [0, 1] whose
+    sums lie in [0.5, 1.5] (rounded answers), returned renormalized to sum 1.
+    """
+    try:
+        a = np.asarray(answer)
+    except (ValueError, TypeError) as e:  # ragged or otherwise not an array
+        raise OracleError(f"suspect returned an answer that is not an array ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if access is Access.LABELS:
         if a.shape != (n,):
             raise OracleError(f"suspect returned labels of shape {a.shape}, expected ({n},)")
-        if not np.issubdtype(a.dtype, np.integer):
+        if not np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
             raise OracleError(f"suspect returned labels of type {a.dtype}, expected integers")
-        if num_classes is not None and (a.min() < 0 or a.max() >= num_classes):
+        if num_classes is not None and (int(a.min()) < 0 or int(a.max()) >= num_classes):
             raise OracleError(f"suspect returned a label outside 0..{num_classes - 1}")
+        if a.dtype == np.uint64 and int(a.max()) > np.iinfo(np.int64).max:
+            raise OracleError("suspect returned a label too large for int64")
         return a.astype(np.int64)
     if a.ndim != 2 or a.shape[0] != n:
         raise OracleError(f"suspect returned probabilities of shape {a.shape}, expected ({n}, K)")
-    if num_classes is not None and a.shape[1] != num_classes:
-        raise OracleError(f"suspect returned {a.shape[1]} classes, expected {num_classes}")
+    if a.shape[1] == 0 or (num_classes is not None and a.shape[1] != num_classes):
+        raise OracleError(f"suspect returned {a.shape[1]} classes, expected {num_classes if num_classes is not None else 'at least one'}")
     if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
         raise OracleError("suspect returned non-finite or non-numeric probabilities")
-    return a.astype(np.float64)
+    p = a.astype(np.float64)
+    if not _looks_like_probabilities(p):
+        raise OracleError("suspect returned vectors that are not probabilities (values outside [0, 1] or rows not summing to about 1)")
+    p = np.clip(p, 0.0, 1.0)
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def read_outputs(outputs: np.ndarray, access: Access, previous_reading: str | None) -> tuple[np.ndarray, str]:
     """A local model's raw outputs -> the answer for `access`, and how they were read.
 
-    Warns when the reading (logits or probabilities) changes from one batch to the next.
+    Once a batch has shown logits the model's outputs are read as logits from then on (a batch
+    of logits can happen to look like probabilities; probabilities never look like logits).
     """
-    probs, reading = to_probabilities(outputs)
+    probs, reading = to_probabilities(outputs, force_logits=previous_reading == "logits")
     if previous_reading is not None and reading != previous_reading:
         logging.getLogger(__name__).warning("model outputs read as %s now, as %s before", reading, previous_reading)
     return (probs.argmax(axis=1).astype(np.int64) if access is Access.LABELS else probs), reading
 
 
-def to_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
+def to_probabilities(outputs: np.ndarray, force_logits: bool = False) -> tuple[np.ndarray, str]:
     """Model outputs -> probabilities; softmax only when they are not already a distribution.
 
+    Rows of values in [0, 1] summing to about 1 (within [0.5, 1.5]: a model may round its
+    probabilities) are read as probabilities and renormalized; anything else as logits.
     Returns the probabilities and which reading was taken ("probabilities" or "logits").
     """
     out = np.asarray(outputs, dtype=np.float64)
+    if out.ndim != 2 or out.shape[1] == 0:
+        raise OracleError(f"suspect returned outputs of shape {out.shape}, expected one class vector per point")
     if not np.all(np.isfinite(out)):
         raise OracleError("suspect returned NaN or infinite outputs")
-    if out.ndim == 2 and np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
-        return out, "probabilities"
+    if not force_logits and _looks_like_probabilities(out):
+        p = np.clip(out, 0.0, 1.0)
+        return p / p.sum(axis=1, keepdims=True), "probabilities"
     z = out - out.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True), "logits"

@@ -2,7 +2,9 @@
 
     DeepCoreError                 root: the CLI catches only this, prints one line, exits 2
     ├── InputError                a file, name or option the user gave is missing or malformed
-    │   └── FingerprintError      a fingerprint file is corrupt, tampered with or of an unknown version
+    │   ├── FingerprintError      a fingerprint file is corrupt, tampered with or of an unknown version
+    │   ├── ReportError           an audit report or its ledger is corrupt, tampered with or inconsistent
+    │   └── SignatureError        a signature is missing, malformed, or not made by the key given
     ├── IncompatibleSuspect       the suspect cannot answer this fingerprint (shape, classes, access)
     ├── OracleError               the suspect failed while answering (runtime error, bad output)
     │   └── TransientOracleError  a failure that is safe to retry (timeout, 429, unavailable)
@@ -22,6 +24,14 @@ class InputError(DeepCoreError):
 
 class FingerprintError(InputError):
     """A fingerprint file cannot be trusted: corrupt, modified, or of an unknown format."""
+
+
+class ReportError(InputError):
+    """An audit report (or the ledger beside it) cannot be trusted: corrupt, modified, inconsistent."""
+
+
+class SignatureError(InputError):
+    """A document is unsigned when a key was given, or its signature does not verify with that key."""
 
 
 class IncompatibleSuspect(DeepCoreError):

@@ -19,8 +19,9 @@ except on exact ties (Triton's order between equal values is unspecified; argmax
 output is FP16 (which Triton 2.51 cannot classify).
 
 The adapter never retries: failures safe to retry (timeouts, HTTP 429/502/503/504, gRPC
-UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, connection refused or reset while
-querying) raise `TransientOracleError`, and the auditor's wrapper decides (within the budget).
+UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, connection refused, reset or closed
+without an answer while querying) raise `TransientOracleError`, and the auditor's wrapper
+decides (within the budget).
 
 Concurrency: up to `concurrency` requests are in flight at once, each worker thread owning its
 own client (tritonclient's HTTP client is not thread-safe); answers are reassembled in order.
@@ -318,11 +319,21 @@ def _translate(e: BaseException, what: str) -> OracleError:
         return OracleError(message)
     if _is_timeout(e):
         return TransientOracleError(f"{what}: timed out ({type(e).__name__}: {e})")
-    if isinstance(e, (ConnectionError, EOFError)):  # refused, reset, aborted, broken pipe
+    if isinstance(e, (ConnectionError, EOFError)) or _closed_without_answer(e):  # refused, reset, closed, broken pipe
         return TransientOracleError(f"{what}: connection failed ({type(e).__name__}: {e})")
     if isinstance(e, OSError):
         return OracleError(f"{what}: {type(e).__name__}: {e}")
     return OracleError(f"{what}: unexpected {type(e).__name__}: {e}")
+
+
+def _closed_without_answer(e: BaseException) -> bool:
+    """The HTTP server (or a proxy before it) closed the connection before answering: what
+    geventhttpclient raises when a load balancer drops a request or a server dies mid-request."""
+    try:
+        from geventhttpclient.response import HTTPConnectionClosed
+    except ImportError:  # pragma: no cover - geventhttpclient comes with tritonclient[http]
+        return False
+    return isinstance(e, HTTPConnectionClosed)
 
 
 def _call(what: str, fn: Callable[[], Any]) -> Any:
@@ -586,10 +597,14 @@ class TritonOracle(Oracle):
         if mode in ("labels", "classification"):
             return answer.astype(np.int64)
         if access is Access.LABELS:  # argmax of the raw class vector
+            if answer.ndim != 2 or answer.shape[1] == 0:
+                raise OracleError(f"suspect returned outputs of shape {answer.shape}, expected one class vector per point")
             if not np.all(np.isfinite(answer)):
                 raise OracleError("suspect returned NaN or infinite outputs")
             return np.argmax(answer, axis=1).astype(np.int64)
-        probs, reading = to_probabilities(answer)
+        with self._lock:
+            logits_seen = "logits" in self._readings
+        probs, reading = to_probabilities(answer, force_logits=logits_seen)
         with self._lock:
             if self._readings and reading not in self._readings:
                 log.warning("Triton model %s: outputs read as %s after %s", self._identity["model"], reading, self._readings)

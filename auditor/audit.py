@@ -8,13 +8,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from adapters.base import Access, Oracle
+from adapters.base import Access, Oracle, check_answer
 from adapters.errors import BudgetExceeded, IncompatibleSuspect, InputError
-from auditor.budget import Budgeted, QueryLedger, Recorded, Retrying
+from auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
 from auditor.stats import SequentialTest, expected_queries, log_likelihood_ratios
 from fingerprints.calibration import MODES, rates
 from fingerprints.format import Fingerprint
@@ -26,7 +27,8 @@ VERDICTS = ("independent", "piracy", "inconclusive")
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """How to audit: access mode, identification mode, budget, batch size, error rates, seed."""
+    """How to audit: access mode, identification mode, budget, batch size, error rates, seed,
+    and how many points to ask again before concluding `independent` (0: no repeat check)."""
 
     access: Access = Access.LABELS
     mode: str = "agreement"
@@ -35,6 +37,7 @@ class AuditConfig:
     alpha: float = 0.01
     beta: float = 0.01
     seed: int = 0
+    repeat_checks: int = 10
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -47,8 +50,153 @@ class AuditConfig:
             raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
         if not (0 < self.beta < 0.5):
             raise InputError(f"beta must lie in (0, 0.5), got {self.beta}")
+        if self.repeat_checks < 0:
+            raise InputError(f"repeat checks must be 0 or more, got {self.repeat_checks}")
         if self.mode == "similarity" and self.access is not Access.PROBS:
             raise InputError("the similarity mode compares output vectors: it needs --access probs")
+
+
+# Two probability answers to the same point are "the same" within this (GPU kernels may differ
+# in the last bits; a randomized defence differs by far more). Labels must be equal.
+REPEAT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything needed to recompute an audit's verdict from its answers alone: the test, the
+    order in which points are asked, and per point its digest, the owner's label and the rates.
+
+    It is written in the ledger's header, so a ledger (with the budget) is enough to replay the
+    audit (`verify-report`), and a resumed audit must follow the same plan.
+    """
+
+    mode: str
+    access: str
+    alpha: float
+    beta: float
+    batch_size: int
+    seed: int
+    repeat_checks: int
+    indices: tuple[int, ...]
+    digests: tuple[str, ...]
+    owner_labels: tuple[int, ...]
+    p0: tuple[float, ...]
+    p1: tuple[float, ...]
+
+    @classmethod
+    def make(cls, fp: Fingerprint, config: AuditConfig) -> Plan:
+        config.validate()
+        r = rates(fp, config.mode)
+        order = np.random.default_rng(config.seed).permutation(len(fp))
+        return cls(
+            mode=config.mode, access=config.access.value, alpha=config.alpha, beta=config.beta,
+            batch_size=config.batch_size, seed=config.seed, repeat_checks=config.repeat_checks,
+            indices=tuple(int(i) for i in order),
+            digests=tuple(point_digest(fp.points[i]) for i in order),
+            owner_labels=tuple(int(fp.owner_labels[i]) for i in order),
+            p0=tuple(float(r.p0[i]) for i in order),
+            p1=tuple(float(r.p1[i]) for i in order),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Plan:
+        """A plan read back from a ledger header; anything malformed raises ValueError."""
+        try:
+            plan = cls(
+                mode=str(d["mode"]), access=Access(d["access"]).value, alpha=float(d["alpha"]), beta=float(d["beta"]),
+                batch_size=int(d["batch_size"]), seed=int(d["seed"]), repeat_checks=int(d["repeat_checks"]),
+                indices=tuple(int(v) for v in d["indices"]), digests=tuple(str(v) for v in d["digests"]),
+                owner_labels=tuple(int(v) for v in d["owner_labels"]),
+                p0=tuple(float(v) for v in d["p0"]), p1=tuple(float(v) for v in d["p1"]),
+            )
+        except (KeyError, TypeError, OverflowError) as e:
+            raise ValueError(f"malformed plan ({type(e).__name__}: {e})") from e
+        n = len(plan.digests)
+        if n == 0 or any(len(x) != n for x in (plan.indices, plan.owner_labels, plan.p0, plan.p1)):
+            raise ValueError("plan arrays differ in length")
+        if plan.mode not in MODES or plan.batch_size < 1 or not (0 < plan.alpha < 0.5 and 0 < plan.beta < 0.5):
+            raise ValueError("plan has an unknown mode or out-of-range parameters")
+        return plan
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+
+def score_answers(answers: np.ndarray, owner_labels: np.ndarray, access: Access, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per point: agreement with the owner's label (0/1), and the score the test uses."""
+    if access is Access.LABELS:
+        a = (answers == owner_labels).astype(np.float64)
+        return a, a
+    a = (answers.argmax(axis=1) == owner_labels).astype(np.float64)
+    s = answers[np.arange(len(answers)), owner_labels] if mode == "similarity" else a
+    return a, np.asarray(s, dtype=np.float64)
+
+
+def same_answer(first: Any, again: Any) -> bool:
+    """Whether a repeated query got the answer it got the first time."""
+    a, b = np.asarray(first, dtype=np.float64), np.asarray(again, dtype=np.float64)
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= REPEAT_TOLERANCE))
+
+
+def repeat_positions(plan: Plan, asked: int) -> np.ndarray:
+    """Which of the first `asked` positions a repeat check asks again (seeded, sorted)."""
+    k = min(plan.repeat_checks, asked)
+    return np.sort(np.random.default_rng([plan.seed, 1]).choice(asked, size=k, replace=False))
+
+
+@dataclass
+class Outcome:
+    """Where the sequential test stopped."""
+
+    decision: str | None = None
+    asked: int = 0
+    llr: float = 0.0
+    trajectory: list[Step] = field(default_factory=list)
+    stop_note: str | None = None
+
+
+def run_test(
+    plan: Plan,
+    answers_for: Callable[[np.ndarray], np.ndarray | None],
+    budget: int,
+    progress: Callable[[Step], None] | None = None,
+) -> Outcome:
+    """Wald's test over the plan: ask batch after batch (`answers_for(positions)`, None = no more
+    answers) until it decides, or the budget or the points run out. The audit and the report
+    verifier both run this, so a report is checked by the very code that made it."""
+    access = Access(plan.access)
+    test = SequentialTest(plan.alpha, plan.beta)
+    labels, p0, p1 = np.asarray(plan.owner_labels), np.asarray(plan.p0), np.asarray(plan.p1)
+    out = Outcome()
+    agree: list[float] = []
+    scores: list[float] = []
+    while out.decision is None and out.asked < len(plan):
+        n = min(plan.batch_size, len(plan) - out.asked, budget - out.asked)
+        if n <= 0:
+            break
+        pos = np.arange(out.asked, out.asked + n)
+        try:
+            answers = answers_for(pos)
+        except BudgetExceeded as e:  # retries spent what was left
+            out.stop_note = f"stopped: {e}"
+            break
+        if answers is None:
+            break
+        out.asked += n
+        a, s = score_answers(answers, labels[pos], access, plan.mode)
+        agree.extend(a.tolist())
+        scores.extend(s.tolist())
+        out.llr += float(log_likelihood_ratios(s, p0[pos], p1[pos]).sum())
+        out.decision = test.decide(out.llr)
+        step = Step(out.asked, round(float(np.mean(agree)), 4), round(float(np.mean(scores)), 4), round(out.llr, 4), out.decision)
+        out.trajectory.append(step)
+        if progress:
+            progress(step)
+    return out
 
 
 @dataclass(frozen=True)
@@ -86,6 +234,8 @@ class AuditResult:
     calibration: dict[str, Any]
     replayed_from_ledger: int = 0
     notes: list[str] = field(default_factory=list)
+    answered: int = 0  # points the test used (queries_used also counts retries and repeat checks)
+    repeat_check: dict[str, int] = field(default_factory=dict)  # {"asked": k, "differing": d}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -113,21 +263,38 @@ def check_compatible(fp: Fingerprint, oracle: Oracle, config: AuditConfig) -> No
 LOCATION_KEYS = ("url",)
 
 
-def ledger_header(fp: Fingerprint, suspect: Oracle, config: AuditConfig) -> dict[str, Any]:
-    """What a ledger must match to be resumed: same fingerprint, suspect and access.
+def ledger_header(fp: Fingerprint, suspect: Oracle, config: AuditConfig, plan: Plan | None = None) -> dict[str, Any]:
+    """What a ledger must match to be resumed: same fingerprint, suspect, access and plan.
 
-    The suspect's location (`LOCATION_KEYS`) is recorded beside, not checked.
+    The suspect's location (`LOCATION_KEYS`), the tool's version and the time are recorded
+    beside, not checked.
     """
     identity = suspect.info.identity
     header: dict[str, Any] = {
         "fingerprint_sha256": fp.digest,
         "suspect": {k: v for k, v in identity.items() if k not in LOCATION_KEYS},
         "access": config.access.value,
+        "plan": (plan or Plan.make(fp, config)).to_dict(),
+        "tool": tool_version(),
+        "created_utc": utc_now(),
     }
     location = {k: identity[k] for k in LOCATION_KEYS if k in identity}
     if location:
         header["suspect_location"] = location
     return header
+
+
+def tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"deepcore-auditor {version('deepcore-auditor')}"
+    except PackageNotFoundError:
+        return "deepcore-auditor (not installed)"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def audit(
@@ -142,56 +309,42 @@ def audit(
     """Ask `suspect` the core points batch by batch until the sequential test decides.
 
     Queries go through Recorded(Retrying(Budgeted(suspect))): answers already in `ledger` are
-    replayed without asking (resume), and the hard budget counts every attempt.
+    replayed without asking (resume), and the hard budget counts every attempt. Before an
+    `independent` verdict, `config.repeat_checks` points are asked again: a suspect that answers
+    the same point differently (a randomized defence) gets `inconclusive` instead.
     """
     config.validate()
-    ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config))
-    prior = len(ledger)
-    budgeted = Budgeted(suspect, max(0, config.budget - prior))
-    recorded = Recorded(Retrying(budgeted, attempts=retries), ledger)
-    oracle: Oracle = recorded
-    check_compatible(fp, oracle, config)
+    plan = Plan.make(fp, config)
+    ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
+    prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
+    budgeted = Budgeted(suspect, max(0, config.budget - prior), on_charge=ledger.charge)
+    retrying = Retrying(budgeted, attempts=retries)
+    recorded = Recorded(retrying, ledger)
+    check_compatible(fp, recorded, config)
     r = rates(fp, config.mode)
-    test = SequentialTest(config.alpha, config.beta)
-    order = np.random.default_rng(config.seed).permutation(len(fp))
     start = time.perf_counter()
-    agree: list[float] = []
-    scores: list[float] = []
-    llr = 0.0
-    trajectory: list[Step] = []
-    decision: str | None = None
     notes = list(r.summary.get("notes", []))  # type: ignore[arg-type]
-    asked = 0
-    while decision is None and asked < len(order):
-        n = min(config.batch_size, len(order) - asked, config.budget - asked)
-        if n <= 0:
-            break
-        idx = order[asked : asked + n]
-        try:
-            answer = oracle.query(fp.points[idx], config.access)
-        except BudgetExceeded as e:  # retries spent what was left
-            notes.append(f"stopped: {e}")
-            break
-        asked += n
-        if config.access is Access.LABELS:
-            a = (answer == fp.owner_labels[idx]).astype(np.float64)
-            s = a
-        else:
-            a = (answer.argmax(axis=1) == fp.owner_labels[idx]).astype(np.float64)
-            s = answer[np.arange(n), fp.owner_labels[idx]] if config.mode == "similarity" else a
-        agree.extend(a.tolist())
-        scores.extend(s.tolist())
-        llr += float(log_likelihood_ratios(s, r.p0[idx], r.p1[idx]).sum())
-        decision = test.decide(llr)
-        step = Step(asked, round(float(np.mean(agree)), 4), round(float(np.mean(scores)), 4), round(llr, 4), decision)
-        trajectory.append(step)
-        if progress:
-            progress(step)
-    if decision is None and asked >= len(order):
-        notes.append(f"the fingerprint's {len(order)} points ran out before the test decided")
-    elif decision is None and asked >= config.budget:
-        notes.append(f"the budget ran out after {asked} queries before the test decided")
+    indices = np.asarray(plan.indices)
+
+    def ask(pos: np.ndarray) -> np.ndarray:
+        # Checked against the fingerprint's classes too: a suspect need not declare its own.
+        return check_answer(recorded.query(fp.points[indices[pos]], config.access), len(pos), config.access, fp.num_classes)
+
+    out = run_test(plan, ask, config.budget, progress)
+    if out.stop_note:
+        notes.append(out.stop_note)
+    decision = out.decision
+    if decision is None and out.asked >= len(plan):
+        notes.append(f"the fingerprint's {len(plan)} points ran out before the test decided")
+    elif decision is None and out.asked >= config.budget:
+        notes.append(f"the budget ran out after {out.asked} queries before the test decided")
+    if retrying.retried:
+        notes.append(f"{retrying.retried} failed attempts were retried; each was charged to the budget")
+    repeat: dict[str, int] = {}
+    if decision == "independent" and plan.repeat_checks > 0:
+        decision, repeat = _repeat_check(fp, plan, recorded, budgeted, out.asked, notes)
     p0, p1 = float(r.p0.mean()), float(r.p1.mean())
+    test = SequentialTest(config.alpha, config.beta)
     return AuditResult(
         verdict=decision or "inconclusive",
         queries_used=prior + budgeted.spent,
@@ -200,17 +353,58 @@ def audit(
         beta=config.beta,
         mode=config.mode,
         access=config.access.value,
-        agreement=trajectory[-1].agreement if trajectory else math.nan,
-        llr=round(llr, 4),
+        agreement=out.trajectory[-1].agreement if out.trajectory else math.nan,
+        llr=round(out.llr, 4),
         thresholds={"piracy": round(test.upper, 4), "independent": round(test.lower, 4)},
         p0=round(p0, 4),
         p1=round(p1, 4),
         expected_queries_if_pirated=expected_queries(p0, p1, config.alpha),
-        trajectory=trajectory,
+        trajectory=out.trajectory,
         elapsed_s=round(time.perf_counter() - start, 4),
         fingerprint_sha256=fp.digest,
-        suspect=oracle.info.to_dict(),
+        suspect=recorded.info.to_dict(),
         calibration=r.summary,
         replayed_from_ledger=recorded.replayed,
         notes=notes,
+        answered=out.asked,
+        repeat_check=repeat,
     )
+
+
+def judge_repeats(plan: Plan, asked: int, entries: dict[str, Any], repeats: dict[str, Any]) -> tuple[str, dict[str, int]]:
+    """The verdict after an `independent` decision, given the repeat answers on record: it stands
+    only if every planned repeat was asked and none changed. The audit and the report verifier
+    both judge with this."""
+    planned = [plan.digests[i] for i in repeat_positions(plan, asked)]
+    asked_again = [d for d in planned if d in repeats]
+    differing = sum(not same_answer(entries[d], repeats[d]) for d in asked_again)
+    ok = differing == 0 and len(asked_again) == len(planned)
+    return ("independent" if ok else "inconclusive"), {"asked": len(asked_again), "differing": differing}
+
+
+def _repeat_check(
+    fp: Fingerprint, plan: Plan, recorded: Recorded, budgeted: Budgeted, asked: int, notes: list[str]
+) -> tuple[str, dict[str, int]]:
+    """Ask some answered points again before saying `independent`. A suspect that randomizes its
+    answers can push its agreement down to look independent: a changed answer, or a check the
+    budget left no room for, makes the verdict `inconclusive`."""
+    pos = repeat_positions(plan, asked)
+    ledger = recorded.ledger
+    todo = [i for i in pos if plan.digests[i] not in ledger.repeats]
+    if len(todo) > budgeted.remaining:
+        notes.append(
+            f"the budget left no room to ask {len(pos)} points again (repeat check): an independent verdict needs it; "
+            "raise --budget, or pass --repeat-checks 0 to skip the check"
+        )
+    else:
+        try:
+            check_answer(recorded.query_again(fp.points[np.asarray(plan.indices)[pos]], Access(plan.access)), len(pos), Access(plan.access), fp.num_classes)
+        except BudgetExceeded as e:
+            notes.append(f"repeat check not made ({e}): an independent verdict needs it")
+    verdict, summary = judge_repeats(plan, asked, ledger.entries, ledger.repeats)
+    if summary["differing"]:
+        notes.append(
+            f"the suspect answered {summary['differing']} of {summary['asked']} repeated queries differently: it randomizes "
+            "its answers (a defence against auditing, or a nondeterministic model), so its low agreement does not show independence"
+        )
+    return verdict, summary

@@ -34,10 +34,11 @@ def point_digest(point: np.ndarray) -> str:
 class Budgeted(Oracle):
     """Counts every sample sent and never lets one past `budget`, not even on a retry."""
 
-    def __init__(self, inner: Oracle, budget: int) -> None:
+    def __init__(self, inner: Oracle, budget: int, on_charge: Callable[[int], None] | None = None) -> None:
         if budget < 0:
             raise InputError(f"budget must be >= 0, got {budget}")
         self.inner, self.budget, self.spent = inner, int(budget), 0
+        self._on_charge = on_charge  # e.g. QueryLedger.charge: the charge is on disk before the send
 
     @property
     def info(self) -> OracleInfo:
@@ -50,6 +51,8 @@ class Budgeted(Oracle):
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
         if len(points) > self.remaining:
             raise BudgetExceeded(f"{len(points)} queries would exceed the budget ({self.spent} of {self.budget} used)")
+        if self._on_charge is not None:
+            self._on_charge(len(points))
         self.spent += len(points)  # charged before sending: a failed send may still have been answered
         return self.inner.query(points, access)
 
@@ -68,6 +71,7 @@ class Retrying(Oracle):
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.inner, self.attempts, self.backoff_s, self._sleep = inner, max(1, attempts), backoff_s, sleep
+        self.retried = 0  # failed attempts that were retried
 
     @property
     def info(self) -> OracleInfo:
@@ -81,7 +85,8 @@ class Retrying(Oracle):
                 if attempt == self.attempts - 1:
                     raise
                 delay = self.backoff_s * 2**attempt
-                logger.warning("transient suspect error (%s); retry %d in %.1fs", e, attempt + 1, delay)
+                self.retried += 1
+                logger.info("transient suspect error (%s); retry %d in %.1fs", e, attempt + 1, delay)
                 self._sleep(delay)
         raise AssertionError("unreachable")
 
@@ -93,15 +98,27 @@ class Retrying(Oracle):
 class QueryLedger:
     """What was asked and answered, keyed by point digest; optionally mirrored to a JSONL file.
 
-    The file's first line is a header naming the fingerprint, suspect and access; each further
-    line is one answered query. Lines are flushed and fsynced per batch, so an audit killed
-    midway loses nothing it was answered, and a torn last line is ignored on resume.
+    The file's first line is a header naming the fingerprint, suspect, access and the audit's
+    plan; each further line is one answered query `{"digest", "answer", "t"}` (a repeat check,
+    the same point asked again, adds `"repeat": true`). Lines are flushed and fsynced per
+    batch, so an audit killed midway loses nothing it was answered, and a torn last line is
+    ignored on resume.
     """
 
     header: dict[str, Any]
     path: Path | None = None
-    entries: dict[str, Any] = field(default_factory=dict)
-    order: list[str] = field(default_factory=list)
+    entries: dict[str, Any] = field(default_factory=dict)  # digest -> first answer
+    repeats: dict[str, Any] = field(default_factory=dict)  # digest -> answer when asked again
+    records: list[dict[str, Any]] = field(default_factory=list)  # every line after the header
+    charged: int | None = None  # queries charged to the budget, from `{"charge": n}` lines (None: none yet)
+
+    # Header keys a resumed audit must match: the same fingerprint, suspect, access and plan.
+    RESUME_KEYS = ("fingerprint_sha256", "suspect", "access", "plan")
+
+    @property
+    def order(self) -> list[str]:
+        """Digests of the first answers, in the order they were recorded."""
+        return [r["digest"] for r in self.records if not r.get("repeat")]
 
     @classmethod
     def open(cls, path: Path | None, header: dict[str, Any], resume: bool) -> QueryLedger:
@@ -114,10 +131,13 @@ class QueryLedger:
                 raise InputError(f"ledger {path} already exists: pass --resume to continue it, or choose another path")
             if not path.parent.exists():
                 raise InputError(f"cannot write ledger: directory {path.parent} does not exist")
-            path.write_text(json.dumps({"ledger": header}) + "\n")
+            with open(path, "x") as f:
+                f.write(json.dumps({"ledger": header}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             return cls(header, path)
         ledger = cls.read(path)
-        for key in ("fingerprint_sha256", "suspect", "access"):
+        for key in cls.RESUME_KEYS:
             if ledger.header.get(key) != header.get(key):
                 raise InputError(
                     f"cannot resume: ledger {path} was written for another {key.replace('_', ' ')}"
@@ -145,42 +165,103 @@ class QueryLedger:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"cannot resume: ledger {path} not found")
-        lines = path.read_text().splitlines()
+        try:
+            lines = path.read_text().splitlines()
+        except UnicodeDecodeError:
+            raise InputError(f"{path} is not a query ledger (not text)") from None
         try:
             first = json.loads(lines[0])["ledger"]
-        except (IndexError, KeyError, TypeError, json.JSONDecodeError) as e:
+            if not isinstance(first, dict):
+                raise TypeError("header is not an object")
+        except (IndexError, KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:
             raise InputError(f"{path} is not a query ledger") from e
         ledger = cls(first, path)
         for n, line in enumerate(lines[1:], start=2):
             try:
-                rec = json.loads(line)
-                ledger._remember(rec["digest"], rec["answer"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+                ledger._remember(_parse_record(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
                 if n == len(lines):
                     (logger.debug if quiet else logger.warning)("ignoring a torn last line in ledger %s", path)
                     break
                 raise InputError(f"ledger {path} is corrupt at line {n}") from None
         return ledger
 
-    def _remember(self, digest: str, answer: Any) -> None:
-        if digest not in self.entries:
-            self.order.append(digest)
-        self.entries[digest] = answer
+    @classmethod
+    def from_lines(cls, header: Any, records: Any) -> QueryLedger:
+        """A ledger from its parsed lines (as embedded in a report); malformed -> ValueError."""
+        if not isinstance(header, dict) or not isinstance(records, list):
+            raise ValueError("a ledger is a header object and a list of records")
+        ledger = cls(header)
+        for rec in records:
+            ledger._remember(_parse_record(rec))
+        return ledger
 
-    def record(self, digests: list[str], answers: np.ndarray) -> None:
-        new = [(d, a) for d, a in zip(digests, answers.tolist()) if d not in self.entries]
+    @property
+    def spent(self) -> int:
+        """Queries charged so far: the charge lines, or (a ledger without them) the answers."""
+        return self.charged if self.charged is not None else len(self.entries) + len(self.repeats)
+
+    def charge(self, n: int) -> None:
+        """Record, before sending, that n queries are charged to the budget."""
+        rec = {"charge": int(n), "t": round(time.time(), 3)}
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self._remember(rec)
+
+    def _remember(self, rec: dict[str, Any]) -> None:
+        if "charge" in rec:
+            self.charged = (self.charged or 0) + rec["charge"]
+            self.records.append(rec)
+            return
+        table = self.repeats if rec.get("repeat") else self.entries
+        if rec["digest"] in table:
+            raise ValueError(f"query {rec['digest'][:12]}.. recorded twice")
+        table[rec["digest"]] = rec["answer"]
+        self.records.append(rec)
+
+    def record(self, digests: list[str], answers: np.ndarray, repeat: bool = False) -> None:
+        table = self.repeats if repeat else self.entries
+        now = round(time.time(), 3)
+        new = [
+            {"digest": d, "answer": a, "t": now, **({"repeat": True} if repeat else {})}
+            for d, a in zip(digests, answers.tolist())
+            if d not in table
+        ]
         # Disk first, then memory: an audit interrupted in between never counts (in len()) an
         # answer the file does not hold.
         if self.path is not None and new:
             with open(self.path, "a") as f:
-                f.write("".join(json.dumps({"digest": d, "answer": a, "t": round(time.time(), 3)}) + "\n" for d, a in new))
+                f.write("".join(json.dumps(r) + "\n" for r in new))
                 f.flush()
                 os.fsync(f.fileno())
-        for d, a in new:
-            self._remember(d, a)
+        for r in new:
+            self._remember(r)
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def _parse_record(rec: Any) -> dict[str, Any]:
+    """One ledger line, checked: a 64-hex digest, a label or a list of numbers, a time."""
+    if not isinstance(rec, dict):
+        raise TypeError("a record is an object")
+    if "charge" in rec:
+        n = rec["charge"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError("bad charge")
+        return rec
+    digest, answer = rec["digest"], rec["answer"]
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError("bad digest")
+    ok = (isinstance(answer, int) and not isinstance(answer, bool)) or (
+        isinstance(answer, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in answer)
+    )
+    if not ok:
+        raise ValueError("bad answer")
+    return rec
 
 
 def _differing(old: Any, new: Any) -> str:
@@ -203,14 +284,23 @@ class Recorded(Oracle):
         return self.inner.info
 
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        return self._ask(points, access, repeat=False)
+
+    def query_again(self, points: np.ndarray, access: Access) -> np.ndarray:
+        """Ask points a second time (a repeat check): recorded apart from their first answers,
+        and replayed from the ledger on resume like any other answer."""
+        return self._ask(points, access, repeat=True)
+
+    def _ask(self, points: np.ndarray, access: Access, repeat: bool) -> np.ndarray:
+        table = self.ledger.repeats if repeat else self.ledger.entries
         digests = [point_digest(p) for p in points]
-        missing = [i for i, d in enumerate(digests) if d not in self.ledger.entries]
+        missing = [i for i, d in enumerate(digests) if d not in table]
         if missing:
             fresh = self.inner.query(points[missing], access)
-            self.ledger.record([digests[i] for i in missing], fresh)
+            self.ledger.record([digests[i] for i in missing], fresh, repeat=repeat)
         self.replayed += len(points) - len(missing)
         dtype = np.int64 if access is Access.LABELS else np.float64
-        return np.asarray([self.ledger.entries[d] for d in digests], dtype=dtype)
+        return np.asarray([table[d] for d in digests], dtype=dtype)
 
     def close(self) -> None:
         self.inner.close()

@@ -1,6 +1,7 @@
 """The `deepcore` command: a thin layer over the library. It parses, calls, prints.
 
-Exit status: 0 independent, 1 piracy, 3 inconclusive, 2 error (bad input, unusable suspect).
+Exit status: 0 independent, 1 piracy, 3 inconclusive, 2 error (bad input, unusable suspect, or
+an internal error: no failure ever exits with a verdict's status).
 """
 
 from __future__ import annotations
@@ -41,8 +42,17 @@ def _guarded(fn: F) -> F:
             _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
         except KeyboardInterrupt as e:  # notes say what was kept (e.g. the ledger and --resume)
             _fail("; ".join(["interrupted", *getattr(e, "__notes__", [])]))
+        except Exception as e:  # a bug: never let it leave with exit 1, which means "piracy"
+            logging.getLogger(__name__).debug("internal error", exc_info=True)
+            _fail(f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run with -vv for the traceback")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _key_options(fn: F) -> F:
+    """--key / --hmac-key-env: the key that signs or verifies (give at most one)."""
+    fn = click.option("--hmac-key-env", metavar="NAME", help="Environment variable holding an HMAC-SHA256 key (16+ bytes; never shown).")(fn)
+    return click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), help="Ed25519 key, PEM: a private key signs (and verifies), a public key verifies.")(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,6 +84,7 @@ def cli(verbose: int) -> None:
 @click.option("--epochs", type=int, default=3, show_default=True, help="Training epochs of simulations and references.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where decoded data is cached.")
+@_key_options
 @_guarded
 def fingerprint(**o: Any) -> None:
     """Build a DeepCore fingerprint from the owner's model and data."""
@@ -111,6 +122,9 @@ def fingerprint(**o: Any) -> None:
 @click.option("--ssl-root-certificates", type=click.Path(dir_okay=False, path_type=Path), help="Triton TLS: PEM file of the certificates to trust.")
 @click.option("--ssl-insecure", is_flag=True, help="Triton HTTPS: skip certificate verification (trials only).")
 @click.option("--labels-via", type=click.Choice(["auto", "classification", "argmax"]), help="Triton --access labels: top-1 from the classification extension or argmax of the output [default: auto].")
+@click.option("--repeat-checks", type=int, default=10, show_default=True, help="Points asked again before an independent verdict; a suspect that answers differently gets inconclusive (0: off).")
+@click.option("--commitment", type=click.Path(dir_okay=False, path_type=Path), help="The owner's published commitment: refuse any other fingerprint, and record it in the report.")
+@_key_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_guarded
 def audit(**o: Any) -> None:
@@ -136,13 +150,76 @@ def audit(**o: Any) -> None:
 @cli.command()
 @click.argument("fingerprint_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
+@_key_options
 @_guarded
-def inspect(fingerprint_path: Path, as_json: bool) -> None:
-    """Verify a fingerprint file and summarize it."""
+def inspect(fingerprint_path: Path, as_json: bool, key_file: Path | None, hmac_key_env: str | None) -> None:
+    """Verify a fingerprint file (its digest; its signature with a key) and summarize it."""
     from auditor.service import describe_fingerprint
 
-    d = describe_fingerprint(fingerprint_path)
+    d = describe_fingerprint(fingerprint_path, key_file, hmac_key_env)
     click.echo(json.dumps(d) if as_json else "\n".join(f"{k}: {v}" for k, v in d.items()))
+
+
+@cli.command()
+@click.argument("fingerprint_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the signed copy here [default: sign in place].")
+@_key_options
+@_guarded
+def sign(fingerprint_path: Path, out: Path | None, key_file: Path | None, hmac_key_env: str | None) -> None:
+    """Sign a fingerprint with an Ed25519 private key or an HMAC key (its digest is unchanged)."""
+    from auditor.service import sign_fingerprint_file
+
+    digest = sign_fingerprint_file(fingerprint_path, key_file, hmac_key_env, out)
+    click.echo(f"signed {out or fingerprint_path}: sha256 {digest}")
+
+
+@cli.command()
+@click.argument("fingerprint_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Commitment file to write.")
+@_key_options
+@_guarded
+def commit(fingerprint_path: Path, out: Path, key_file: Path | None, hmac_key_env: str | None) -> None:
+    """Write the commitment to publish before auditing; prints the fingerprint digest it fixes."""
+    from auditor.service import commit_fingerprint
+
+    fp_digest, _ = commit_fingerprint(fingerprint_path, out, key_file, hmac_key_env)
+    click.echo(f"wrote {out}: publish this digest before auditing: sha256 {fp_digest}")
+
+
+@cli.command()
+@click.option("--private", "private_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Private key PEM to write (mode 0600).")
+@click.option("--public", "public_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Public key PEM to write.")
+@_guarded
+def keygen(private_path: Path, public_path: Path) -> None:
+    """Make an Ed25519 key pair for signing fingerprints and reports (never overwrites a file)."""
+    from fingerprints.signing import generate_ed25519
+
+    key = generate_ed25519(private_path, public_path)
+    click.echo(f"wrote {private_path} and {public_path}: key id {key.key_id}")
+
+
+@cli.command("verify-report")
+@click.argument("report_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help="Also check that this ledger file is the one the report embeds.")
+@click.option("--fingerprint", "fingerprint_path", type=click.Path(dir_okay=False, path_type=Path), help="Also recompute the plan from this fingerprint.")
+@_key_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_guarded
+def verify_report(report_path: Path, ledger: Path | None, fingerprint_path: Path | None, key_file: Path | None,
+                  hmac_key_env: str | None, as_json: bool) -> None:
+    """Recompute an audit report's verdict from its ledger and check its digests (and signature).
+
+    Exit 0 when everything verifies; 2, with the first failed check, when it does not.
+    """
+    from auditor.service import verify_report_file
+
+    v = verify_report_file(report_path, key_file, hmac_key_env, ledger, fingerprint_path)
+    if as_json:
+        click.echo(json.dumps(v.to_dict()))
+        return
+    click.echo(f"report verifies: verdict {v.verdict} on {v.answered} points ({v.queries_used} queries charged); {v.signature}")
+    for check in v.checks:
+        click.echo(f"  ok  {check}")
 
 
 @cli.command("serve-triton")

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import Access, InputConvention
-from adapters.errors import InputError, OracleError
-from auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header
+from adapters.errors import InputError, OracleError, TransientOracleError
+from auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
 from auditor.budget import QueryLedger
-from fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
+from auditor.report import Verification, build_report, verify_report, write_report
+from fingerprints.format import Fingerprint, load_commitment, load_fingerprint, save_fingerprint, sign_fingerprint, write_commitment
+from fingerprints.signing import resolve_key
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class FingerprintRequest:
     epochs: int = 3
     seed: int = 0
     cache_dir: Path | None = None
+    key_file: Path | None = None  # sign the fingerprint with this Ed25519 private key (PEM)
+    hmac_key_env: str | None = None  # or with the HMAC key held in this environment variable
 
 
 def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -76,6 +80,9 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
         raise InputError(f"--min-confidence must lie in (0, 1), got {req.min_confidence}")
     if not Path(req.out).parent.is_dir():
         raise InputError(f"cannot write fingerprint: directory {Path(req.out).parent} does not exist")
+    key = resolve_key(req.key_file, req.hmac_key_env)  # before the long build: a bad key fails now
+    if key is not None and not key.can_sign:
+        raise InputError(f"{req.key_file} is a public key: signing needs the private key")
     say = progress or logger.info
     net, identity = load_torch_model(req.owner, factory_weights=req.owner_weights)
     data = load_data(req.data, cache_dir=req.cache_dir)
@@ -103,7 +110,7 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     )
     fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, extra_references=extra, progress=say)
     fp = dataclasses.replace(fp, extra={**fp.extra, "owner_test_accuracy": round(test_acc, 4), "data": data.source})
-    return fp, save_fingerprint(fp, req.out)
+    return fp, save_fingerprint(fp, req.out, key)
 
 
 def probe_owner(owner: Any, points: Any, num_classes: int) -> None:
@@ -141,6 +148,10 @@ class AuditRequest:
     resume: bool = False
     report: Path | None = None
     retries: int = 3
+    repeat_checks: int = 10
+    key_file: Path | None = None  # Ed25519 PEM: verifies the fingerprint; a private key also signs the report
+    hmac_key_env: str | None = None  # HMAC key in this environment variable: verifies and signs
+    commitment: Path | None = None  # the owner's published commitment: the fingerprint must match it
     # Triton suspects only; None (or empty/False) = the adapter's default, and a local suspect
     # refuses any that is set.
     concurrency: int | None = None
@@ -226,17 +237,28 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
         raise InputError("--resume needs --ledger: the file that holds the answered queries")
     if req.retries < 1:
         raise InputError(f"--retries counts attempts per batch and must be at least 1, got {req.retries}")
+    if req.report is not None and not Path(req.report).parent.is_dir():
+        raise InputError(f"cannot write report: directory {Path(req.report).parent} does not exist")
     options = triton_options(req)
-    fp = load_fingerprint(req.fingerprint_path)
+    key = resolve_key(req.key_file, req.hmac_key_env)
+    fp = load_fingerprint(req.fingerprint_path, key)
+    commitment = None
+    if req.commitment is not None:
+        commitment = load_commitment(req.commitment)
+        if key is not None and commitment.signature is not None:  # an unsigned commitment is still a published digest
+            key.verify(commitment.signature, "commitment", commitment.digest, str(req.commitment))
+        if commitment.content["fingerprint_sha256"] != fp.digest:
+            raise InputError(f"fingerprint {req.fingerprint_path} is not the one committed to in {req.commitment} (sha256 differs)")
     config = AuditConfig(access=Access(req.access), mode=req.mode, budget=req.budget, batch_size=req.batch_size,
-                         alpha=req.alpha, beta=req.beta, seed=req.seed)
+                         alpha=req.alpha, beta=req.beta, seed=req.seed, repeat_checks=req.repeat_checks)
     config.validate()
+    started = utc_now()
     with open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
                       num_classes=fp.num_classes, device=req.device, **options) as suspect:
         ledger = QueryLedger.open(req.ledger, ledger_header(fp, suspect, config), req.resume)
         try:
             result = audit(fp, suspect, config, ledger=ledger, retries=req.retries, progress=progress)
-        except OracleError as e:
+        except TransientOracleError as e:  # retries ran out: worth resuming later
             if req.ledger is None:
                 raise
             cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -247,8 +269,30 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
                 e.add_note(_resume_hint(req.ledger, _answered_on_disk(ledger)))
             raise
     if req.report is not None:
-        write_json_atomic(result.to_dict(), req.report)
+        content = build_report(result, ledger, started_utc=started, finished_utc=utc_now(), retries=req.retries,
+                               fingerprint_signature=fp.signature, signature_verified=key is not None, commitment=commitment)
+        write_report(content, req.report, key if key is not None and key.can_sign else None)
     return result
+
+
+def sign_fingerprint_file(path: Path, key_file: Path | None, hmac_key_env: str | None, out: Path | None = None) -> str:
+    """Sign a fingerprint (in place, or into `out`); returns its digest, unchanged by signing."""
+    key = resolve_key(key_file, hmac_key_env)
+    if key is None:
+        raise InputError("signing needs a key: --key (an Ed25519 private key PEM) or --hmac-key-env")
+    return sign_fingerprint(path, key, out)
+
+
+def commit_fingerprint(path: Path, out: Path, key_file: Path | None = None, hmac_key_env: str | None = None) -> tuple[str, str]:
+    """Write the commitment to a verified fingerprint; returns (fingerprint digest, commitment digest)."""
+    key = resolve_key(key_file, hmac_key_env)
+    fp = load_fingerprint(path, key)
+    return fp.digest, write_commitment(fp, out, utc_now(), key if key is not None and key.can_sign else None)
+
+
+def verify_report_file(path: Path, key_file: Path | None = None, hmac_key_env: str | None = None,
+                       ledger: Path | None = None, fingerprint: Path | None = None) -> Verification:
+    return verify_report(path, resolve_key(key_file, hmac_key_env), ledger, fingerprint)
 
 
 def _answered_on_disk(ledger: QueryLedger) -> int:
@@ -267,14 +311,19 @@ def _resume_hint(ledger: Path, answered: int) -> str:
     return f"the ledger {ledger} holds {answered} answered queries: rerun with --resume to continue without asking them again"
 
 
-def describe_fingerprint(path: Path) -> dict[str, Any]:
-    """A verified fingerprint's summary: what it is, how it was made, its calibration."""
+def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env: str | None = None) -> dict[str, Any]:
+    """A verified fingerprint's summary: what it is, how it was made, its calibration, its signature."""
     from fingerprints.calibration import rates
 
-    fp = load_fingerprint(path)
+    key = resolve_key(key_file, hmac_key_env)
+    fp = load_fingerprint(path, key)
     r = rates(fp, "agreement")
+    sig = fp.signature
     return {
         "sha256": fp.digest,
+        "signature": "unsigned" if sig is None else (
+            f"{sig.get('scheme')} key {sig.get('key_id')}, " + ("verified" if key is not None else "not verified (no key given)")
+        ),
         "created": fp.created,
         "points": len(fp),
         "point_shape": list(fp.point_shape),

@@ -5,12 +5,16 @@
 `content` holds the points, the owner's answers, the input convention, the owner's digest, the
 method with its parameters and seed, and the calibration statistics. Arrays are stored as
 {"dtype", "shape", "base64"} (little-endian). The digest is the sha256 of `content` serialized
-canonically (sorted keys, no spaces); it is checked on load, so any change is refused.
+canonically (sorted keys, no spaces); it is checked on load, so any change is refused. A file
+may also carry a `signature` beside the digest (HMAC-SHA256 or Ed25519, see `signing.py`),
+checked when the reader is given a key. Audit reports and commitments use the same envelope
+(`write_document` / `read_document`).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +27,7 @@ import numpy as np
 
 from adapters.base import InputConvention
 from adapters.errors import FingerprintError, InputError
+from fingerprints.signing import Key
 
 FORMAT_NAME = "deepcore-fingerprint"
 FORMAT_VERSION = 1
@@ -79,6 +84,8 @@ class Fingerprint:
     known_models: tuple[ModelAnswers, ...] = ()
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The file's signature block when loaded from a signed file; not part of the content.
+    signature: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -118,18 +125,25 @@ class Fingerprint:
         return canonical_digest(self.to_content())
 
 
-def save_fingerprint(fp: Fingerprint, path: Path) -> str:
-    """Write atomically (temp file + rename, nothing half-written); returns the content digest."""
-    content = fp.to_content()
+def write_document(path: Path, format_name: str, version: int, content: dict[str, Any], key: Key | None = None, kind: str = "") -> str:
+    """Write a signed-or-not JSON document atomically (temp file + rename, nothing half-written):
+
+        {"format", "version", "content_sha256", "content", ["signature"]}
+
+    Returns the content digest."""
     digest = canonical_digest(content)
-    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "content_sha256": digest, "content": content}
+    doc: dict[str, Any] = {"format": format_name, "version": version, "content_sha256": digest, "content": content}
+    if key is not None:
+        doc["signature"] = key.sign(kind, digest)
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise InputError(f"cannot write fingerprint: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".fingerprint-", dir=path.parent or ".")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -137,25 +151,67 @@ def save_fingerprint(fp: Fingerprint, path: Path) -> str:
     return digest
 
 
-def load_fingerprint(path: Path) -> Fingerprint:
-    """Read and verify a fingerprint file; any corruption or change raises FingerprintError."""
+@dataclass(frozen=True)
+class Document:
+    """A verified document: its content, digest and signature block (None when unsigned)."""
+
+    content: dict[str, Any]
+    digest: str
+    signature: dict[str, Any] | None
+
+
+def read_document(
+    path: Path, format_name: str, version: int, error: type[InputError], what: str, key: Key | None = None, kind: str = ""
+) -> Document:
+    """Read a document written by `write_document`; check its digest, and its signature with `key`.
+
+    Any corruption or change raises `error` (one line, naming the file); a key that does not
+    verify the signature raises SignatureError.
+    """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"fingerprint file not found: {path}")
+        raise InputError(f"{what} file not found: {path}")
     try:
         doc = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FingerprintError(f"{path} is not a fingerprint file (not valid JSON)") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise FingerprintError(f"{path} is not a DeepCore fingerprint file")
-    if doc.get("version") != FORMAT_VERSION:
-        raise FingerprintError(f"{path} has fingerprint format version {doc.get('version')!r}; this tool reads version {FORMAT_VERSION}")
+        raise error(f"{path} is not a {what} file (not valid JSON)") from e
+    if not isinstance(doc, dict) or doc.get("format") != format_name:
+        raise error(f"{path} is not a DeepCore {what} file")
+    if doc.get("version") != version:
+        raise error(f"{path} has {what} format version {doc.get('version')!r}; this tool reads version {version}")
     content = doc.get("content")
     if not isinstance(content, dict):
-        raise FingerprintError(f"{path} has no fingerprint content")
-    if canonical_digest(content) != doc.get("content_sha256"):
-        raise FingerprintError(f"{path}: content does not match its sha256 digest (modified or corrupt)")
-    return _from_content(content, path)
+        raise error(f"{path} has no {what} content")
+    try:
+        digest = canonical_digest(content)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise error(f"{path}: {what} content cannot be serialized ({type(e).__name__})") from e
+    if digest != doc.get("content_sha256"):
+        raise error(f"{path}: content does not match its sha256 digest (modified or corrupt)")
+    signature = doc.get("signature")
+    if signature is not None and not isinstance(signature, dict):
+        raise error(f"{path} has a malformed signature block")
+    if key is not None:
+        key.verify(signature, kind, digest, str(path))
+    return Document(content, digest, signature)
+
+
+def save_fingerprint(fp: Fingerprint, path: Path, key: Key | None = None) -> str:
+    """Write the fingerprint atomically, signed with `key` if given; returns the content digest."""
+    return write_document(path, FORMAT_NAME, FORMAT_VERSION, fp.to_content(), key, "fingerprint")
+
+
+def load_fingerprint(path: Path, key: Key | None = None) -> Fingerprint:
+    """Read and verify a fingerprint file; any corruption or change raises FingerprintError, and a
+    `key` that does not verify its signature raises SignatureError."""
+    doc = read_document(path, FORMAT_NAME, FORMAT_VERSION, FingerprintError, "fingerprint", key, "fingerprint")
+    return dataclasses.replace(_from_content(doc.content, Path(path)), signature=doc.signature)
+
+
+def sign_fingerprint(path: Path, key: Key, out: Path | None = None) -> str:
+    """Sign an existing fingerprint (its digest checked first), in place or into `out`."""
+    fp = load_fingerprint(path)
+    return save_fingerprint(fp, out or path, key)
 
 
 def _from_content(c: dict[str, Any], path: Path) -> Fingerprint:
@@ -187,3 +243,31 @@ def _from_content(c: dict[str, Any], path: Path) -> Fingerprint:
     if labels.min() < 0 or labels.max() >= probs.shape[1]:
         raise FingerprintError(f"{path}: owner labels outside the class range")
     return fp
+
+
+COMMITMENT_FORMAT = "deepcore-commitment"
+COMMITMENT_VERSION = 1
+
+
+def write_commitment(fp: Fingerprint, path: Path, created_utc: str, key: Key | None = None) -> str:
+    """A commitment the owner publishes before auditing: the fingerprint's digest and size.
+
+    Publishing it (or just its `fingerprint_sha256`) somewhere dated and public fixes the core
+    points before any suspect is seen; an audit given `--commitment` refuses any other
+    fingerprint, and its report carries the commitment. Returns the commitment's own digest.
+    """
+    content = {
+        "fingerprint_sha256": fp.digest,
+        "points": len(fp),
+        "classes": len(fp.classes),
+        "owner_sha256": fp.owner_identity.get("sha256", ""),
+        "created_utc": created_utc,
+    }
+    return write_document(path, COMMITMENT_FORMAT, COMMITMENT_VERSION, content, key, "commitment")
+
+
+def load_commitment(path: Path, key: Key | None = None) -> Document:
+    doc = read_document(path, COMMITMENT_FORMAT, COMMITMENT_VERSION, FingerprintError, "commitment", key, "commitment")
+    if not isinstance(doc.content.get("fingerprint_sha256"), str):
+        raise FingerprintError(f"{path}: commitment names no fingerprint digest")
+    return doc

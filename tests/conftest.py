@@ -3,6 +3,7 @@ pirated and independent suspects exported to ONNX, and a scaled-down fingerprint
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,17 @@ def fmnist():
 def world(tmp_path_factory: pytest.TempPathFactory, fmnist) -> World:
     from auditor.service import FingerprintRequest, make_fingerprint
 
-    root = tmp_path_factory.mktemp("world")
-    torch.set_num_threads(2)
+    # DEEPCORE_TEST_WORLD=DIR keeps the world between runs while developing (CI never sets it).
+    keep = os.environ.get("DEEPCORE_TEST_WORLD")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("world")
     tr = fmnist.train
     mean, std = channel_stats(tr)
     conv = InputConvention(mean=mean, std=std)
+    names = ("owner", "pirate", "distilled", "independent")
+    if keep and (root / "fp.json").is_file():
+        return World(root, root / "owner.pt", *(root / f"{n}.onnx" for n in names), conv, root / "fp.json", fmnist.test)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
     x, y = tr.points(slice(0, 12000)), tr.y[:12000]
     a, b = slice(0, 6000), slice(6000, 12000)
     shape = tr.shape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -120,9 +121,10 @@ def test_resume_from_ledger_asks_nothing_twice(world, tmp_path):
     second = audit(fp, suspect, cfg2, ledger=ledger)
     assert second.replayed_from_ledger == 20
     assert second.queries_used == 40
-    lines = path.read_text().splitlines()[1:]
-    digests = [line.split('"digest": "')[1][:64] for line in lines]
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    digests = [r["digest"] for r in records if "digest" in r]
     assert len(digests) == len(set(digests)) == 40
+    assert sum(r.get("charge", 0) for r in records) == 40
 
 
 def test_known_model_answers_match_the_stored_calibration(world):
@@ -132,3 +134,24 @@ def test_known_model_answers_match_the_stored_calibration(world):
         if m.role == "calibration" and m.kind == "independent":
             assert r.summary["independent_models"][m.name] == pytest.approx(float(np.mean(m.labels == fp.owner_labels)), abs=1e-4)
     assert 0 < r.p0.max() < r.p1.min() < 1
+
+
+def test_failed_attempts_of_an_interrupted_audit_count_against_the_budget_on_resume(world, tmp_path):
+    """Failed attempts are charged on disk before they are sent, so a resumed audit knows what
+    earlier runs spent and the budget holds across runs (it once counted only answers)."""
+    from adapters.errors import TransientOracleError
+    from auditor.audit import ledger_header
+    from tests.test_budget import Flaky
+
+    fp, suspect = _open(world, world.independent_onnx)
+    cfg = AuditConfig(budget=30, batch_size=5, alpha=1e-9, beta=1e-9, repeat_checks=0)
+    path = tmp_path / "ledger.jsonl"
+    flaky = Flaky(suspect, {3, 4})  # the third batch fails on both of its attempts
+    with pytest.raises(TransientOracleError):
+        audit(fp, flaky, cfg, ledger=QueryLedger.open(path, ledger_header(fp, suspect, cfg), resume=False), retries=2)
+    ledger = QueryLedger.open(path, ledger_header(fp, suspect, cfg), resume=True)
+    assert (len(ledger), ledger.spent) == (10, 20)
+    again = Flaky(suspect, set())
+    res = audit(fp, again, cfg, ledger=ledger)
+    assert res.queries_used == 30 == 20 + again.calls * 5  # 10 more points, not 20
+    assert res.answered == 20 and res.verdict == "inconclusive"

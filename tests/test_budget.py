@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.base import Access, InputConvention, Oracle, OracleInfo
-from adapters.errors import BudgetExceeded, InputError, TransientOracleError
+from adapters.errors import BudgetExceeded, InputError, OracleError, TransientOracleError
 from adapters.onnx import OnnxOracle
 from auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
 from fingerprints.models import build_architecture, export_onnx
@@ -48,23 +48,52 @@ def pts(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, *SHAPE), dtype=np.float32)
 
 
+class Counting(Oracle):
+    """Counts the points the real suspect answered; fails permanently on the calls listed."""
+
+    def __init__(self, inner: Oracle, broken_on: set[int]) -> None:
+        self.inner, self.broken_on, self.calls, self.answered = inner, broken_on, 0, 0
+
+    @property
+    def info(self) -> OracleInfo:
+        return self.inner.info
+
+    def _answer(self, points, access):
+        self.calls += 1
+        if self.calls in self.broken_on:
+            raise OracleError("simulated malformed answer")
+        out = self.inner.query(points, access)
+        self.answered += len(points)
+        return out
+
+
 @settings(max_examples=60, deadline=None)
-@given(budget=st.integers(0, 40), batches=st.lists(st.integers(1, 12), max_size=12), fails=st.sets(st.integers(1, 30), max_size=8))
-def test_never_past_the_budget_and_every_answer_recorded_once(suspect, budget, batches, fails):
-    budgeted = Budgeted(Flaky(suspect, fails), budget)
-    ledger = QueryLedger({})
+@given(
+    budget=st.integers(0, 40),
+    batches=st.lists(st.tuples(st.integers(1, 12), st.booleans(), st.integers(0, 5)), max_size=12),
+    fails=st.sets(st.integers(1, 30), max_size=8),
+    broken=st.sets(st.integers(1, 30), max_size=3),
+)
+def test_never_past_the_budget_and_every_answer_recorded_once(suspect, tmp_path_factory, budget, batches, fails, broken):
+    """Any sequence of batches (new points, points seen before, repeat checks), transient
+    failures retried and permanent ones not: the budget is never passed, and every answer the
+    suspect gave is in the ledger file exactly once, as read back from disk."""
+    path = tmp_path_factory.mktemp("prop") / "ledger.jsonl"
+    counting = Counting(suspect, broken)
+    budgeted = Budgeted(Flaky(counting, fails), budget)
+    ledger = QueryLedger.open(path, {"audit": 1}, resume=False)
     oracle = Recorded(Retrying(budgeted, attempts=3, sleep=lambda s: None), ledger)
-    asked = 0
-    for i, n in enumerate(batches):
-        p = pts(n, seed=i)
+    for n, again, seed in batches:
+        p = pts(n, seed=seed)
         try:
-            out = oracle.query(p, Access.LABELS)
+            out = oracle.query_again(p, Access.LABELS) if again else oracle.query(p, Access.LABELS)
             assert len(out) == n
-            asked += n
-        except (BudgetExceeded, TransientOracleError):
+        except (BudgetExceeded, TransientOracleError, OracleError):
             pass
         assert budgeted.spent <= budget
-    assert len(ledger) == len(set(ledger.order)) == asked
+    back = QueryLedger.read(path)
+    assert back.entries == ledger.entries and back.repeats == ledger.repeats
+    assert len(back.records) == len(ledger.entries) + len(ledger.repeats) == counting.answered
 
 
 def test_retries_are_charged_to_the_budget(suspect):

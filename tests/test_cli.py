@@ -43,7 +43,7 @@ def test_audit_writes_report_and_ledger_then_resumes(world, tmp_path):
     ledger, report = tmp_path / "l.jsonl", tmp_path / "r.json"
     args = audit_args(world, world.independent_onnx, "--budget", "10", "--alpha", "1e-9", "--beta", "1e-9", "--ledger", str(ledger), "--report", str(report), "--json")
     assert run(*args).exit_code == 3
-    assert json.loads(report.read_text())["queries_used"] == 10
+    assert json.loads(report.read_text())["content"]["result"]["queries_used"] == 10
     one_line_error(run(*args), "already exists", "--resume")
     last = len(args) - 1 - args[::-1].index("--budget")
     args[last + 1] = "20"

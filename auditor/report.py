@@ -1,0 +1,208 @@
+"""The audit report: one self-contained, digest-protected (optionally signed) JSON document.
+
+    {"format": "deepcore-audit-report", "version": 1, "content_sha256": ..., "content": {...}, ["signature"]}
+
+`content` holds the tool's version, start and finish times (UTC), the fingerprint's digest (with
+its signature and commitment, if any), the suspect's identity (ONNX sha256, or Triton server,
+model, version and config digest), the test and its parameters, the result, and the whole query
+ledger: its header (with the plan: every point's digest, the owner's label and the rates, in the
+order asked) and every answered query with its time. `verify_report` replays the sequential test
+on the ledger's answers with the same code the audit ran (`auditor.audit.run_test`) and refuses
+the report unless the verdict, the points used, the statistic and every digest agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.base import Access
+from adapters.errors import ReportError
+from auditor.audit import (
+    LOCATION_KEYS,
+    AuditConfig,
+    AuditResult,
+    Plan,
+    judge_repeats,
+    repeat_positions,
+    run_test,
+    tool_version,
+)
+from auditor.budget import QueryLedger
+from fingerprints.format import Document, load_fingerprint, read_document, write_document
+from fingerprints.signing import Key
+
+logger = logging.getLogger(__name__)
+
+REPORT_FORMAT = "deepcore-audit-report"
+REPORT_VERSION = 1
+
+
+def build_report(
+    result: AuditResult,
+    ledger: QueryLedger,
+    *,
+    started_utc: str,
+    finished_utc: str,
+    retries: int,
+    fingerprint_signature: dict[str, Any] | None,
+    signature_verified: bool,
+    commitment: Document | None = None,
+) -> dict[str, Any]:
+    """The report's content for a finished audit and its ledger."""
+    file_sha = hashlib.sha256(ledger.path.read_bytes()).hexdigest() if ledger.path is not None else None
+    plan = ledger.header.get("plan", {})
+    return {
+        "tool": tool_version(),
+        "started_utc": started_utc,
+        "finished_utc": finished_utc,
+        "fingerprint": {
+            "sha256": result.fingerprint_sha256,
+            "signature": None if fingerprint_signature is None else {k: fingerprint_signature.get(k) for k in ("scheme", "key_id")},
+            "signature_verified": signature_verified,
+            "commitment": None if commitment is None else {"sha256": commitment.digest, "content": commitment.content},
+        },
+        "suspect": result.suspect,
+        "test": {
+            "name": "Wald sequential probability ratio test",
+            "budget": result.budget,
+            "retries": retries,
+            "thresholds": result.thresholds,
+            **{k: plan.get(k) for k in ("mode", "access", "alpha", "beta", "batch_size", "seed", "repeat_checks")},
+        },
+        "result": result.to_dict(),
+        "ledger": {
+            "file": None if ledger.path is None else str(ledger.path),
+            "file_sha256": file_sha,
+            "header": ledger.header,
+            "records": ledger.records,
+        },
+    }
+
+
+def write_report(content: dict[str, Any], path: Path, key: Key | None = None) -> str:
+    """Write the report atomically, signed with `key` if given; returns its content digest."""
+    return write_document(path, REPORT_FORMAT, REPORT_VERSION, content, key, "report")
+
+
+@dataclass
+class Verification:
+    """What `verify_report` checked and found; every check in `checks` passed."""
+
+    report: str
+    verdict: str
+    answered: int
+    queries_used: int
+    signature: str
+    checks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"report": self.report, "verdict": self.verdict, "answered": self.answered,
+                "queries_used": self.queries_used, "signature": self.signature, "checks": self.checks}
+
+
+def verify_report(
+    path: Path,
+    key: Key | None = None,
+    ledger_path: Path | None = None,
+    fingerprint_path: Path | None = None,
+) -> Verification:
+    """Recompute a report's verdict from its ledger and check every digest; ReportError if not.
+
+    With `key`, the report must carry that key's valid signature. With `ledger_path`, the ledger
+    file must be the one the report embeds, byte for byte (its sha256). With `fingerprint_path`,
+    the fingerprint must be the audited one, and the plan (point digests, owner labels, rates)
+    is recomputed from it.
+    """
+    doc = read_document(path, REPORT_FORMAT, REPORT_VERSION, ReportError, "audit report", key, "report")
+    where = str(path)
+    c = doc.content
+    try:
+        led, res, test = c["ledger"], c["result"], c["test"]
+        ledger = QueryLedger.from_lines(led["header"], led["records"])
+        plan = Plan.from_dict(ledger.header["plan"])
+        fp_sha = c["fingerprint"]["sha256"]
+        budget = int(test["budget"])
+        reported = (str(res["verdict"]), int(res["answered"]), float(res["llr"]), int(res["queries_used"]))
+        trajectory = list(res["trajectory"])
+        identity = dict(res["suspect"]["identity"])
+        commitment = c["fingerprint"]["commitment"]
+        committed = None if commitment is None else str(commitment["content"]["fingerprint_sha256"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise ReportError(f"{where}: malformed report content ({type(e).__name__}: {e})") from None
+    v = Verification(where, reported[0], reported[1], reported[3], _describe_signature(doc.signature, key))
+    v.checks.append("report content matches its sha256 digest")
+    if key is not None:
+        v.checks.append(f"report signature verified ({key.scheme}, key {key.key_id})")
+
+    def require(ok: bool, what: str, detail: str = "") -> None:
+        if not ok:
+            raise ReportError(f"{where}: {what}{': ' + detail if detail else ''}")
+        v.checks.append(what)
+
+    require(ledger.header.get("fingerprint_sha256") == fp_sha == res.get("fingerprint_sha256"), "ledger, report and result name the same fingerprint")
+    suspect = {k: val for k, val in identity.items() if k not in LOCATION_KEYS}
+    require(ledger.header.get("suspect") == suspect, "ledger and result name the same suspect")
+    require(len(set(plan.digests)) == len(plan), "plan lists each point once")
+    if committed is not None:
+        require(committed == fp_sha, "fingerprint matches the owner's commitment")
+
+    require(reported[3] <= budget, "queries charged within the budget", f"{reported[3]} > {budget}")
+    require(reported[3] == ledger.spent and ledger.spent >= len(ledger.entries) + len(ledger.repeats),
+            "queries charged in the ledger equal the reported ones and cover every answer", f"ledger {ledger.spent}, reported {reported[3]}")
+
+    # Replay the test on the recorded answers, with the code the audit ran.
+    access = Access(plan.access)
+    dtype = np.int64 if access is Access.LABELS else np.float64
+
+    def answers_for(pos: np.ndarray) -> np.ndarray | None:
+        digests = [plan.digests[i] for i in pos]
+        if not all(d in ledger.entries for d in digests):
+            return None
+        return np.asarray([ledger.entries[d] for d in digests], dtype=dtype)
+
+    try:
+        out = run_test(plan, answers_for, budget)
+    except (ValueError, IndexError, TypeError) as e:  # answers of the wrong shape for the access
+        raise ReportError(f"{where}: the ledger's answers cannot be scored ({type(e).__name__}: {e})") from None
+    verdict = out.decision or "inconclusive"
+    repeat = {"asked": 0, "differing": 0}
+    if out.decision == "independent" and plan.repeat_checks > 0:
+        verdict, repeat = judge_repeats(plan, out.asked, ledger.entries, ledger.repeats)
+    recomputed = [{"queries": s.queries, "agreement": s.agreement, "score": s.score, "llr": s.llr, "decision": s.decision} for s in out.trajectory]
+    require(verdict == reported[0], "recomputed verdict equals the reported one", f"recomputed {verdict}, reported {reported[0]}")
+    require(out.asked == reported[1], "recomputed points used equal the reported ones", f"recomputed {out.asked}, reported {reported[1]}")
+    require(round(out.llr, 4) == reported[2] and recomputed == trajectory, "recomputed statistic and trajectory equal the reported ones")
+    used = set(plan.digests[: out.asked])
+    require(set(ledger.entries) <= used, "ledger holds no answer the test did not use",
+            f"{len(set(ledger.entries) - used)} answers beyond the {out.asked} the test used")
+    if ledger.repeats:
+        expected = {plan.digests[i] for i in repeat_positions(plan, out.asked)}
+        require(out.decision == "independent" and set(ledger.repeats) <= expected, "repeat checks are the planned ones")
+        v.checks.append(f"repeat check recomputed: {repeat['differing']} of {repeat['asked']} repeated answers differ")
+
+    if ledger_path is not None:
+        try:
+            data = Path(ledger_path).read_bytes()
+        except OSError as e:
+            raise ReportError(f"cannot read ledger {ledger_path}: {e.strerror or e}") from None
+        require(hashlib.sha256(data).hexdigest() == led.get("file_sha256"), f"ledger file {ledger_path} is the one the report embeds (sha256)")
+    if fingerprint_path is not None:
+        fp = load_fingerprint(fingerprint_path)
+        require(fp.digest == fp_sha, f"fingerprint {fingerprint_path} is the audited one (sha256)")
+        config = AuditConfig(access=access, mode=plan.mode, budget=max(budget, plan.batch_size), batch_size=plan.batch_size,
+                             alpha=plan.alpha, beta=plan.beta, seed=plan.seed, repeat_checks=plan.repeat_checks)
+        require(Plan.make(fp, config) == plan, "plan (points, owner labels, rates) recomputed from the fingerprint")
+    return v
+
+
+def _describe_signature(block: dict[str, Any] | None, key: Key | None) -> str:
+    if block is None:
+        return "unsigned"
+    what = f"{block.get('scheme')} key {block.get('key_id')}"
+    return f"signed, verified ({what})" if key is not None else f"signed ({what}), not verified: no key given"

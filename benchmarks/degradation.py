@@ -1,0 +1,328 @@
+"""Benchmark (not a test): how the verdict degrades when a suspect perturbs what it is asked or
+what it answers.
+
+    PYTHONPATH=. python benchmarks/degradation.py WORLD_DIR [--seeds 5] [--budget 100] [--batch-size 5]
+    PYTHONPATH=. python benchmarks/degradation.py WORLD_DIR --fingerprint FP --suspect NAME=FILE.onnx[:TRUTH] ...
+
+Without --fingerprint, a small Fashion-MNIST world like the test suite's (owner, fine-tuned
+pirate, distilled copy, independent model, scaled-down fingerprint) is built once and cached in
+WORLD_DIR (a few minutes on 2 cores); later runs reuse it. Every suspect is a real ONNX Runtime
+session; the transformations wrap it as an in-process oracle:
+
+* input noise: Gaussian noise of standard deviation sigma (canonical [0, 1] pixel units, clipped
+  to [0, 1]) added to every point before the model sees it, fresh per query;
+* rounding: the probability vector rounded to 2 or 1 decimals (what a terse API returns), either
+  handed to the audit as is ("raw") or read the way the ONNX Runtime and Triton adapters read a
+  model's outputs (`adapters.base.to_probabilities`: softmax unless each row sums to 1 +- 1e-3);
+* one-hot: only the top-1 class, as a one-hot probability vector;
+* label flipping: with probability q the answer is replaced by a uniformly random other class
+  (a randomized defence), applied to the label and to the probability vector (the two classes'
+  probabilities swapped).
+
+Each transformation x suspect x mode is audited over --seeds query orders (the transformation's
+randomness is seeded with the same seed): verdict counts, median queries (all sent, repeat checks
+included) and mean label agreement. The default budget (100) exceeds the world's 60 points plus the
+audit's repeat check, so audits end on the test or on the points, not on the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adapters.base import Access, InputConvention, Oracle, OracleInfo, to_probabilities
+from adapters.onnx import OnnxOracle
+from auditor.audit import AuditConfig, audit
+from fingerprints.format import Fingerprint, load_fingerprint
+
+MODES: tuple[tuple[str, Access], ...] = (
+    ("agreement", Access.LABELS),
+    ("similarity", Access.PROBS),
+    ("clustering", Access.PROBS),
+)
+WORLD_SUSPECTS = ("pirate", "distilled", "independent")
+TRUTH = {"pirate": "piracy", "distilled": "piracy", "independent": "independent"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations: oracles wrapping a real oracle
+
+
+@dataclass(frozen=True)
+class Transformation:
+    """A named way a suspect may degrade its answers; `wrap` builds the degraded oracle."""
+
+    name: str
+    kind: str  # "none", "noise", "round", "round-raw", "onehot", "flip"
+    value: float = 0.0
+
+    def wrap(self, inner: Oracle, seed: int) -> Oracle:
+        if self.kind == "none":
+            return inner
+        if self.kind == "noise":
+            return NoisyInput(inner, sigma=self.value, seed=seed)
+        if self.kind in ("round", "round-raw"):
+            return RoundedProbabilities(inner, decimals=int(self.value), as_read=self.kind == "round")
+        if self.kind == "onehot":
+            return OneHotTop1(inner)
+        if self.kind == "flip":
+            return FlippedLabels(inner, rate=self.value, seed=seed)
+        raise ValueError(f"unknown transformation kind {self.kind!r}")
+
+
+TRANSFORMATIONS: tuple[Transformation, ...] = (
+    Transformation("none", "none"),
+    *(Transformation(f"noise {s}", "noise", s) for s in (0.02, 0.05, 0.1, 0.2, 0.3)),
+    Transformation("round 2 raw", "round-raw", 2),
+    Transformation("round 1 raw", "round-raw", 1),
+    Transformation("round 2 read", "round", 2),
+    Transformation("round 1 read", "round", 1),
+    Transformation("one-hot", "onehot"),
+    *(Transformation(f"flip {q}", "flip", q) for q in (0.05, 0.1, 0.2, 0.3)),
+)
+
+
+class _Wrapper(Oracle):
+    """An oracle holding a real one; `info` is the inner oracle's."""
+
+    def __init__(self, inner: Oracle) -> None:
+        self.inner = inner
+
+    @property
+    def info(self) -> OracleInfo:
+        return self.inner.info
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class NoisyInput(_Wrapper):
+    """Adds N(0, sigma^2) noise to every pixel of every query (clipped to [0, 1])."""
+
+    def __init__(self, inner: Oracle, *, sigma: float, seed: int) -> None:
+        super().__init__(inner)
+        self.sigma = float(sigma)
+        self._rng = np.random.default_rng(seed)
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        noisy = points + self._rng.normal(0.0, self.sigma, size=points.shape).astype(np.float32)
+        return self.inner.query(np.clip(noisy, 0.0, 1.0).astype(np.float32), access)
+
+
+class RoundedProbabilities(_Wrapper):
+    """Rounds the probability vector to `decimals` (labels: the argmax of the rounded vector,
+    i.e. the lowest class among those tied after rounding). `as_read`: the rounded batch goes
+    through `to_probabilities`, as a model's raw outputs do in the ONNX Runtime and Triton
+    adapters."""
+
+    def __init__(self, inner: Oracle, *, decimals: int, as_read: bool) -> None:
+        super().__init__(inner)
+        self.decimals, self.as_read = int(decimals), as_read
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        probs = np.round(self.inner.query(points, Access.PROBS), self.decimals)
+        if self.as_read:
+            probs = to_probabilities(probs)[0]
+        return probs.argmax(axis=1).astype(np.int64) if access is Access.LABELS else probs
+
+
+class OneHotTop1(_Wrapper):
+    """Answers only the top-1 class: labels as they are, probabilities as one-hot vectors."""
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        labels = self.inner.query(points, Access.LABELS)
+        if access is Access.LABELS:
+            return labels
+        k = self.info.num_classes
+        assert k is not None
+        return np.eye(k, dtype=np.float64)[labels]
+
+
+class FlippedLabels(_Wrapper):
+    """A randomized defence: each answer's top-1 class is swapped, with probability `rate`, for
+    a uniformly random other class (in a probability vector the two classes trade places)."""
+
+    def __init__(self, inner: Oracle, *, rate: float, seed: int) -> None:
+        super().__init__(inner)
+        self.rate = float(rate)
+        self._rng = np.random.default_rng(seed)
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        k = self.info.num_classes
+        assert k is not None
+        probs = self.inner.query(points, Access.PROBS)
+        top = probs.argmax(axis=1)
+        flip = self._rng.random(len(points)) < self.rate
+        other = (top + self._rng.integers(1, k, size=len(points))) % k
+        rows = np.nonzero(flip)[0]
+        swapped = probs.copy()
+        swapped[rows, top[rows]], swapped[rows, other[rows]] = probs[rows, other[rows]], probs[rows, top[rows]]
+        if access is Access.LABELS:
+            return np.where(flip, other, top).astype(np.int64)
+        return swapped
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+
+
+@dataclass(frozen=True)
+class World:
+    fingerprint: Path
+    suspects: dict[str, Path]
+
+
+def build_world(root: Path, say: Callable[[str], None]) -> World:
+    """The test suite's small world (tests/conftest.py), built once and cached under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    fp_path = root / "fp.json"
+    paths = {name: root / f"{name}.onnx" for name in ("owner", *WORLD_SUSPECTS)}
+    if fp_path.is_file() and all(p.is_file() for p in paths.values()):
+        return World(fp_path, {n: paths[n] for n in WORLD_SUSPECTS})
+
+    import torch
+
+    from auditor.service import FingerprintRequest, make_fingerprint
+    from fingerprints.data import channel_stats, load_data
+    from fingerprints.models import Normalized, TrainConfig, build_architecture, clone, export_onnx, predict, train
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(2)
+    data = load_data("fashion-mnist")
+    tr = data.train
+    mean, std = channel_stats(tr)
+    conv = InputConvention(mean=mean, std=std)
+    x, y = tr.points(slice(0, 12000)), tr.y[:12000]
+    a, b = slice(0, 6000), slice(6000, 12000)
+    shape = tr.shape
+
+    def fresh(seed: int) -> Normalized:
+        torch.manual_seed(seed)
+        return Normalized(build_architecture("cnn", shape, 10), conv)
+
+    say("training owner, pirate, distilled and independent models")
+    owner = train(fresh(1), x[a], y[a], TrainConfig(epochs=3, seed=1))
+    models = {
+        "owner": owner,
+        "pirate": train(clone(owner), x[b], y[b], TrainConfig(epochs=1, lr=3e-4, seed=2)),
+        "distilled": train(fresh(3), x[b], predict(owner, x[b]), TrainConfig(epochs=3, seed=3)),
+        "independent": train(fresh(4), x[b], y[b], TrainConfig(epochs=3, seed=4)),
+    }
+    owner_ts = root / "owner.pt"
+    torch.jit.save(torch.jit.trace(clone(owner.net).eval(), torch.zeros(1, *shape)), str(owner_ts))
+    for name, m in models.items():
+        export_onnx(m.net, paths[name], shape)
+    npz = root / "owner-data.npz"
+    np.savez(npz, x=tr.x[:6000], y=tr.y[:6000], x_test=data.test.x[:2000], y_test=data.test.y[:2000])
+    say("building the fingerprint (60 points, 200 candidates)")
+    make_fingerprint(FingerprintRequest(
+        owner=str(owner_ts), data=str(npz), out=fp_path, mean=",".join(map(str, mean)), std=",".join(map(str, std)),
+        n_points=60, candidates=200, steps=60, train_samples=6000, epochs=3,
+    ))
+    say(f"world built in {time.perf_counter() - t0:.0f} s under {root}")
+    return World(fp_path, {n: paths[n] for n in WORLD_SUSPECTS})
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass(frozen=True)
+class Row:
+    transformation: str
+    suspect: str
+    truth: str
+    mode: str
+    verdicts: list[str]
+    queries: list[int]
+    agreements: list[float]
+
+    def counts(self) -> str:
+        short = {"piracy": "P", "independent": "I", "inconclusive": "?"}
+        return " ".join(f"{short[v]}{self.verdicts.count(v)}" for v in ("piracy", "independent", "inconclusive") if v in self.verdicts)
+
+
+def run(fp: Fingerprint, suspects: dict[str, Path], truth: dict[str, str], seeds: int, budget: int, batch_size: int,
+        transformations: tuple[Transformation, ...] = TRANSFORMATIONS) -> list[Row]:
+    rows = []
+    for t in transformations:
+        for name, path in suspects.items():
+            for mode, access in MODES:
+                verdicts, queries, agreements = [], [], []
+                for seed in range(seeds):
+                    inner = OnnxOracle(path, convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes, device="cpu")
+                    with t.wrap(inner, seed) as suspect:
+                        r = audit(fp, suspect, AuditConfig(access=access, mode=mode, budget=budget, batch_size=batch_size, seed=seed))
+                    verdicts.append(r.verdict)
+                    queries.append(r.queries_used)
+                    agreements.append(r.agreement)
+                rows.append(Row(t.name, name, truth.get(name, "?"), mode, verdicts, queries, agreements))
+    return rows
+
+
+def print_table(rows: list[Row], seeds: int) -> None:
+    modes = [m for m, _ in MODES]
+    head = f"{'transformation':<16}{'suspect':<13}" + "".join(f"{m:<27}" for m in modes)
+    print(f"verdicts over {seeds} query orders (P piracy, I independent, ? inconclusive) | median queries | mean agreement")
+    print(head)
+    print("-" * len(head))
+    by_key = {(r.transformation, r.suspect, r.mode): r for r in rows}
+    for t in dict.fromkeys(r.transformation for r in rows):
+        for s in dict.fromkeys(r.suspect for r in rows):
+            cells = []
+            for m in modes:
+                r = by_key[(t, s, m)]
+                cell = f"{r.counts():<9}{statistics.median(r.queries):>4.0f}q  {np.mean(r.agreements):.2f}"
+                cells.append(f"{cell:<27}")
+            print(f"{t:<16}{s:<13}" + "".join(cells))
+    accused = sum(v == "piracy" for r in rows if r.truth == "independent" for v in r.verdicts)
+    total = sum(len(r.verdicts) for r in rows if r.truth == "independent")
+    print(f"independent suspects accused: {accused} of {total} audits")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("world_dir", type=Path, help="where the small world is built and cached")
+    ap.add_argument("--fingerprint", type=Path, help="use this fingerprint instead of the world's")
+    ap.add_argument("--suspect", action="append", default=[], metavar="NAME=FILE.onnx[:TRUTH]",
+                    help="a suspect (with --fingerprint); TRUTH is piracy or independent; repeatable")
+    ap.add_argument("--seeds", type=int, default=5, help="query orders per cell")
+    ap.add_argument("--budget", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=5)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    a = ap.parse_args()
+    say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if a.fingerprint is not None:
+        suspects: dict[str, Path] = {}
+        truth: dict[str, str] = {}
+        for item in a.suspect:
+            name, _, rest = item.partition("=")
+            file, _, t = rest.partition(":")
+            suspects[name], truth[name] = Path(file), t or "?"
+        if not suspects:
+            ap.error("--fingerprint needs at least one --suspect NAME=FILE.onnx")
+        fp_path = a.fingerprint
+    else:
+        world = build_world(a.world_dir, say)
+        fp_path, suspects, truth = world.fingerprint, world.suspects, dict(TRUTH)
+    fp = load_fingerprint(fp_path)
+    t0 = time.perf_counter()
+    rows = run(fp, suspects, truth, a.seeds, a.budget, a.batch_size)
+    print(f"fingerprint {fp_path} ({len(fp)} points, sha256 {fp.digest[:16]}..), budget {a.budget}, "
+          f"batches of {a.batch_size}, alpha 0.01")
+    print_table(rows, a.seeds)
+    print(f"{len(rows) * a.seeds} audits in {time.perf_counter() - t0:.1f} s")
+    if a.json:
+        a.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
