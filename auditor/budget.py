@@ -118,7 +118,7 @@ class QueryLedger:
     @property
     def order(self) -> list[str]:
         """Digests of the first answers, in the order they were recorded."""
-        return [r["digest"] for r in self.records if not r.get("repeat")]
+        return [r["digest"] for r in self.records if "digest" in r and not r.get("repeat")]
 
     @classmethod
     def open(cls, path: Path | None, header: dict[str, Any], resume: bool) -> QueryLedger:
