@@ -1,8 +1,8 @@
 """Benchmark (not a test): how the verdict degrades when a suspect perturbs what it is asked or
 what it answers.
 
-    PYTHONPATH=. python benchmarks/degradation.py WORLD_DIR [--seeds 5] [--budget 100] [--batch-size 5]
-    PYTHONPATH=. python benchmarks/degradation.py WORLD_DIR --fingerprint FP --suspect NAME=FILE.onnx[:TRUTH] ...
+    python benchmarks/degradation.py WORLD_DIR [--seeds 5] [--budget 100] [--batch-size 5]
+    python benchmarks/degradation.py WORLD_DIR --fingerprint FP --suspect NAME=FILE.onnx[:TRUTH] ...
 
 Without --fingerprint, a small Fashion-MNIST world like the test suite's (owner, fine-tuned
 pirate, distilled copy, independent model, scaled-down fingerprint) is built once and cached in
@@ -13,7 +13,8 @@ session; the transformations wrap it as an in-process oracle:
   to [0, 1]) added to every point before the model sees it, fresh per query;
 * rounding: the probability vector rounded to 2 or 1 decimals (what a terse API returns), either
   handed to the audit as is ("raw") or read the way the ONNX Runtime and Triton adapters read a
-  model's outputs (`adapters.base.to_probabilities`: softmax unless each row sums to 1 +- 1e-3);
+  model's outputs (`adapters.base.to_probabilities`: rows of values in [0, 1] summing to 0.5..1.5
+  are renormalized, anything else is softmaxed as logits);
 * one-hot: only the top-1 class, as a one-hot probability vector;
 * label flipping: with probability q the answer is replaced by a uniformly random other class
   (a randomized defence), applied to the label and to the probability vector (the two classes'
@@ -38,7 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.base import Access, InputConvention, Oracle, OracleInfo, to_probabilities
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))  # the test suite's small world
+
+from adapters.base import Access, Oracle, OracleInfo, to_probabilities
 from adapters.onnx import OnnxOracle
 from auditor.audit import AuditConfig, audit
 from fingerprints.format import Fingerprint, load_fingerprint
@@ -181,54 +186,15 @@ class World:
 
 
 def build_world(root: Path, say: Callable[[str], None]) -> World:
-    """The test suite's small world (tests/conftest.py), built once and cached under `root`."""
-    root.mkdir(parents=True, exist_ok=True)
-    fp_path = root / "fp.json"
-    paths = {name: root / f"{name}.onnx" for name in ("owner", *WORLD_SUSPECTS)}
-    if fp_path.is_file() and all(p.is_file() for p in paths.values()):
-        return World(fp_path, {n: paths[n] for n in WORLD_SUSPECTS})
-
-    import torch
-
-    from auditor.service import FingerprintRequest, make_fingerprint
-    from fingerprints.data import channel_stats, load_data
-    from fingerprints.models import Normalized, TrainConfig, build_architecture, clone, export_onnx, predict, train
+    """The test suite's small world (tests/small_world.py), built once and cached under `root`."""
+    from fingerprints.data import load_data
+    from small_world import build_world as build_small_world
 
     t0 = time.perf_counter()
-    torch.set_num_threads(2)
-    data = load_data("fashion-mnist")
-    tr = data.train
-    mean, std = channel_stats(tr)
-    conv = InputConvention(mean=mean, std=std)
-    x, y = tr.points(slice(0, 12000)), tr.y[:12000]
-    a, b = slice(0, 6000), slice(6000, 12000)
-    shape = tr.shape
-
-    def fresh(seed: int) -> Normalized:
-        torch.manual_seed(seed)
-        return Normalized(build_architecture("cnn", shape, 10), conv)
-
-    say("training owner, pirate, distilled and independent models")
-    owner = train(fresh(1), x[a], y[a], TrainConfig(epochs=3, seed=1))
-    models = {
-        "owner": owner,
-        "pirate": train(clone(owner), x[b], y[b], TrainConfig(epochs=1, lr=3e-4, seed=2)),
-        "distilled": train(fresh(3), x[b], predict(owner, x[b]), TrainConfig(epochs=3, seed=3)),
-        "independent": train(fresh(4), x[b], y[b], TrainConfig(epochs=3, seed=4)),
-    }
-    owner_ts = root / "owner.pt"
-    torch.jit.save(torch.jit.trace(clone(owner.net).eval(), torch.zeros(1, *shape)), str(owner_ts))
-    for name, m in models.items():
-        export_onnx(m.net, paths[name], shape)
-    npz = root / "owner-data.npz"
-    np.savez(npz, x=tr.x[:6000], y=tr.y[:6000], x_test=data.test.x[:2000], y_test=data.test.y[:2000])
-    say("building the fingerprint (60 points, 200 candidates)")
-    make_fingerprint(FingerprintRequest(
-        owner=str(owner_ts), data=str(npz), out=fp_path, mean=",".join(map(str, mean)), std=",".join(map(str, std)),
-        n_points=60, candidates=200, steps=60, train_samples=6000, epochs=3,
-    ))
-    say(f"world built in {time.perf_counter() - t0:.0f} s under {root}")
-    return World(fp_path, {n: paths[n] for n in WORLD_SUSPECTS})
+    w = build_small_world(root, load_data("fashion-mnist"), say)
+    say(f"world ready in {time.perf_counter() - t0:.0f} s under {root}")
+    paths = {"pirate": w.pirate_onnx, "distilled": w.distilled_onnx, "independent": w.independent_onnx}
+    return World(w.fingerprint, {n: paths[n] for n in WORLD_SUSPECTS})
 
 
 # ---------------------------------------------------------------------------------------------

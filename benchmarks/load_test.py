@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
-from fault_proxy import GrpcFaultProxy, HttpFaultProxy  # noqa: E402
+from fault_proxy import GrpcFaultProxy, HttpFaultProxy, ledger_answers, served_samples  # noqa: E402
 
 MODELS = ("pirate", "independent")
 
@@ -66,19 +66,8 @@ def job(i: int) -> Job:
     return Job(MODELS[i % 2], ("http", "grpc")[i // 2 % 2], i // 4)
 
 
-def records(ledger: Path) -> list[tuple[str, bool]]:
-    lines = ledger.read_text().split("\n")[1:-1]
-    return [(rec["digest"], bool(rec.get("repeat"))) for rec in map(json.loads, lines) if "digest" in rec]
 
 
-def served_samples(server: TritonServer) -> int:
-    import tritonclient.http as http
-
-    client = http.InferenceServerClient(server.http_address)
-    try:
-        return sum(int(s.get("inference_count", 0)) for s in client.get_inference_statistics()["model_stats"])
-    finally:
-        client.close()
 
 
 def run_audits(jobs: list[Job], server: TritonServer, fingerprint: Path, a: argparse.Namespace, work: Path) -> tuple[list[Done], float]:
@@ -110,7 +99,7 @@ def run_audits(jobs: list[Job], server: TritonServer, fingerprint: Path, a: argp
             if code not in (0, 1, 3):
                 raise SystemExit(f"audit {k} failed (exit {code}): {err.strip()}")
             c = proxy.counters
-            done.append(Done(code, json.loads(out), records(ledgers[k]), latency, c.forwarded_samples + c.faulted_samples, c.answered_samples))
+            done.append(Done(code, json.loads(out), ledger_answers(ledgers[k]), latency, c.forwarded_samples + c.faulted_samples, c.answered_samples))
         return done, wall
     finally:
         for proxy in proxies:

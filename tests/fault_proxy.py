@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -402,3 +403,21 @@ def proxy_for(protocol: str, server: Any) -> Iterator[HttpFaultProxy | GrpcFault
         yield proxy
     finally:
         proxy.close()
+
+
+def ledger_answers(ledger: Path) -> list[tuple[str, bool]]:
+    """(digest, repeat) of every complete answer line of a ledger, in order (other lines skipped)."""
+    lines = Path(ledger).read_text().split("\n")[1:-1]
+    return [(rec["digest"], bool(rec.get("repeat"))) for rec in map(json.loads, lines) if "digest" in rec]
+
+
+def served_samples(server: Any, model: str = "") -> int:
+    """Samples the server has answered, for `model` or all models (Triton's statistics extension)."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_address)
+    try:
+        stats = client.get_inference_statistics(model)["model_stats"]
+    finally:
+        client.close()
+    return sum(int(s.get("inference_count", 0)) for s in stats)

@@ -30,7 +30,7 @@ pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] is not 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
 
 from adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
-from fault_proxy import Counters, Fault, proxy_for  # noqa: E402
+from fault_proxy import Counters, Fault, proxy_for, ledger_answers, served_samples  # noqa: E402
 
 PROTOCOLS = ("http", "grpc")
 BATCH = 5  # audit_args' --batch-size
@@ -57,10 +57,6 @@ def run(*args: object) -> Any:
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def records(ledger: Path) -> list[tuple[str, bool]]:
-    """(digest, repeat) of every complete answer line of a ledger, in order (other lines skipped)."""
-    lines = ledger.read_text().split("\n")[1:-1]
-    return [(rec["digest"], bool(rec.get("repeat"))) for rec in map(json.loads, lines) if "digest" in rec]
 
 
 def retry_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
@@ -69,15 +65,6 @@ def retry_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
     return [float(m.rsplit(" in ", 1)[1].rstrip("s")) for m in messages if "; retry " in m]
 
 
-def inference_count(server: TritonServer, model: str) -> int:
-    """Samples the server has answered for `model` (Triton's statistics extension)."""
-    import tritonclient.http as http
-
-    client = http.InferenceServerClient(server.http_address)
-    try:
-        return sum(int(s.get("inference_count", 0)) for s in client.get_inference_statistics(model)["model_stats"])
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +92,7 @@ def clean(world: Any, served: TritonServer, tmp_path_factory: pytest.TempPathFac
             ledger = root / f"{len(cache)}.jsonl"
             r = run(*audit_args(world, served.url(model, "http"), *extra, "--json", "--ledger", ledger))
             assert r.exit_code in (0, 1, 3), r.output
-            cache[key] = Clean(r.exit_code, json.loads(r.stdout), records(ledger))
+            cache[key] = Clean(r.exit_code, json.loads(r.stdout), ledger_answers(ledger))
             assert len(cache[key].records) >= 4 * BATCH, "the audit must be long enough to fault midway"
         return cache[key]
 
@@ -116,7 +103,7 @@ def assert_same_audit(got: dict[str, Any], ledger: Path, expected: Clean) -> Non
     """Same verdict and trajectory as the fault-free audit; the same points answered, each once."""
     assert got["verdict"] == expected.result["verdict"]
     assert got["trajectory"] == expected.result["trajectory"]
-    held = records(ledger)
+    held = ledger_answers(ledger)
     assert held == expected.records, "points lost, added or reordered"
     assert len(set(held)) == len(held), "a point recorded twice"
 
@@ -177,7 +164,7 @@ def test_retries_never_charge_past_the_budget(world: Any, served: TritonServer, 
     assert got["verdict"] == "inconclusive" and got["queries_used"] == budget == charged(c)
     assert any("budget" in note for note in got["notes"]), got["notes"]
     assert (c.faulted_requests, c.forwarded_samples) == (2, BATCH), "a third attempt was sent past the budget"
-    assert records(ledger) == expected.records[:BATCH]
+    assert ledger_answers(ledger) == expected.records[:BATCH]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +183,7 @@ def test_rate_limit_outlasting_the_retries_then_resume_asks_nothing_twice(
         r = run(*audit_args(world, proxy.url("pirate"), *args))
         first = proxy.counters
         line = one_line_error(r, "rate limit exceeded", CAUSE[(protocol, "429")], "--resume")
-        held = len(records(ledger))
+        held = len(ledger_answers(ledger))
         assert held == 2 * BATCH and f"the ledger {ledger} holds {held} answered queries" in line, line
         assert (first.answered_samples, first.faulted_requests) == (held, 2)
 
@@ -242,7 +229,7 @@ def test_stall_past_the_request_timeout_ends_in_bounded_time_then_resume_after_a
             elapsed = time.monotonic() - start
             first = proxy.counters
             line = one_line_error(r, CAUSE[(protocol, "stall")], "--resume")
-            held = len(records(ledger))
+            held = len(ledger_answers(ledger))
             assert held == 2 * BATCH and f"holds {held} answered queries" in line, line
             assert first.faulted_requests == attempts and first.answered_samples == held
             wait_s = attempts * TIMEOUT_S + BACKOFF_S * (2 ** (attempts - 1) - 1)  # the timeouts and the backoff between them
@@ -252,7 +239,7 @@ def test_stall_past_the_request_timeout_ends_in_bounded_time_then_resume_after_a
             proxy.clear_faults()
             r = run(*audit_args(world, proxy.url("pirate"), *args, "--resume"))
             second = proxy.counters
-            asked_again = inference_count(new, "pirate")
+            asked_again = served_samples(new, "pirate")
     finally:
         old.kill()
         new.kill()
@@ -297,7 +284,7 @@ def test_server_restart_behind_the_same_url_is_ridden_out_by_the_retries(
             auditor.join(timeout=120)
             assert not auditor.is_alive(), "the audit hangs"
             c = proxy.counters
-            after_restart = inference_count(new, "pirate")
+            after_restart = served_samples(new, "pirate")
     finally:
         old.kill()
         new.kill()

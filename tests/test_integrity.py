@@ -25,8 +25,8 @@ from auditor.cli import cli
 from auditor.report import verify_report
 from fingerprints.format import canonical_digest, decode_array, encode_array, load_fingerprint, save_fingerprint, sign_fingerprint
 from fingerprints.signing import HmacKey, generate_ed25519, load_ed25519_key
-from tests.conftest import audit_args, one_line_error
-from tests.test_format import make
+from conftest import audit_args, one_line_error
+from test_format import make
 
 SECRET = "correct horse battery staple 42"
 

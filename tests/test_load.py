@@ -30,7 +30,7 @@ pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] is not 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
 
 from adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
-from fault_proxy import Fault, GrpcFaultProxy, HttpFaultProxy  # noqa: E402
+from fault_proxy import Fault, GrpcFaultProxy, HttpFaultProxy, ledger_answers, served_samples  # noqa: E402
 
 BATCH = 5  # audit_args' --batch-size
 MODELS = ("pirate", "independent")
@@ -60,22 +60,8 @@ class Outcome:
 JOBS = [Job(MODELS[i % 2], ("http", "grpc")[i // 2 % 2], i // 4) for i in range(AUDITS)]
 
 
-def records(ledger: Path) -> list[tuple[str, bool]]:
-    """(digest, repeat) of every complete answer line of a ledger, in order (other lines skipped)."""
-    lines = ledger.read_text().split("\n")[1:-1]
-    return [(rec["digest"], bool(rec.get("repeat"))) for rec in map(json.loads, lines) if "digest" in rec]
 
 
-def served_samples(server: TritonServer) -> int:
-    """Samples the server has answered, over all models (Triton's statistics extension)."""
-    import tritonclient.http as http
-
-    client = http.InferenceServerClient(server.http_address)
-    try:
-        stats = client.get_inference_statistics()["model_stats"]
-    finally:
-        client.close()
-    return sum(int(s.get("inference_count", 0)) for s in stats)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +82,7 @@ def test_concurrent_audits_each_get_their_alone_answer_and_nothing_is_lost(world
             ledger = tmp_path / f"alone-{i}.jsonl"
             r = CliRunner().invoke(cli, job.args(world, proxies, ledger))
             assert r.exit_code in (0, 1, 3), r.output
-            alone[job] = Outcome(r.exit_code, json.loads(r.stdout), records(ledger), 0)
+            alone[job] = Outcome(r.exit_code, json.loads(r.stdout), ledger_answers(ledger), 0)
         assert {o.result["verdict"] for o in alone.values()} == {"piracy", "independent"}
 
         # Together: all at once, as separate processes, with a few requests refused on the way.
@@ -127,7 +113,7 @@ def test_concurrent_audits_each_get_their_alone_answer_and_nothing_is_lost(world
         assert p.returncode in (0, 1, 3), (job, p.returncode, err)
         result = json.loads(out)
         retries = sum(int(m.group(1)) for n in result["notes"] if (m := re.match(r"(\d+) failed attempts were retried", n)))
-        together[job] = Outcome(p.returncode, result, records(tmp_path / f"together-{i}.jsonl"), retries)
+        together[job] = Outcome(p.returncode, result, ledger_answers(tmp_path / f"together-{i}.jsonl"), retries)
 
     assert wall < WALL_LIMIT_S
     for job in JOBS:

@@ -29,6 +29,7 @@ from click.testing import CliRunner
 
 from auditor.cli import cli
 from conftest import audit_args, one_line_error
+from fault_proxy import served_samples
 from fingerprints.models import build_architecture, export_onnx
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not installed")
@@ -99,16 +100,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def inference_count(server: TritonServer, model: str) -> int:
-    """Samples the server has answered for `model` (Triton's statistics extension)."""
-    import tritonclient.http as http
-
-    client = http.InferenceServerClient(server.http_address)
-    try:
-        stats = client.get_inference_statistics(model)["model_stats"]
-    finally:
-        client.close()
-    return sum(int(s.get("inference_count", 0)) for s in stats)
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -249,7 +240,7 @@ def test_server_killed_mid_audit_then_resume_on_a_new_server(world: Any, local: 
     second = TritonServer(repo, log_path=tmp_path / "second.log")
     with second:
         r = run(*audit_args(world, second.url("independent", "grpc"), *args, "--resume"))
-        asked_again = inference_count(second, "independent")
+        asked_again = served_samples(second, "independent")
     assert r.exit_code == code, r.output
     got = json.loads(r.stdout)
     assert got["replayed_from_ledger"] == held

@@ -1,0 +1,80 @@
+"""The small real world the tests (and benchmarks/degradation.py) audit: a Fashion-MNIST owner,
+a fine-tuned pirate, a distilled copy and an independent model exported to ONNX, and a
+scaled-down fingerprint built from the owner. Built once under a directory; reopened if there."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapters.base import InputConvention
+from fingerprints.data import Dataset, DataSplits, channel_stats
+from fingerprints.models import Normalized, TrainConfig, build_architecture, clone, export_onnx, predict, train
+
+# Small enough for the suite, large enough that the verdicts mean something.
+TINY = ["--points", "60", "--candidates", "200", "--steps", "60", "--train-samples", "6000", "--epochs", "3"]
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    owner_ts: Path  # TorchScript of the owner's net (normalized input)
+    owner_onnx: Path
+    pirate_onnx: Path  # fine-tuned copy
+    distilled_onnx: Path
+    independent_onnx: Path  # same architecture, other seed and data
+    convention: InputConvention
+    fingerprint: Path
+    test: Dataset
+
+
+NAMES = ("owner", "pirate", "distilled", "independent")
+
+
+def build_world(root: Path, fmnist: DataSplits, say: Callable[[str], None] = lambda m: None) -> World:
+    """Train and fingerprint the world under `root`, or reopen it if `root` already holds one."""
+    from auditor.service import FingerprintRequest, make_fingerprint
+
+    tr = fmnist.train
+    mean, std = channel_stats(tr)
+    conv = InputConvention(mean=mean, std=std)
+    paths = {n: root / f"{n}.onnx" for n in NAMES}
+    fp = root / "fp.json"
+    if fp.is_file():  # written last: its presence means the world is complete
+        return World(root, root / "owner.pt", *paths.values(), conv, fp, fmnist.test)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    x, y = tr.points(slice(0, 12000)), tr.y[:12000]
+    a, b = slice(0, 6000), slice(6000, 12000)
+    shape = tr.shape
+
+    def fresh(seed: int) -> Normalized:
+        torch.manual_seed(seed)
+        return Normalized(build_architecture("cnn", shape, 10), conv)
+
+    say("training owner, pirate, distilled and independent models")
+    owner = train(fresh(1), x[a], y[a], TrainConfig(epochs=3, seed=1))
+    models = {
+        "owner": owner,
+        "pirate": train(clone(owner), x[b], y[b], TrainConfig(epochs=1, lr=3e-4, seed=2)),
+        "distilled": train(fresh(3), x[b], predict(owner, x[b]), TrainConfig(epochs=3, seed=3)),
+        "independent": train(fresh(4), x[b], y[b], TrainConfig(epochs=3, seed=4)),
+    }
+    owner_ts = root / "owner.pt"
+    torch.jit.save(torch.jit.trace(clone(owner.net).eval(), torch.zeros(1, *shape)), str(owner_ts))
+    for name, m in models.items():
+        export_onnx(m.net, paths[name], shape)
+    data = root / "owner-data.npz"
+    np.savez(data, x=tr.x[:6000], y=tr.y[:6000], x_test=fmnist.test.x[:2000], y_test=fmnist.test.y[:2000])
+    say("building the fingerprint")
+    args = dict(zip(TINY[::2], TINY[1::2]))
+    make_fingerprint(FingerprintRequest(
+        owner=str(owner_ts), data=str(data), out=fp, mean=",".join(map(str, mean)), std=",".join(map(str, std)),
+        n_points=int(args["--points"]), candidates=int(args["--candidates"]), steps=int(args["--steps"]),
+        train_samples=int(args["--train-samples"]), epochs=int(args["--epochs"]),
+    ))
+    return World(root, owner_ts, *paths.values(), conv, fp, fmnist.test)
