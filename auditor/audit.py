@@ -304,6 +304,7 @@ def audit(
     *,
     ledger: QueryLedger | None = None,
     retries: int = 3,
+    retry_backoff_s: float = 0.5,
     progress: Callable[[Step], None] | None = None,
 ) -> AuditResult:
     """Ask `suspect` the core points batch by batch until the sequential test decides.
@@ -318,7 +319,7 @@ def audit(
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
     budgeted = Budgeted(suspect, max(0, config.budget - prior), on_charge=ledger.charge)
-    retrying = Retrying(budgeted, attempts=retries)
+    retrying = Retrying(budgeted, attempts=retries, backoff_s=retry_backoff_s)
     recorded = Recorded(retrying, ledger)
     check_compatible(fp, recorded, config)
     r = rates(fp, config.mode)

@@ -113,6 +113,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--resume", is_flag=True, help="Continue the audit in --ledger without asking its points again.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON here.")
 @click.option("--retries", type=int, default=3, show_default=True, help="Attempts per batch when the suspect fails transiently (timeout, 503); each is charged to the budget.")
+@click.option("--retry-backoff", type=float, default=0.5, show_default=True, help="Seconds before the first retry, doubling after each (raise it for a rate-limited endpoint).")
 @click.option("--concurrency", type=int, help="Triton: requests in flight at once [default: 4].")
 @click.option("--request-timeout", type=float, help="Triton: seconds to wait for one request [default: 60].")
 @click.option("--connect-timeout", type=float, help="Triton: seconds to wait for the server when opening [default: 10].")

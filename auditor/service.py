@@ -148,6 +148,7 @@ class AuditRequest:
     resume: bool = False
     report: Path | None = None
     retries: int = 3
+    retry_backoff: float = 0.5  # seconds before the first retry; doubles each time
     repeat_checks: int = 10
     key_file: Path | None = None  # Ed25519 PEM: verifies the fingerprint; a private key also signs the report
     hmac_key_env: str | None = None  # HMAC key in this environment variable: verifies and signs
@@ -237,6 +238,8 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
         raise InputError("--resume needs --ledger: the file that holds the answered queries")
     if req.retries < 1:
         raise InputError(f"--retries counts attempts per batch and must be at least 1, got {req.retries}")
+    if not (0 <= req.retry_backoff <= 3600):
+        raise InputError(f"--retry-backoff must be between 0 and 3600 seconds, got {req.retry_backoff}")
     if req.report is not None and not Path(req.report).parent.is_dir():
         raise InputError(f"cannot write report: directory {Path(req.report).parent} does not exist")
     options = triton_options(req)
@@ -257,7 +260,7 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
                       num_classes=fp.num_classes, device=req.device, **options) as suspect:
         ledger = QueryLedger.open(req.ledger, ledger_header(fp, suspect, config), req.resume)
         try:
-            result = audit(fp, suspect, config, ledger=ledger, retries=req.retries, progress=progress)
+            result = audit(fp, suspect, config, ledger=ledger, retries=req.retries, retry_backoff_s=req.retry_backoff, progress=progress)
         except TransientOracleError as e:  # retries ran out: worth resuming later
             if req.ledger is None:
                 raise

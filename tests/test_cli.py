@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -189,3 +190,8 @@ def test_cross_framework_suspect_with_its_own_input_convention(world, tmp_path):
                         "--suspect-std", "1", "--json"))
     assert r.exit_code == 1, r.output
     assert json.loads(r.stdout)["agreement"] == 1.0
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "1e9"])
+def test_bad_retry_backoff(world, value):
+    one_line_error(run(*audit_args(world, world.pirate_onnx, "--retry-backoff", value)), "--retry-backoff")

@@ -150,6 +150,20 @@ def test_faults_within_the_retries_cost_budget_not_answers(
         assert elapsed < 2 * TIMEOUT_S + 3 * BACKOFF_S + 10
 
 
+def test_a_rate_limited_endpoint_gets_the_backoff_asked_for(
+    world: Any, served: TritonServer, clean: Callable[..., Clean], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    expected = clean("pirate")
+    caplog.set_level(logging.INFO, logger="auditor.budget")
+    with proxy_for("http", served) as proxy:
+        proxy.add(Fault("429", count=2, after=1))
+        r = run(*audit_args(world, proxy.url("pirate"), "--json", "--ledger", tmp_path / "l.jsonl", "--retry-backoff", "0.8"))
+        times = [t for t, _ in proxy.counters.attempts]
+    assert r.exit_code == expected.code, r.output
+    assert retry_delays(caplog) == [0.8, 1.6]
+    assert times[2] - times[1] >= 0.8 and times[3] - times[2] >= 1.6
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_retries_never_charge_past_the_budget(world: Any, served: TritonServer, clean: Callable[..., Clean], tmp_path: Path, protocol: str) -> None:
     expected = clean("pirate")
