@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from auditor.cli import cli
+from auditor.report import verify_report
 from conftest import audit_args, one_line_error
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not installed")
@@ -202,7 +203,8 @@ def test_rate_limit_outlasting_the_retries_then_resume_asks_nothing_twice(
         assert (first.answered_samples, first.faulted_requests) == (held, 2)
 
         assert proxy.pending_faults() == 0  # the limit is over: resume on the same URL
-        r = run(*audit_args(world, proxy.url("pirate"), *args, "--resume"))
+        report = tmp_path / "report.json"
+        r = run(*audit_args(world, proxy.url("pirate"), *args, "--resume", "--report", report))
         second = proxy.counters
     assert r.exit_code == expected.code, r.output
     got = json.loads(r.stdout)
@@ -211,8 +213,11 @@ def test_rate_limit_outlasting_the_retries_then_resume_asks_nothing_twice(
     resumed = second.forwarded_samples - first.forwarded_samples
     assert resumed == second.answered_samples - first.answered_samples == len(expected.records) - held, "resume asked a held point"
     assert second.faulted_requests == 2
-    # Charged at least the points held and asked; never past the budget.
-    assert held + resumed <= got["queries_used"] <= BUDGET
+    # Charged exactly: the points held and asked plus the two refused attempts; never past the budget.
+    assert got["queries_used"] == held + resumed + 2 * BATCH <= BUDGET
+    # The report of the resumed audit stands on its own: replayed from its ledger, it verifies.
+    v = verify_report(report, ledger_path=ledger)
+    assert (v.verdict, v.queries_used) == (got["verdict"], got["queries_used"])
 
 
 def restart_behind(proxy: Any, protocol: str, old: TritonServer, new: TritonServer) -> None:
