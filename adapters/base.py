@@ -47,6 +47,14 @@ class InputConvention:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        # Numbers as floats, whatever was passed: the convention is serialized into fingerprints
+        # and must re-encode to the same bytes.
+        try:
+            object.__setattr__(self, "scale", float(self.scale))
+            object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+            object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        except (TypeError, ValueError) as e:
+            raise InputError(f"input convention needs numbers for scale, mean and std: {e}") from None
         if self.layout not in _LAYOUTS:
             raise InputError(f"unknown layout {self.layout!r}: use one of {', '.join(_LAYOUTS)}")
         if self.dtype not in _DTYPES:
@@ -258,6 +266,25 @@ class LabelsOnly(Oracle):
 
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
         return self.inner.query(points, Access.LABELS)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class WithClassCount(Oracle):
+    """Any oracle, its answers checked against a known class count (the fingerprint's) even when
+    the backend cannot say how many classes its model has."""
+
+    def __init__(self, inner: Oracle, num_classes: int) -> None:
+        self.inner, self.num_classes = inner, num_classes
+
+    @property
+    def info(self) -> OracleInfo:
+        i = self.inner.info
+        return OracleInfo(i.kind, i.identity, i.access, self.num_classes if i.num_classes is None else i.num_classes, i.details)
+
+    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
+        return self.inner.query(points, access)
 
     def close(self) -> None:
         self.inner.close()

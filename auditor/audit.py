@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Access, Oracle, check_answer
+from adapters.base import Access, Oracle, WithClassCount
 from adapters.errors import BudgetExceeded, IncompatibleSuspect, InputError
 from auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
 from auditor.stats import SequentialTest, expected_queries, log_likelihood_ratios
@@ -120,6 +120,10 @@ class Plan:
             raise ValueError("plan arrays differ in length")
         if plan.mode not in MODES or plan.batch_size < 1 or not (0 < plan.alpha < 0.5 and 0 < plan.beta < 0.5):
             raise ValueError("plan has an unknown mode or out-of-range parameters")
+        if plan.seed < 0 or not 0 <= plan.repeat_checks <= n or any(not 0 <= v < 2**31 for v in plan.owner_labels):
+            raise ValueError("plan has an out-of-range seed, repeat count or owner label")
+        if any(not (math.isfinite(v) and 0 <= v <= 1) for v in plan.p0 + plan.p1):
+            raise ValueError("plan has rates outside [0, 1]")
         return plan
 
     def __len__(self) -> int:
@@ -240,6 +244,7 @@ class AuditResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["expected_queries_if_pirated"] = None if math.isinf(self.expected_queries_if_pirated) else round(self.expected_queries_if_pirated, 1)
+        d["agreement"] = None if math.isnan(self.agreement) else self.agreement  # no batch asked: JSON has no NaN
         return d
 
 
@@ -318,7 +323,9 @@ def audit(
     plan = Plan.make(fp, config)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
-    budgeted = Budgeted(suspect, max(0, config.budget - prior), on_charge=ledger.charge)
+    # Answers are checked against the fingerprint's classes below the ledger (a suspect need not
+    # declare its own), so a malformed batch is never recorded.
+    budgeted = Budgeted(WithClassCount(suspect, fp.num_classes), max(0, config.budget - prior), on_charge=ledger.charge)
     retrying = Retrying(budgeted, attempts=retries, backoff_s=retry_backoff_s)
     recorded = Recorded(retrying, ledger)
     check_compatible(fp, recorded, config)
@@ -328,8 +335,7 @@ def audit(
     indices = np.asarray(plan.indices)
 
     def ask(pos: np.ndarray) -> np.ndarray:
-        # Checked against the fingerprint's classes too: a suspect need not declare its own.
-        return check_answer(recorded.query(fp.points[indices[pos]], config.access), len(pos), config.access, fp.num_classes)
+        return recorded.query(fp.points[indices[pos]], config.access)
 
     out = run_test(plan, ask, config.budget, progress)
     if out.stop_note:
@@ -399,7 +405,7 @@ def _repeat_check(
         )
     else:
         try:
-            check_answer(recorded.query_again(fp.points[np.asarray(plan.indices)[pos]], Access(plan.access)), len(pos), Access(plan.access), fp.num_classes)
+            recorded.query_again(fp.points[np.asarray(plan.indices)[pos]], Access(plan.access))
         except BudgetExceeded as e:
             notes.append(f"repeat check not made ({e}): an independent verdict needs it")
     verdict, summary = judge_repeats(plan, asked, ledger.entries, ledger.repeats)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import fcntl
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -115,14 +117,33 @@ class QueryLedger:
     # Header keys a resumed audit must match: the same fingerprint, suspect, access and plan.
     RESUME_KEYS = ("fingerprint_sha256", "suspect", "access", "plan")
 
+    def __post_init__(self) -> None:
+        self._held: Any = None  # the locked file, while an audit holds the ledger
+
+    def close(self) -> None:
+        """Release the lock taken by `open(..., lock=True)`; idempotent."""
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def __enter__(self) -> QueryLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def order(self) -> list[str]:
         """Digests of the first answers, in the order they were recorded."""
         return [r["digest"] for r in self.records if "digest" in r and not r.get("repeat")]
 
     @classmethod
-    def open(cls, path: Path | None, header: dict[str, Any], resume: bool) -> QueryLedger:
-        """A fresh ledger, or (resume) the one at `path`, checked against `header`."""
+    def open(cls, path: Path | None, header: dict[str, Any], resume: bool, *, lock: bool = False) -> QueryLedger:
+        """A fresh ledger, or (resume) the one at `path`, checked against `header`.
+
+        With `lock`, the file is locked (flock) until `close()`: a second audit on the same ledger
+        is refused instead of asking every query again and interleaving its lines.
+        """
         if path is None:
             return cls(header)
         path = Path(path)
@@ -131,12 +152,32 @@ class QueryLedger:
                 raise InputError(f"ledger {path} already exists: pass --resume to continue it, or choose another path")
             if not path.parent.exists():
                 raise InputError(f"cannot write ledger: directory {path.parent} does not exist")
-            with open(path, "x") as f:
+            f = open(path, "x")
+            try:
+                if lock:
+                    _lock(f, path)  # before the header is written, so no resume can read it half-made
                 f.write(json.dumps({"ledger": header}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            return cls(header, path)
-        ledger = cls.read(path)
+            except BaseException:
+                f.close()
+                raise
+            ledger = cls(header, path)
+            if lock:
+                ledger._held = f
+            else:
+                f.close()
+            return ledger
+        if not path.is_file():
+            raise InputError(f"cannot resume: ledger {path} not found")
+        held = _lock(open(path, "rb"), path) if lock else None  # locked before it is read
+        try:
+            ledger = cls.read(path)
+        except BaseException:
+            if held is not None:
+                held.close()
+            raise
+        ledger._held = held
         for key in cls.RESUME_KEYS:
             if ledger.header.get(key) != header.get(key):
                 raise InputError(
@@ -213,7 +254,10 @@ class QueryLedger:
 
     def _remember(self, rec: dict[str, Any]) -> None:
         if "charge" in rec:
-            self.charged = (self.charged or 0) + rec["charge"]
+            # Answers recorded before the first charge line (a ledger written before charges were
+            # recorded) were charged too.
+            base = self.charged if self.charged is not None else len(self.entries) + len(self.repeats)
+            self.charged = base + rec["charge"]
             self.records.append(rec)
             return
         table = self.repeats if rec.get("repeat") else self.entries
@@ -244,6 +288,16 @@ class QueryLedger:
         return len(self.entries)
 
 
+def _lock(f: Any, path: Path) -> Any:
+    """Lock an open file exclusively without waiting; refuse (and close it) if another holds it."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise InputError(f"ledger {path} is in use by another audit (locked): wait for it to finish") from None
+    return f
+
+
 def _parse_record(rec: Any) -> dict[str, Any]:
     """One ledger line, checked: a 64-hex digest, a label or a list of numbers, a time."""
     if not isinstance(rec, dict):
@@ -256,8 +310,9 @@ def _parse_record(rec: Any) -> dict[str, Any]:
     digest, answer = rec["digest"], rec["answer"]
     if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise ValueError("bad digest")
-    ok = (isinstance(answer, int) and not isinstance(answer, bool)) or (
-        isinstance(answer, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in answer)
+    ok = (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < 2**31) or (
+        isinstance(answer, list)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= 1e6 for v in answer)
     )
     if not ok:
         raise ValueError("bad answer")

@@ -221,6 +221,8 @@ def verify_report(report_path: Path, ledger: Path | None, fingerprint_path: Path
     click.echo(f"report verifies: verdict {v.verdict} on {v.answered} points ({v.queries_used} queries charged); {v.signature}")
     for check in v.checks:
         click.echo(f"  ok  {check}")
+    if v.caveat:
+        click.echo(f"note: {v.caveat}")
 
 
 @cli.command("serve-triton")

@@ -23,6 +23,7 @@ import numpy as np
 
 from adapters.base import Access
 from adapters.errors import ReportError
+from auditor.stats import SequentialTest
 from auditor.audit import (
     LOCATION_KEYS,
     AuditConfig,
@@ -40,6 +41,7 @@ from fingerprints.signing import Key
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT = "deepcore-audit-report"
+PLAN_KEYS = ("mode", "access", "alpha", "beta", "batch_size", "seed", "repeat_checks")
 REPORT_VERSION = 1
 
 
@@ -73,7 +75,7 @@ def build_report(
             "budget": result.budget,
             "retries": retries,
             "thresholds": result.thresholds,
-            **{k: plan.get(k) for k in ("mode", "access", "alpha", "beta", "batch_size", "seed", "repeat_checks")},
+            **{k: plan.get(k) for k in PLAN_KEYS},
         },
         "result": result.to_dict(),
         "ledger": {
@@ -100,10 +102,12 @@ class Verification:
     queries_used: int
     signature: str
     checks: list[str] = field(default_factory=list)
+    caveat: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"report": self.report, "verdict": self.verdict, "answered": self.answered,
-                "queries_used": self.queries_used, "signature": self.signature, "checks": self.checks}
+                "queries_used": self.queries_used, "signature": self.signature, "checks": self.checks,
+                "caveat": self.caveat}
 
 
 def verify_report(
@@ -168,7 +172,7 @@ def verify_report(
 
     try:
         out = run_test(plan, answers_for, budget)
-    except (ValueError, IndexError, TypeError) as e:  # answers of the wrong shape for the access
+    except (ValueError, IndexError, TypeError, OverflowError) as e:  # answers of the wrong shape for the access
         raise ReportError(f"{where}: the ledger's answers cannot be scored ({type(e).__name__}: {e})") from None
     verdict = out.decision or "inconclusive"
     repeat = {"asked": 0, "differing": 0}
@@ -178,6 +182,17 @@ def verify_report(
     require(verdict == reported[0], "recomputed verdict equals the reported one", f"recomputed {verdict}, reported {reported[0]}")
     require(out.asked == reported[1], "recomputed points used equal the reported ones", f"recomputed {out.asked}, reported {reported[1]}")
     require(round(out.llr, 4) == reported[2] and recomputed == trajectory, "recomputed statistic and trajectory equal the reported ones")
+    test_rates = SequentialTest(plan.alpha, plan.beta)
+    stated = {
+        "test parameters": ([test.get(k) for k in PLAN_KEYS], [getattr(plan, k) for k in PLAN_KEYS]),
+        "result parameters": ([res.get(k) for k in ("alpha", "beta", "mode", "access", "budget")], [plan.alpha, plan.beta, plan.mode, plan.access, budget]),
+        "thresholds": ([res.get("thresholds"), test.get("thresholds")], [{"piracy": round(test_rates.upper, 4), "independent": round(test_rates.lower, 4)}] * 2),
+        "mean rates": ([res.get("p0"), res.get("p1")], [round(float(np.mean(plan.p0)), 4), round(float(np.mean(plan.p1)), 4)]),
+        "agreement": (res.get("agreement"), out.trajectory[-1].agreement if out.trajectory else None),
+        "repeat check": (res.get("repeat_check") or {"asked": 0, "differing": 0}, repeat),
+    }
+    for what, (said, recomputed_value) in stated.items():
+        require(said == recomputed_value, f"stated {what} equal the plan and the replay", f"stated {said}, recomputed {recomputed_value}")
     used = set(plan.digests[: out.asked])
     require(set(ledger.entries) <= used, "ledger holds no answer the test did not use",
             f"{len(set(ledger.entries) - used)} answers beyond the {out.asked} the test used")
@@ -191,7 +206,13 @@ def verify_report(
             data = Path(ledger_path).read_bytes()
         except OSError as e:
             raise ReportError(f"cannot read ledger {ledger_path}: {e.strerror or e}") from None
-        require(hashlib.sha256(data).hexdigest() == led.get("file_sha256"), f"ledger file {ledger_path} is the one the report embeds (sha256)")
+        require(hashlib.sha256(data).hexdigest() == led.get("file_sha256"), f"ledger file {ledger_path} is the one the report names (sha256)")
+        on_disk = QueryLedger.read(Path(ledger_path), quiet=True)
+        require(on_disk.header == ledger.header and on_disk.records == ledger.records,
+                f"ledger file {ledger_path} holds exactly the header and records the report embeds")
+    if fingerprint_path is None and key is None:
+        v.caveat = ("the plan's points, labels and rates were taken from the report itself: give --fingerprint "
+                    "(or the key of a signed report) to check them against the owner's fingerprint")
     if fingerprint_path is not None:
         fp = load_fingerprint(fingerprint_path)
         require(fp.digest == fp_sha, f"fingerprint {fingerprint_path} is the audited one (sha256)")

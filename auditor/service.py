@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +107,7 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
         train_samples=req.train_samples, epochs=req.epochs, seed=req.seed,
     )
     fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, extra_references=extra, progress=say)
-    fp = dataclasses.replace(fp, extra={**fp.extra, "owner_test_accuracy": round(test_acc, 4), "data": data.source})
+    fp = dataclasses.replace(fp, extra={**fp.extra, "owner_test_accuracy": None if math.isnan(test_acc) else round(test_acc, 4), "data": data.source})
     return fp, save_fingerprint(fp, req.out, key)
 
 
@@ -216,20 +214,6 @@ def suspect_convention(fp: Fingerprint, req: AuditRequest) -> InputConvention:
     )
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None = None) -> AuditResult:
     """Open fingerprint and suspect, check they fit, audit, write the report if asked."""
     from adapters.open import open_suspect
@@ -240,8 +224,12 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
         raise InputError(f"--retries counts attempts per batch and must be at least 1, got {req.retries}")
     if not (0 <= req.retry_backoff <= 3600):
         raise InputError(f"--retry-backoff must be between 0 and 3600 seconds, got {req.retry_backoff}")
-    if req.report is not None and not Path(req.report).parent.is_dir():
-        raise InputError(f"cannot write report: directory {Path(req.report).parent} does not exist")
+    if req.report is not None:
+        if not Path(req.report).parent.is_dir():
+            raise InputError(f"cannot write report: directory {Path(req.report).parent} does not exist")
+        inputs = [x for x in (req.fingerprint_path, req.ledger, req.commitment, req.key_file) if x is not None]
+        if any(Path(req.report).resolve() == Path(x).resolve() for x in inputs):
+            raise InputError(f"--report {req.report} would overwrite an input of the audit: choose another path")
     options = triton_options(req)
     key = resolve_key(req.key_file, req.hmac_key_env)
     fp = load_fingerprint(req.fingerprint_path, key)
@@ -258,8 +246,13 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
     started = utc_now()
     with open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
                       num_classes=fp.num_classes, device=req.device, **options) as suspect:
-        ledger = QueryLedger.open(req.ledger, ledger_header(fp, suspect, config), req.resume)
+        ledger = QueryLedger.open(req.ledger, ledger_header(fp, suspect, config), req.resume, lock=True)
         try:
+            if ledger.spent > config.budget:
+                raise InputError(
+                    f"the ledger {req.ledger} has already charged {ledger.spent} queries, more than --budget {config.budget}: "
+                    "resume with a budget at least that large"
+                )
             result = audit(fp, suspect, config, ledger=ledger, retries=req.retries, retry_backoff_s=req.retry_backoff, progress=progress)
         except TransientOracleError as e:  # retries ran out: worth resuming later
             if req.ledger is None:
@@ -271,6 +264,8 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
             if req.ledger is not None:
                 e.add_note(_resume_hint(req.ledger, _answered_on_disk(ledger)))
             raise
+        finally:
+            ledger.close()
     if req.report is not None:
         content = build_report(result, ledger, started_utc=started, finished_utc=utc_now(), retries=req.retries,
                                fingerprint_signature=fp.signature, signature_verified=key is not None, commitment=commitment)

@@ -138,17 +138,44 @@ def write_document(path: Path, format_name: str, version: int, content: dict[str
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
+    write_atomic(path, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
+    return digest
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` all or nothing: a temp file beside it, fsynced, renamed over it,
+    and the directory fsynced; the file gets the usual permissions (umask), not mkstemp's 0600."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return digest
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: with duplicates, two readers could see two contents."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return d
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 @dataclass(frozen=True)
@@ -172,8 +199,8 @@ def read_document(
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
     try:
-        doc = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        doc = json.loads(path.read_bytes(), object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
         raise error(f"{path} is not a {what} file (not valid JSON)") from e
     if not isinstance(doc, dict) or doc.get("format") != format_name:
         raise error(f"{path} is not a DeepCore {what} file")
@@ -242,6 +269,13 @@ def _from_content(c: dict[str, Any], path: Path) -> Fingerprint:
         raise FingerprintError(f"{path}: a known model's answers do not cover the fingerprint points")
     if labels.min() < 0 or labels.max() >= probs.shape[1]:
         raise FingerprintError(f"{path}: owner labels outside the class range")
+    if len(np.unique(fp.points.reshape(n, -1), axis=0)) != n:
+        raise FingerprintError(f"{path}: the fingerprint lists a point twice")
+    # The identity of a fingerprint is the digest of its file's content; content that does not
+    # re-encode to itself (labels stored as floats, an unexpected dtype or field) would let two
+    # different files share one identity, so it is refused.
+    if fp.digest != canonical_digest(c):
+        raise FingerprintError(f"{path}: fingerprint content is not in canonical form (unexpected dtypes or fields)")
     return fp
 
 

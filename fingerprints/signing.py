@@ -175,11 +175,13 @@ def load_ed25519_key(path: Path) -> Ed25519Key:
 
 def resolve_key(key_file: Path | None, hmac_key_env: str | None) -> Key | None:
     """The key a command was given (at most one of the two ways), or None."""
-    if key_file is not None and hmac_key_env:
+    if key_file is not None and hmac_key_env is not None:
         raise InputError("give one key: --key (Ed25519 PEM) or --hmac-key-env, not both")
     if key_file is not None:
         return load_ed25519_key(key_file)
-    if hmac_key_env:
+    if hmac_key_env is not None:
+        if not hmac_key_env:
+            raise InputError("--hmac-key-env needs the name of an environment variable, got an empty name")
         return hmac_key_from_env(hmac_key_env)
     return None
 

@@ -135,3 +135,23 @@ def test_ledger_file_resume_checks_header_and_survives_a_torn_line(suspect, tmp_
         QueryLedger.open(path, header, resume=False)
     lines = path.read_text().splitlines()
     assert json.loads(lines[0])["ledger"] == header
+
+
+def test_a_ledger_written_before_charge_lines_counts_its_answers_as_charged(suspect, tmp_path):
+    path = tmp_path / "old.jsonl"
+    lines = [{"ledger": {"a": 1}}] + [{"digest": point_digest(p), "answer": 1, "t": 0} for p in pts(20)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ledger = QueryLedger.open(path, {"a": 1}, resume=True)
+    assert ledger.spent == 20
+    ledger.charge(5)
+    assert ledger.spent == 25 and QueryLedger.read(path).spent == 25  # the old answers still count
+
+
+def test_a_locked_ledger_refuses_a_second_audit_until_released(tmp_path):
+    path = tmp_path / "l.jsonl"
+    first = QueryLedger.open(path, {"a": 1}, resume=False, lock=True)
+    with pytest.raises(InputError, match="in use by another audit"):
+        QueryLedger.open(path, {"a": 1}, resume=True, lock=True)
+    first.close()
+    with QueryLedger.open(path, {"a": 1}, resume=True, lock=True) as again:
+        assert again.header == {"a": 1}

@@ -89,3 +89,33 @@ def test_well_digested_garbage_content_raises_only_the_projects_error(tmp_path_f
     path.write_text(json.dumps(doc))
     with pytest.raises(FingerprintError):
         load_fingerprint(path)
+
+
+def test_content_that_does_not_re_encode_to_itself_is_refused(tmp_path):
+    """Known models' labels stored as floats keep the same parsed fingerprint but change what
+    calibration compares: a file whose content is not canonical could share another's identity."""
+    from fingerprints.format import canonical_digest, decode_array, encode_array
+
+    save_fingerprint(make(), tmp_path / "f.json")
+    doc = json.loads((tmp_path / "f.json").read_text())
+    m = doc["content"]["known_models"][0]
+    m["labels"] = encode_array(decode_array(m["labels"], "labels").astype(np.float64) + 0.5)
+    doc["content_sha256"] = canonical_digest(doc["content"])
+    (tmp_path / "g.json").write_text(json.dumps(doc))
+    with pytest.raises(FingerprintError, match="canonical form"):
+        load_fingerprint(tmp_path / "g.json")
+
+
+def test_a_point_listed_twice_and_ambiguous_json_are_refused(tmp_path):
+    fp = make()
+    points = fp.points.copy()
+    points[1] = points[0]
+    save_fingerprint(Fingerprint(points, fp.owner_labels, fp.owner_probs, fp.convention, fp.classes, fp.owner_identity, fp.method, fp.known_models, fp.created), tmp_path / "d.json")
+    with pytest.raises(FingerprintError, match="twice"):
+        load_fingerprint(tmp_path / "d.json")
+    save_fingerprint(make(), tmp_path / "f.json")
+    text = (tmp_path / "f.json").read_text()
+    (tmp_path / "dup.json").write_text(text[:-1] + ',"content_sha256":"0"}')  # a second value for one key
+    with pytest.raises(FingerprintError, match="not valid JSON"):
+        load_fingerprint(tmp_path / "dup.json")
+    assert oct((tmp_path / "f.json").stat().st_mode & 0o777) != oct(0o600)  # published files are not private

@@ -169,6 +169,8 @@ def test_report_stands_on_its_own_and_verify_report_recomputes_it(world: Any, si
     ("drop-record", "recomputed verdict"),
     ("p1", "recomputed"),
     ("budget", "within the budget"),
+    ("alpha", "stated test parameters"),  # a parameter shown in the report but not the one replayed
+    ("repeat-claim", "stated repeat check"),
 ])
 def test_verify_report_refuses_an_edited_report(world: Any, tmp_path: Path, tamper: str, words: str) -> None:
     r, report, _ = _audit(world, world.fingerprint, world.pirate_onnx, tmp_path)
@@ -185,8 +187,12 @@ def test_verify_report_refuses_an_edited_report(world: Any, tmp_path: Path, tamp
             c["ledger"]["records"].pop()
         elif tamper == "p1":
             c["ledger"]["header"]["plan"]["p1"][0] = 0.999
-        else:
+        elif tamper == "budget":
             c["test"]["budget"] = c["result"]["queries_used"] - 1
+        elif tamper == "alpha":
+            c["test"]["alpha"] = 1e-9
+        else:
+            c["result"]["repeat_check"] = {"asked": 10, "differing": 0}
 
     _resign_content(report, edit)
     one_line_error(run("verify-report", str(report)), words)
@@ -379,3 +385,31 @@ def test_a_suspect_that_agrees_on_natural_data_but_not_on_core_points_is_not_acc
     for seed in range(3):
         res = audit(fp, evader, AuditConfig(budget=60, batch_size=5, seed=seed))
         assert res.verdict == "independent", res
+
+
+def test_verify_report_with_the_ledger_compares_every_record_not_just_the_named_digest(world: Any, tmp_path: Path) -> None:
+    """An unsigned report keeps the genuine ledger file's sha256 while its embedded records are
+    edited (here a time, which no replay can see): the file's records must equal the embedded ones."""
+    r, report, ledger = _audit(world, world.fingerprint, world.independent_onnx, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert run("verify-report", str(report), "--ledger", str(ledger)).exit_code == 0
+
+    def edit(c: dict[str, Any]) -> None:
+        next(rec for rec in c["ledger"]["records"] if "answer" in rec)["t"] += 3600
+
+    _resign_content(report, edit)
+    assert run("verify-report", str(report)).exit_code == 0  # the replay alone cannot tell
+    one_line_error(run("verify-report", str(report), "--ledger", str(ledger)), "holds exactly the header and records")
+
+
+def test_resume_below_what_was_charged_and_a_report_over_an_input_are_refused(world: Any, tmp_path: Path) -> None:
+    r, report, ledger = _audit(world, world.fingerprint, world.pirate_onnx, tmp_path)
+    assert r.exit_code == 1, r.output
+    charged = json.loads(r.stdout)["queries_used"]
+    args = audit_args(world, world.pirate_onnx, "--ledger", str(ledger), "--resume")
+    args[args.index("--budget") + 1] = str(charged - 5)
+    one_line_error(run(*args), "already charged", str(charged))
+    before = ledger.read_bytes()
+    one_line_error(run(*audit_args(world, world.pirate_onnx, "--ledger", str(ledger), "--resume", "--report", str(ledger))), "overwrite an input")
+    assert ledger.read_bytes() == before
+    one_line_error(run("inspect", str(world.fingerprint), "--hmac-key-env", ""), "empty name")
