@@ -138,7 +138,7 @@ class QueryLedger:
         return [r["digest"] for r in self.records if "digest" in r and not r.get("repeat")]
 
     @classmethod
-    def open(cls, path: Path | None, header: dict[str, Any], resume: bool, *, lock: bool = False) -> QueryLedger:
+    def open(cls, path: Path | None, header: dict[str, Any], resume: bool, *, lock: bool = True) -> QueryLedger:
         """A fresh ledger, or (resume) the one at `path`, checked against `header`.
 
         With `lock`, the file is locked (flock) until `close()`: a second audit on the same ledger

@@ -127,8 +127,10 @@ def test_ledger_file_resume_checks_header_and_survives_a_torn_line(suspect, tmp_
     ledger.record([point_digest(x) for x in p], suspect.query(p, Access.LABELS))
     with open(path, "a") as f:
         f.write('{"digest": "abc", "ans')  # killed mid-write
+    ledger.close()  # the audit that wrote it has ended
     again = QueryLedger.open(path, header, resume=True)
     assert len(again) == 4
+    again.close()
     with pytest.raises(InputError, match="another suspect"):
         QueryLedger.open(path, {**header, "suspect": {"sha256": "other"}}, resume=True)
     with pytest.raises(InputError, match="already exists"):
