@@ -141,8 +141,8 @@ class QueryLedger:
     def open(cls, path: Path | None, header: dict[str, Any], resume: bool, *, lock: bool = True) -> QueryLedger:
         """A fresh ledger, or (resume) the one at `path`, checked against `header`.
 
-        With `lock`, the file is locked (flock) until `close()`: a second audit on the same ledger
-        is refused instead of asking every query again and interleaving its lines.
+        The file is locked (flock) until `close()` unless `lock` is False: a second audit on the
+        same ledger is refused instead of asking every query again and interleaving its lines.
         """
         if path is None:
             return cls(header)
