@@ -240,6 +240,7 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)
     answered: int = 0  # points the test used (queries_used also counts retries and repeat checks)
     repeat_check: dict[str, int] = field(default_factory=dict)  # {"asked": k, "differing": d}
+    report: str | None = None  # where the audit's report was written (set by the service)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -111,7 +111,8 @@ def fingerprint(**o: Any) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help="Keep every answered query in this JSONL file.")
 @click.option("--resume", is_flag=True, help="Continue the audit in --ledger without asking its points again.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON here.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the audit report here [default: a new file under $DEEPCORE_REPORTS or ~/.local/share/deepcore/reports].")
+@click.option("--no-report", is_flag=True, help="Keep no report of this audit.")
 @click.option("--retries", type=int, default=3, show_default=True, help="Attempts per batch when the suspect fails transiently (timeout, 503); each is charged to the budget.")
 @click.option("--retry-backoff", type=float, default=0.5, show_default=True, help="Seconds before the first retry, doubling after each (raise it for a rate-limited endpoint).")
 @click.option("--concurrency", type=int, help="Triton: requests in flight at once [default: 4].")
@@ -145,6 +146,8 @@ def audit(**o: Any) -> None:
         )
         for note in result.notes:
             click.echo(f"note: {note}")
+    if result.report:
+        click.echo(f"report: {result.report}", err=True)
     sys.exit(EXIT[result.verdict])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from adapters.errors import InputError, OracleError, TransientOracleError
 from auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
 from auditor.budget import QueryLedger
 from auditor.report import Verification, build_report, verify_report, write_report
-from fingerprints.format import Fingerprint, load_commitment, load_fingerprint, save_fingerprint, sign_fingerprint, write_commitment
+from fingerprints.format import Fingerprint, canonical_digest, load_commitment, load_fingerprint, save_fingerprint, sign_fingerprint, write_commitment
 from fingerprints.signing import resolve_key
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ class AuditRequest:
     device: str = "auto"
     ledger: Path | None = None
     resume: bool = False
-    report: Path | None = None
+    report: Path | None = None  # None: a report under default_reports_dir(), unless no_report
+    no_report: bool = False
     retries: int = 3
     retry_backoff: float = 0.5  # seconds before the first retry; doubles each time
     repeat_checks: int = 10
@@ -224,6 +226,8 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
         raise InputError(f"--retries counts attempts per batch and must be at least 1, got {req.retries}")
     if not (0 <= req.retry_backoff <= 3600):
         raise InputError(f"--retry-backoff must be between 0 and 3600 seconds, got {req.retry_backoff}")
+    if req.report is not None and req.no_report:
+        raise InputError("--report and --no-report contradict each other: give one")
     if req.report is not None:
         if not Path(req.report).parent.is_dir():
             raise InputError(f"cannot write report: directory {Path(req.report).parent} does not exist")
@@ -266,11 +270,38 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
             raise
         finally:
             ledger.close()
+    if req.no_report:
+        return result
+    content = build_report(result, ledger, started_utc=started, finished_utc=utc_now(), retries=req.retries,
+                           fingerprint_signature=fp.signature, signature_verified=key is not None, commitment=commitment)
+    signer = key if key is not None and key.can_sign else None
     if req.report is not None:
-        content = build_report(result, ledger, started_utc=started, finished_utc=utc_now(), retries=req.retries,
-                               fingerprint_signature=fp.signature, signature_verified=key is not None, commitment=commitment)
-        write_report(content, req.report, key if key is not None and key.can_sign else None)
-    return result
+        write_report(content, req.report, signer)
+        return dataclasses.replace(result, report=str(req.report))
+    # Every audit keeps its evidence: without --report, under the reports directory.
+    folder = default_reports_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = started.replace("-", "").replace(":", "")[:15]
+        path = folder / f"audit-{stamp}Z-{result.verdict}-{canonical_digest(content)[:12]}.json"
+        write_report(content, path, signer)
+    except OSError as e:
+        logger.warning("could not keep the audit report under %s (%s); pass --report PATH", folder, e.strerror or e)
+        return result
+    return dataclasses.replace(result, report=str(path))
+
+
+REPORTS_ENV = "DEEPCORE_REPORTS"
+
+
+def default_reports_dir() -> Path:
+    """Where audits keep their reports without --report: `$DEEPCORE_REPORTS`, else
+    `$XDG_DATA_HOME/deepcore/reports` (`~/.local/share/deepcore/reports`)."""
+    env = os.environ.get(REPORTS_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    data = os.environ.get("XDG_DATA_HOME", "").strip()
+    return (Path(data).expanduser() if data else Path.home() / ".local" / "share") / "deepcore" / "reports"
 
 
 def sign_fingerprint_file(path: Path, key_file: Path | None, hmac_key_env: str | None, out: Path | None = None) -> str:

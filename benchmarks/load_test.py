@@ -80,7 +80,8 @@ def run_audits(jobs: list[Job], server: TritonServer, fingerprint: Path, a: argp
         j, proxy = jobs[k], proxies[k]
         cmd = [sys.executable, "-m", "auditor", "audit", "--fingerprint", str(fingerprint), "--suspect", proxy.url(j.model),
                "--budget", str(a.budget), "--batch-size", str(a.batch_size), "--seed", str(j.seed),
-               "--concurrency", str(a.concurrency), "--json", "--ledger", str(ledgers[k])]
+               "--concurrency", str(a.concurrency), "--json", "--ledger", str(ledgers[k]),
+               "--report", str(ledgers[k].with_suffix(".report.json"))]  # each audit writes its report, as users' do
         t0 = time.monotonic()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
         finished[k] = (p.returncode, p.stdout, p.stderr, time.monotonic() - t0)

@@ -4,6 +4,7 @@ and independent suspects exported to ONNX, a scaled-down fingerprint) and CLI he
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, fmnist) -> World:
     # DEEPCORE_TEST_WORLD=DIR keeps the world between runs while developing (CI never sets it).
     keep = os.environ.get("DEEPCORE_TEST_WORLD")
     return build_world(Path(keep) if keep else tmp_path_factory.mktemp("world"), fmnist)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reports_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Audits keep a report by default: the suite's go to a temporary directory, not the home."""
+    path = tmp_path_factory.mktemp("reports")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPCORE_REPORTS", str(path))
+        yield path

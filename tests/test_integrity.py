@@ -413,3 +413,16 @@ def test_resume_below_what_was_charged_and_a_report_over_an_input_are_refused(wo
     one_line_error(run(*audit_args(world, world.pirate_onnx, "--ledger", str(ledger), "--resume", "--report", str(ledger))), "overwrite an input")
     assert ledger.read_bytes() == before
     one_line_error(run("inspect", str(world.fingerprint), "--hmac-key-env", ""), "empty name")
+
+
+def test_every_audit_keeps_a_report_unless_told_not_to(world: Any, reports_dir: Path) -> None:
+    before = set(reports_dir.iterdir())
+    r = run(*audit_args(world, world.pirate_onnx, "--json"))
+    assert r.exit_code == 1, r.output
+    path = Path(json.loads(r.stdout)["report"])
+    assert set(reports_dir.iterdir()) - before == {path} and path.name.startswith("audit-") and "-piracy-" in path.name
+    assert verify_report(path).verdict == "piracy"
+    r = run(*audit_args(world, world.pirate_onnx, "--json", "--no-report"))
+    assert r.exit_code == 1 and json.loads(r.stdout)["report"] is None
+    assert set(reports_dir.iterdir()) - before == {path}
+    one_line_error(run(*audit_args(world, world.pirate_onnx, "--no-report", "--report", str(path))), "contradict")
