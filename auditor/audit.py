@@ -315,8 +315,8 @@ def audit(
 ) -> AuditResult:
     """Ask `suspect` the core points batch by batch until the sequential test decides.
 
-    Queries go through Recorded(Retrying(Budgeted(suspect))): answers already in `ledger` are
-    replayed without asking (resume), and the hard budget counts every attempt. Before an
+    Queries go through Recorded(Retrying(Budgeted(WithClassCount(suspect)))): answers already in
+    `ledger` are replayed without asking (resume), and the hard budget counts every attempt. Before an
     `independent` verdict, `config.repeat_checks` points are asked again: a suspect that answers
     the same point differently (a randomized defence) gets `inconclusive` instead.
     """
