@@ -119,7 +119,8 @@ def verify_report(
     """Recompute a report's verdict from its ledger and check every digest; ReportError if not.
 
     With `key`, the report must carry that key's valid signature. With `ledger_path`, the ledger
-    file must be the one the report embeds, byte for byte (its sha256). With `fingerprint_path`,
+    file must be the one the report names (its sha256) and hold exactly the header and records
+    the report embeds. With `fingerprint_path`,
     the fingerprint must be the audited one, and the plan (point digests, owner labels, rates)
     is recomputed from it.
     """
@@ -187,12 +188,15 @@ def verify_report(
         "test parameters": ([test.get(k) for k in PLAN_KEYS], [getattr(plan, k) for k in PLAN_KEYS]),
         "result parameters": ([res.get(k) for k in ("alpha", "beta", "mode", "access", "budget")], [plan.alpha, plan.beta, plan.mode, plan.access, budget]),
         "thresholds": ([res.get("thresholds"), test.get("thresholds")], [{"piracy": round(test_rates.upper, 4), "independent": round(test_rates.lower, 4)}] * 2),
-        "mean rates": ([res.get("p0"), res.get("p1")], [round(float(np.mean(plan.p0)), 4), round(float(np.mean(plan.p1)), 4)]),
         "agreement": (res.get("agreement"), out.trajectory[-1].agreement if out.trajectory else None),
         "repeat check": (res.get("repeat_check") or {"asked": 0, "differing": 0}, repeat),
     }
     for what, (said, recomputed_value) in stated.items():
         require(said == recomputed_value, f"stated {what} equal the plan and the replay", f"stated {said}, recomputed {recomputed_value}")
+    means = [float(np.mean(plan.p0)), float(np.mean(plan.p1))]  # summed in another order than the audit's: a tolerance
+    said_means = [res.get("p0"), res.get("p1")]
+    require(all(isinstance(x, (int, float)) and abs(x - m) <= 1e-4 for x, m in zip(said_means, means)),
+            "stated mean rates equal the plan's", f"stated {said_means}, recomputed {[round(m, 4) for m in means]}")
     used = set(plan.digests[: out.asked])
     require(set(ledger.entries) <= used, "ledger holds no answer the test did not use",
             f"{len(set(ledger.entries) - used)} answers beyond the {out.asked} the test used")
