@@ -17,7 +17,7 @@ from adapters.base import Access, Oracle, WithClassCount
 from adapters.errors import BudgetExceeded, IncompatibleSuspect, InputError
 from auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
 from auditor.stats import SequentialTest, expected_queries, log_likelihood_ratios
-from fingerprints.calibration import MODES, rates
+from fingerprints.calibration import MODES, Rates, rates
 from fingerprints.format import Fingerprint
 
 logger = logging.getLogger(__name__)
@@ -84,9 +84,10 @@ class Plan:
     p1: tuple[float, ...]
 
     @classmethod
-    def make(cls, fp: Fingerprint, config: AuditConfig) -> Plan:
+    def make(cls, fp: Fingerprint, config: AuditConfig, r: Rates | None = None) -> Plan:
+        """The plan for `config`; `r`, the fingerprint's rates for its mode, if already computed."""
         config.validate()
-        r = rates(fp, config.mode)
+        r = r if r is not None else rates(fp, config.mode)
         order = np.random.default_rng(config.seed).permutation(len(fp))
         return cls(
             mode=config.mode, access=config.access.value, alpha=config.alpha, beta=config.beta,
@@ -321,7 +322,8 @@ def audit(
     the same point differently (a randomized defence) gets `inconclusive` instead.
     """
     config.validate()
-    plan = Plan.make(fp, config)
+    r = rates(fp, config.mode)
+    plan = Plan.make(fp, config, r)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
     # Answers are checked against the fingerprint's classes below the ledger (a suspect need not
@@ -330,7 +332,6 @@ def audit(
     retrying = Retrying(budgeted, attempts=retries, backoff_s=retry_backoff_s)
     recorded = Recorded(retrying, ledger)
     check_compatible(fp, recorded, config)
-    r = rates(fp, config.mode)
     start = time.perf_counter()
     notes = list(r.summary.get("notes", []))  # type: ignore[arg-type]
     indices = np.asarray(plan.indices)

@@ -144,13 +144,12 @@ def write_document(path: Path, format_name: str, version: int, content: dict[str
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` all or nothing: a temp file beside it, fsynced, renamed over it,
-    and the directory fsynced; the file gets the usual permissions (umask), not mkstemp's 0600."""
+    and the directory fsynced; the file is readable by all (0644), not mkstemp's 0600: these are
+    documents meant to be published."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
