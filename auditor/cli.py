@@ -277,5 +277,45 @@ def demo(as_json: bool, triton: bool, cache_dir: Path | None, budget: int, alpha
     click.echo(f"{sum(r['truth'] == r['verdict'] for r in rows)}/{len(rows)} verdicts right; fingerprint {report['fingerprint_sha256'][:16]}..")
 
 
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        _fail(f"{what} must be comma-separated integers, got {text!r}")
+        raise  # unreachable: _fail exits
+
+
+@cli.command()
+@click.option("--data", required=True, help="fashion-mnist, or a CIFAR-10-like ImageFolder directory / .tar.gz (e.g. cifar10-jpeg.tar.gz).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for results.json, results.md and the plots.")
+@click.option("--members", type=int, default=5, show_default=True, help="Suspects per evaluated family.")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Epochs of every model trained from scratch (owner included).")
+@click.option("--train-samples", type=int, default=0, show_default=True, help="Cap on each training half (0: the whole half).")
+@click.option("--adv-epsilon", type=float, default=0.1, show_default=True, help="L-inf radius of the adversarially fine-tuned suspects.")
+@click.option("--points", "n_points", type=int, default=400, show_default=True, help="Points in every method's fingerprint.")
+@click.option("--candidates", type=int, default=1200, show_default=True, help="DeepCore's candidate points.")
+@click.option("--epsilon", type=float, default=0.15, show_default=True, help="DeepCore's L-inf radius.")
+@click.option("--budgets", default="10,20,50,100,200,400", show_default=True, help="Query budgets, comma-separated.")
+@click.option("--methods", default="", help="Methods to compare, comma-separated (default: all).")
+@click.option("--alpha", type=float, default=0.01, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the zoo is cached (default ~/.cache/deepcore).")
+@_guarded
+def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
+          epsilon: float, budgets: str, methods: str, alpha: float, seed: int, cache_dir: Path | None) -> None:
+    """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects."""
+    from benchmarks.piracy import SCORES, BenchConfig, run_bench
+    from benchmarks.zoo import ZooConfig
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) or tuple(SCORES)
+    zoo = ZooConfig(members=members, epochs=epochs, train_samples=train_samples, adv_epsilon=adv_epsilon, seed=seed)
+    config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
+                         candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed)
+    results = run_bench(config, out, cache_dir=cache_dir, progress=lambda m: click.echo(m, err=True))
+    for b in results["bar"]:
+        click.echo(f"{'met' if b['met'] else 'NOT MET':<8} {b['criterion']}: {b['measured']}")
+    click.echo(f"results in {out} ({results['run_s']:.0f} s)")
+
+
 def main() -> None:
     cli(prog_name="deepcore")

@@ -59,7 +59,7 @@ def _scores(fp: Fingerprint, m: ModelAnswers, soft: bool) -> np.ndarray:
     return m.owner_prob if soft else (m.labels == fp.owner_labels).astype(np.float64)
 
 
-def _bounds(values: list[np.ndarray], soft: bool, upper: bool) -> float:
+def rate_bound(values: list[np.ndarray], soft: bool, upper: bool) -> float:
     """A bound on the group's rate for models not in the group: the widest of each model's
     own confidence bound and mean +/- 2 between-model standard deviations (the spread left
     once each model's sampling noise over the n points is taken out)."""
@@ -86,8 +86,8 @@ def rates(fp: Fingerprint, mode: str) -> Rates:
     indep, pir, notes = _groups(fp)
     soft = mode == "similarity"
     n = len(fp)
-    p0 = _bounds([_scores(fp, m, soft) for m in indep], soft, upper=True)
-    pirates = _bounds([_scores(fp, m, soft) for m in pir], soft, upper=False) if pir else P1_DEFAULT
+    p0 = rate_bound([_scores(fp, m, soft) for m in indep], soft, upper=True)
+    pirates = rate_bound([_scores(fp, m, soft) for m in pir], soft, upper=False) if pir else P1_DEFAULT
     # Wald's test decides for whichever hypothesis is nearer the truth: a pirate scoring
     # between p0 and p1 would drift to 'independent'. So p1 sits halfway between p0 and the
     # held-out pirates' lower bound, never closer than MIN_GAP to p0.

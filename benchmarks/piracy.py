@@ -1,0 +1,446 @@
+"""The piracy-vs-homologous benchmark: every method, every family, every query budget.
+
+One run (`deepcore bench --data D --out DIR`):
+1. builds (or reuses) the zoo of `benchmarks.zoo` for data set D;
+2. builds each method's fingerprint from the owner: DeepCore (`fingerprints.build`) and the
+   baselines (`fingerprints.baselines`), timing each;
+3. asks every evaluated suspect and every calibration reference each fingerprint's points once,
+   through the project's ONNX Runtime adapter (probabilities; label-only methods read the top-1);
+4. scores each suspect at every budget (the first b points in the audit's own order) and sets
+   each method's threshold on the calibration references alone, at false identification rate
+   alpha: a one-sided binomial test on the references' agreement bound for label methods, the
+   references' mean + z(1-alpha) standard deviations (never below their maximum) otherwise;
+5. runs the real sequential audit (`auditor.audit.audit`, batch 1, no repeat check) for every
+   method that asks points one by one, and compares its median queries with the arithmetic
+   minimum ln(1/alpha) / KL(p_pirate || p_reference) for the measured agreement rates;
+6. writes results.json, results.md and the plots (roc.png, errors.png) to DIR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.base import Access
+from adapters.errors import InputError
+from adapters.open import open_suspect
+from auditor.audit import AuditConfig, Plan, audit
+from auditor.stats import binom_cdf, log_likelihood_ratios
+from benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
+from fingerprints.baselines import BASELINES, BaselineConfig, build_baseline, sac_distance
+from fingerprints.build import BuildConfig, build_fingerprint
+from fingerprints.calibration import rate_bound, rates
+from fingerprints.core import CoreConfig
+from fingerprints.data import default_cache_dir, load_data
+from fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
+
+logger = logging.getLogger(__name__)
+
+BUDGETS = (10, 20, 50, 100, 200, 400)
+# A method's scores: label agreement (binomial threshold), or a continuous score.
+SCORES = {
+    "deepcore-agreement": ("deepcore", "agreement"),
+    "deepcore-similarity": ("deepcore", "similarity"),
+    "deepcore-clustering": ("deepcore", "clustering"),
+    "random": ("random", "agreement"),
+    "ipguard": ("ipguard", "agreement"),
+    "akh": ("akh", "agreement"),
+    "cae": ("cae", "agreement"),
+    "sac-w": ("sac-w", "correlation"),
+    "sac-m": ("sac-m", "correlation"),
+}
+LABEL_ONLY = ("deepcore-agreement", "deepcore-clustering", "random", "ipguard", "akh", "cae")
+Z_99 = 2.3263  # z(1 - 0.01); other alphas use the normal quantile below
+QUICK_FAMILIES = ("fine-tune-own", "fine-tune-other", "prune", "int8", "fp16", "adv-fine-tune")
+FUNCTIONAL_FAMILIES = ("distill-same", "distill-other", "extract")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run: the data, the zoo, the fingerprints' size, the budgets, alpha."""
+
+    data: str
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    budgets: tuple[int, ...] = BUDGETS
+    alpha: float = 0.01
+    n_points: int = 400
+    candidates: int = 1200  # DeepCore's candidate points
+    epsilon: float = 0.15  # DeepCore's L-inf radius (the product's default)
+    methods: tuple[str, ...] = tuple(SCORES)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.budgets or any(b < 1 for b in self.budgets) or list(self.budgets) != sorted(set(self.budgets)):
+            raise InputError(f"budgets must be increasing positive integers, got {list(self.budgets)}")
+        if max(self.budgets) > self.n_points:
+            raise InputError(f"the largest budget {max(self.budgets)} exceeds the fingerprints' {self.n_points} points")
+        unknown = [m for m in self.methods if m not in SCORES]
+        if unknown or not self.methods:
+            raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: use some of {', '.join(SCORES)}")
+        if not 0 < self.alpha < 0.5:
+            raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
+        if self.zoo.members < 1 or self.zoo.epochs < 1 or self.zoo.calibration_references < 2:
+            raise InputError("the zoo needs at least 1 member a family, 1 epoch and 2 calibration references")
+
+
+def _z(alpha: float) -> float:
+    if abs(alpha - 0.01) < 1e-12:
+        return Z_99
+    # Acklam-free: bisection on the normal tail (erfc), exact enough for a threshold
+    lo, hi = 0.0, 10.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 * math.erfc(mid / math.sqrt(2)) > alpha else (lo, mid)
+    return (lo + hi) / 2
+
+
+def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    if not pos or not neg:
+        return math.nan
+    p, n = np.asarray(pos, float)[:, None], np.asarray(neg, float)[None, :]
+    return float(((p > n) + 0.5 * (p == n)).mean())
+
+
+def roc_curve(pos: Sequence[float], neg: Sequence[float]) -> tuple[list[float], list[float]]:
+    """(false positive rates, true positive rates) over every threshold."""
+    ts = sorted(set(pos) | set(neg), reverse=True)
+    fpr, tpr = [0.0], [0.0]
+    for t in ts:
+        fpr.append(float(np.mean(np.asarray(neg) >= t)))
+        tpr.append(float(np.mean(np.asarray(pos) >= t)))
+    return fpr, tpr
+
+
+def binomial_threshold(p0: float, n: int, alpha: float) -> float:
+    """The smallest agreement k/n with P(Binomial(n, p0) >= k) <= alpha (above 1 if none)."""
+    for k in range(n + 1):
+        if 1.0 - (binom_cdf(k - 1, n, p0) if k > 0 else 0.0) <= alpha:
+            return k / n
+    return (n + 1) / n
+
+
+def kl_bernoulli(p: float, q: float) -> float:
+    p, q = min(max(p, 1e-9), 1 - 1e-9), min(max(q, 1e-9), 1 - 1e-9)
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
+@dataclass
+class MethodData:
+    """A fingerprint in the audit's order and every model's answers to it."""
+
+    name: str
+    fp: Fingerprint
+    order: np.ndarray
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # model -> [n] top-1 in plan order
+    probs: dict[str, np.ndarray] = field(default_factory=dict)  # model -> [n, K]
+    build_s: float = 0.0
+
+    @property
+    def owner_labels(self) -> np.ndarray:
+        return self.fp.owner_labels[self.order]
+
+
+def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None]) -> dict[str, tuple[Fingerprint, float]]:
+    """Each method's fingerprint, built once and cached beside the zoo (with its build time)."""
+    wanted = sorted({SCORES[m][0] for m in config.methods})
+    params = {"n_points": config.n_points, "candidates": config.candidates, "epsilon": config.epsilon, "seed": config.seed}
+    tag = "-".join(f"{k}{v}" for k, v in params.items())
+    times_path = zoo.root / f"fingerprint-times-{tag}.json"
+    times: dict[str, float] = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    out: dict[str, tuple[Fingerprint, float]] = {}
+    owner_id = {"path": str(zoo.paths["owner"]), "sha256": _sha256(zoo.paths["owner"])}
+    for method in wanted:
+        path = zoo.root / f"fp-{method}-{tag}.json"
+        if path.is_file() and method in times:
+            out[method] = (load_fingerprint(path), times[method])
+            continue
+        say(f"building the {method} fingerprint")
+        t0 = time.perf_counter()
+        if method == "deepcore":
+            x, y = zoo.halves["A"]
+            core = CoreConfig(n_candidates=config.candidates, n_points=config.n_points, epsilon=config.epsilon, seed=config.seed)
+            build = BuildConfig(core=core, train_samples=len(x), epochs=config.zoo.epochs, seed=config.seed)
+            fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, build, progress=lambda m: logger.info(m))
+        else:
+            # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
+            bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=config.epsilon)
+            sur = [zoo.torch_models[m.name] for m in zoo.role("cae-surrogate")]
+            ref = [zoo.torch_models[m.name] for m in zoo.role("cae-reference")]
+            fp = build_baseline(method, zoo.owner, zoo.data.test.points(), zoo.data.test.y, zoo.data.train.classes, owner_id, bc,
+                                surrogates=sur if method == "cae" else (), references=ref if method == "cae" else ())
+        times[method] = round(time.perf_counter() - t0, 1)
+        save_fingerprint(fp, path)
+        times_path.write_text(json.dumps(times))
+        out[method] = (fp, times[method])
+    return out
+
+
+def _sha256(path: Path) -> str:
+    from adapters.onnx import file_sha256
+
+    return file_sha256(path)
+
+
+def _ask_all(zoo: Zoo, fps: dict[str, tuple[Fingerprint, float]], config: BenchConfig,
+             say: Callable[[str], None]) -> tuple[dict[str, MethodData], float, int]:
+    """Every evaluated suspect and calibration reference answers every fingerprint, once."""
+    data: dict[str, MethodData] = {}
+    for method, (fp, build_s) in fps.items():
+        plan = Plan.make(fp, AuditConfig(access=Access.PROBS, seed=config.seed, repeat_checks=0), rates(fp, "agreement")
+                         if fp.known_models else _placeholder_rates(fp))
+        data[method] = MethodData(method, fp, np.asarray(plan.indices), build_s=build_s)
+    models = zoo.role("evaluate") + zoo.role("calibrate")
+    say(f"asking {len(models)} models the points of {len(data)} fingerprints")
+    t0, asked = time.perf_counter(), 0
+    for m in models:
+        for md in data.values():
+            with open_suspect(str(zoo.paths[m.name]), convention=md.fp.convention, point_shape=md.fp.point_shape,
+                              num_classes=md.fp.num_classes) as oracle:
+                probs = oracle.query(md.fp.points[md.order], Access.PROBS)
+            asked += len(md.order)
+            md.probs[m.name] = probs.astype(np.float64)
+            md.labels[m.name] = probs.argmax(1)
+    return data, time.perf_counter() - t0, asked
+
+
+def _placeholder_rates(fp: Fingerprint) -> Any:
+    from fingerprints.calibration import Rates
+
+    n = len(fp)
+    return Rates("agreement", np.full(n, 0.5), np.full(n, 0.9), {})
+
+
+def _attach_references(md: MethodData, refs: list[Member]) -> None:
+    """Baselines carry no references of their own: the calibration references' answers become
+    their known models, so the audit's rates (p0) come from the same models as the threshold."""
+    inverse = np.argsort(md.order)
+    known = []
+    for m in refs:
+        labels, probs = md.labels[m.name][inverse], md.probs[m.name][inverse]
+        owner_prob = probs[np.arange(len(labels)), md.fp.owner_labels]
+        known.append(ModelAnswers(m.name, "independent", "calibration", "calibration", labels.astype(np.int64), owner_prob))
+    md.fp = dataclasses.replace(md.fp, known_models=tuple(known))
+
+
+def _score(name: str, md: MethodData, model: str, b: int, clustering: tuple[np.ndarray, np.ndarray] | None) -> float:
+    kind = SCORES[name][1]
+    agree = (md.labels[model][:b] == md.owner_labels[:b]).astype(np.float64)
+    if kind == "agreement":
+        return float(agree.mean())
+    if kind == "similarity":
+        return float(md.probs[model][np.arange(b), md.owner_labels[:b]].mean())
+    if kind == "clustering":
+        assert clustering is not None
+        return float(log_likelihood_ratios(agree, clustering[0][:b], clustering[1][:b]).sum())
+    owner = md.fp.owner_probs[md.order][:b].astype(np.float64)
+    return -sac_distance(owner, md.probs[model][:b])
+
+
+def _threshold(name: str, md: MethodData, refs: list[str], b: int, ref_scores: list[float], alpha: float) -> float:
+    if SCORES[name][1] == "agreement":
+        values = [(md.labels[r] == md.owner_labels).astype(np.float64) for r in refs]
+        return binomial_threshold(rate_bound(values, soft=False, upper=True), b, alpha)
+    s = np.asarray(ref_scores)
+    return float(max(s.max() + 1e-9, s.mean() + _z(alpha) * s.std(ddof=1)))
+
+
+def _sequential(zoo: Zoo, md: MethodData, name: str, members: list[Member], config: BenchConfig) -> dict[str, dict[str, Any]]:
+    mode = SCORES[name][1]
+    ac = AuditConfig(access=Access.PROBS if mode == "similarity" else Access.LABELS, mode=mode, budget=max(config.budgets),
+                     batch_size=1, alpha=config.alpha, beta=0.01, seed=config.seed, repeat_checks=0)
+    out = {}
+    for m in members:
+        with open_suspect(str(zoo.paths[m.name]), convention=md.fp.convention, point_shape=md.fp.point_shape,
+                          num_classes=md.fp.num_classes) as oracle:
+            r = audit(md.fp, oracle, ac)
+        out[m.name] = {"verdict": r.verdict, "queries": r.queries_used, "elapsed_s": r.elapsed_s, "p0": r.p0, "p1": r.p1}
+    return out
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def evaluate(zoo: Zoo, data: dict[str, MethodData], config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    """Scores, thresholds, AUC / FIR / MIR per family and budget, and the sequential audits."""
+    evaluated, refs = zoo.role("evaluate"), [m.name for m in zoo.role("calibrate")]
+    families = {m.family: m.kind for m in evaluated}
+    pirates = [m for m in evaluated if m.kind == "piracy"]
+    homologous = [m for m in evaluated if m.kind == "homologous"]
+    results: dict[str, Any] = {}
+    audit_time, audit_queries = 0.0, 0
+    for name in config.methods:
+        md = data[SCORES[name][0]]
+        clustering = None
+        if SCORES[name][1] == "clustering":
+            r = rates(md.fp, "clustering")
+            clustering = (r.p0[md.order], r.p1[md.order])
+        per_budget: dict[str, Any] = {}
+        for b in config.budgets:
+            scores = {m.name: _score(name, md, m.name, b, clustering) for m in evaluated}
+            ref_scores = [_score(name, md, r, b, clustering) for r in refs]
+            t = _threshold(name, md, refs, b, ref_scores, config.alpha)
+            flagged = {k: v >= t for k, v in scores.items()}
+            neg = [scores[m.name] for m in homologous]
+            fam: dict[str, Any] = {}
+            for f, kind in families.items():
+                ms = [m.name for m in evaluated if m.family == f]
+                row: dict[str, Any] = {"flagged": int(sum(flagged[x] for x in ms)), "members": len(ms)}
+                if kind == "piracy":
+                    row["mir"] = round(1 - row["flagged"] / len(ms), 4)
+                    row["auc"] = round(auc([scores[x] for x in ms], neg), 4)
+                else:
+                    row["fir"] = round(row["flagged"] / len(ms), 4)
+                fam[f] = row
+            per_budget[str(b)] = {
+                "threshold": round(t, 6),
+                "auc": round(auc([scores[m.name] for m in pirates], neg), 4),
+                "fir": round(float(np.mean([flagged[m.name] for m in homologous])), 4),
+                "mir": round(float(np.mean([not flagged[m.name] for m in pirates])), 4),
+                "families": fam,
+                "scores": {k: round(v, 5) for k, v in scores.items()},
+                "reference_scores": {r: round(s, 5) for r, s in zip(refs, ref_scores)},
+            }
+        entry: dict[str, Any] = {"fingerprint": SCORES[name][0], "score": SCORES[name][1], "label_only": name in LABEL_ONLY,
+                                 "budgets": per_budget, "build_s": md.build_s, "points": len(md.order)}
+        if SCORES[name][1] != "correlation":
+            say(f"sequential audits with {name}")
+            t0 = time.perf_counter()
+            seq = _sequential(zoo, md, name, evaluated, config)
+            audit_time += time.perf_counter() - t0
+            audit_queries += sum(v["queries"] for v in seq.values())
+            entry["sequential"] = _summarize_sequential(seq, evaluated, md, refs, config.alpha)
+        results[name] = entry
+    return {"methods": results, "audit_queries": audit_queries, "audit_s": round(audit_time, 2)}
+
+
+def _summarize_sequential(seq: dict[str, dict[str, Any]], evaluated: list[Member], md: MethodData, refs: list[str],
+                          alpha: float) -> dict[str, Any]:
+    agree = {k: float((v == md.owner_labels).mean()) for k, v in md.labels.items()}
+    p_ref = float(np.mean([agree[r] for r in refs]))
+    fams: dict[str, Any] = {}
+    for f in dict.fromkeys(m.family for m in evaluated):
+        ms = [m for m in evaluated if m.family == f]
+        verdicts = [seq[m.name]["verdict"] for m in ms]
+        queries = [seq[m.name]["queries"] for m in ms]
+        row: dict[str, Any] = {v: verdicts.count(v) for v in ("piracy", "independent", "inconclusive")}
+        row["median_queries"] = _median(queries)
+        if ms[0].kind == "piracy":
+            q = float(np.mean([agree[m.name] for m in ms]))
+            kl = kl_bernoulli(q, p_ref) if q > p_ref else 0.0
+            row["measured_agreement"] = round(q, 4)
+            row["minimum_queries"] = round(math.log(1 / alpha) / kl, 1) if kl > 0 else None
+            caught = [seq[m.name]["queries"] for m in ms if seq[m.name]["verdict"] == "piracy"]
+            row["median_queries_caught"] = _median(caught)
+            if row["minimum_queries"] and caught:
+                row["ratio_to_minimum"] = round(float(np.median(caught)) / row["minimum_queries"], 2)
+        fams[f] = row
+    first = next(iter(seq.values()))
+    return {"reference_agreement": round(p_ref, 4), "p0": first["p0"], "p1": first["p1"], "families": fams,
+            "verdicts": {m.name: {"family": m.family, "verdict": seq[m.name]["verdict"], "queries": seq[m.name]["queries"]}
+                         for m in evaluated}}
+
+
+def check_bar(results: dict[str, Any], budgets: Sequence[int]) -> list[dict[str, Any]]:
+    """The issue's bar, criterion by criterion, for DeepCore label-only (agreement mode)."""
+    methods = results["methods"]
+    dc = methods.get("deepcore-agreement")
+    out: list[dict[str, Any]] = []
+    if dc is None:
+        return out
+    worst_fir = max(v["fir"] for v in dc["budgets"].values())
+    seq_fp = sum(r["piracy"] for f, r in dc["sequential"]["families"].items() if "mir" not in dc["budgets"][str(budgets[0])]["families"][f])
+    out.append({"criterion": "FIR 0 at alpha 0.01 (every budget, and no homologous suspect audited as piracy)",
+                "met": worst_fir == 0 and seq_fp == 0, "measured": f"worst FIR {worst_fir}; sequential false accusations {seq_fp}"})
+    b50 = str(max([b for b in budgets if b <= 50], default=budgets[0]))
+    fams = dc["budgets"][b50]["families"]
+    seqf = dc["sequential"]["families"]
+    quick = [f for f in QUICK_FAMILIES if f in fams]
+    bad = [f for f in quick if fams[f]["mir"] > 0 or seqf[f]["piracy"] < fams[f]["members"]
+           or max(v["queries"] for v in dc["sequential"]["verdicts"].values() if v["family"] == f) > 50]
+    out.append({"criterion": "fine-tuned, pruned, quantized and adversarially fine-tuned copies caught within 50 queries",
+                "met": not bad, "measured": ", ".join(f"{f}: MIR@{b50} {fams[f]['mir']}, sequential {seqf[f]['piracy']}/{fams[f]['members']} "
+                                                     f"median {seqf[f]['median_queries']}" for f in quick)})
+    b200 = str(max([b for b in budgets if b <= 200], default=budgets[0]))
+    fams = dc["budgets"][b200]["families"]
+    func = [f for f in FUNCTIONAL_FAMILIES if f in fams]
+    out.append({"criterion": "distillation and extraction caught (MIR <= 10%) within 200 queries",
+                "met": all(fams[f]["mir"] <= 0.1 for f in func),
+                "measured": ", ".join(f"{f}: MIR@{b200} {fams[f]['mir']}" for f in func)})
+    losses = []
+    for b in budgets:
+        if b < 20:
+            continue
+        mine = dc["budgets"][str(b)]["auc"]
+        for name, e in methods.items():
+            if not name.startswith("deepcore") and e["budgets"][str(b)]["auc"] > mine:
+                losses.append(f"{name}@{b}: {e['budgets'][str(b)]['auc']} > {mine}")
+    out.append({"criterion": "DeepCore AUC at or above every baseline at every budget from 20",
+                "met": not losses, "measured": "; ".join(losses) or "no baseline above"})
+    ratios = {f: r.get("ratio_to_minimum") for f, r in seqf.items() if r.get("ratio_to_minimum") is not None}
+    out.append({"criterion": "median queries within 2x of ln(1/alpha)/KL for the measured agreement rates",
+                "met": bool(ratios) and all(v <= 2 for v in ratios.values()),
+                "measured": ", ".join(f"{f} {v}x" for f, v in ratios.items())})
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {"machine": platform.machine(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the whole benchmark and write results.json, results.md and the plots into `out`."""
+    config.validate()
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write results to {out}: directory {out.parent} does not exist")
+    say = progress or logger.info
+    t0 = time.perf_counter()
+    data = load_data(config.data, cache_dir=cache_dir)
+    zoo = build_zoo(data, Path(cache_dir or default_cache_dir()) / "bench", config.zoo, say)
+    fps = _fingerprints(zoo, config, say)
+    small = [m for m, (fp, _) in fps.items() if len(fp) < max(config.budgets)]
+    if small:
+        raise InputError(f"fingerprint(s) {', '.join(small)} have fewer points than the largest budget {max(config.budgets)}")
+    answers, ask_s, asked = _ask_all(zoo, fps, config, say)
+    for md in answers.values():
+        if md.name != "deepcore":
+            _attach_references(md, zoo.role("calibrate"))
+    results = evaluate(zoo, answers, config, say)
+    results["bar"] = check_bar(results, config.budgets)
+    results.update({
+        "data": {"spec": config.data, **data.source, "train": len(data.train), "test": len(data.test)},
+        "config": {**asdict(config), "zoo": asdict(config.zoo)},
+        "owner": zoo.meta["owner"],
+        "zoo": {m.name: {**zoo.meta["members"][m.name], "seed": m.seed} for m in zoo.role("evaluate") + zoo.role("calibrate")},
+        "zoo_build_s": zoo.meta.get("build_s"),
+        "answer_queries_per_s": round(asked / ask_s, 1) if ask_s else None,
+        "audit_queries_per_s": round(results["audit_queries"] / results["audit_s"], 1) if results["audit_s"] else None,
+        "environment": environment(),
+        "run_s": round(time.perf_counter() - t0, 1),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    out.mkdir(exist_ok=True)
+    from benchmarks.report import write_outputs
+
+    write_outputs(results, out)
+    say(f"results written to {out}")
+    return results

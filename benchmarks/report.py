@@ -1,0 +1,180 @@
+"""Write a benchmark run's results: results.json, results.md, roc.png and errors.png.
+
+Every file is written to a temporary name and renamed, so a failed run leaves no half file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}".rstrip("0").rstrip(".") if v != int(v) else str(int(v))
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    methods = r["methods"]
+    budgets = [int(b) for b in next(iter(methods.values()))["budgets"]]
+    env, owner = r["environment"], r["owner"]
+    members = r["zoo"]
+    n_pir = sum(1 for m in members.values() if m["kind"] == "piracy" and m["role"] == "evaluate")
+    n_hom = sum(1 for m in members.values() if m["kind"] == "homologous" and m["role"] == "evaluate")
+    n_cal = sum(1 for m in members.values() if m["role"] == "calibrate")
+    lines = [
+        f"# Piracy vs homologous benchmark: {r['data']['spec']}",
+        "",
+        f"Run {r['created_utc']} on {env['cpus']} CPU(s) ({env['platform']}), Python {env['python']}, torch {env['torch']}, "
+        f"ONNX Runtime {env['onnxruntime']}; seed {r['config']['seed']}, zoo seed {r['config']['zoo']['seed']}. "
+        f"Whole run {r['run_s']:.0f} s (zoo training {r['zoo_build_s']:.0f} s, cached between runs).",
+        "",
+        f"Owner: {owner['arch']}, test accuracy **{owner['test_accuracy']:.4f}**. Zoo: {n_pir} piracy and {n_hom} homologous "
+        f"suspects audited, {n_cal} calibration references (never evaluated) set every threshold at alpha "
+        f"{r['config']['alpha']}. Every suspect is an ONNX file asked through the project's ONNX Runtime adapter.",
+        "",
+        "## The bar (DeepCore, label-only agreement)",
+        "",
+        *_table(["criterion", "met", "measured"], [[b["criterion"], "yes" if b["met"] else "**no**", b["measured"]] for b in r["bar"]]),
+        "",
+        "## AUC, piracy against homologous (all families pooled)",
+        "",
+        *_table(["method", "label-only", *[f"{b} q" for b in budgets]],
+                [[n, "yes" if e["label_only"] else "no", *[e["budgets"][str(b)]["auc"] for b in budgets]] for n, e in methods.items()]),
+        "",
+        f"## FIR / MIR at the calibrated threshold (alpha {r['config']['alpha']})",
+        "",
+        *_table(["method", *[f"{b} q" for b in budgets]],
+                [[n, *[f"{e['budgets'][str(b)]['fir']:.2f} / {e['budgets'][str(b)]['mir']:.2f}" for b in budgets]] for n, e in methods.items()]),
+        "",
+    ]
+    for b in [x for x in (50, 200) if x in budgets] or budgets[-1:]:
+        fams = next(iter(methods.values()))["budgets"][str(b)]["families"]
+        rows = []
+        for f, row in fams.items():
+            key = "mir" if "mir" in row else "fir"
+            rows.append([f"{f} ({key.upper()}, {row['members']})",
+                         *[methods[n]["budgets"][str(b)]["families"][f][key] for n in methods]])
+        lines += [f"## Per family at {b} queries: MIR for piracy families, FIR for homologous ones", "",
+                  *_table(["family", *methods], rows), ""]
+    seq_methods = {n: e for n, e in methods.items() if "sequential" in e}
+    if seq_methods:
+        lines += ["## Sequential audit (Wald's test, batch 1, no repeat check): verdicts and median queries", "",
+                  "Per family: piracy / independent / inconclusive verdicts, median queries of the caught, the minimum "
+                  "ln(1/alpha)/KL(p_family || p_references) for the measured agreement rates, and their ratio.", ""]
+        fams = next(iter(seq_methods.values()))["sequential"]["families"]
+        rows = []
+        for f in fams:
+            row: list[Any] = [f]
+            for e in seq_methods.values():
+                s = e["sequential"]["families"][f]
+                cell = f"{s['piracy']}/{s['independent']}/{s['inconclusive']}"
+                if "measured_agreement" in s:
+                    cell += f", {_fmt(s.get('median_queries_caught'))} q (min {_fmt(s.get('minimum_queries'))})"
+                else:
+                    cell += f", {_fmt(s['median_queries'])} q"
+                row.append(cell)
+            rows.append(row)
+        lines += _table(["family", *seq_methods], rows) + [""]
+        lines += _table(["method", "p0 (test)", "p1 (test)", "reference agreement"],
+                        [[n, e["sequential"]["p0"], e["sequential"]["p1"], e["sequential"]["reference_agreement"]] for n, e in seq_methods.items()])
+        lines.append("")
+    lines += ["## Cost", "",
+              *_table(["fingerprint", "build s", "points"], [[n, e["build_s"], e["points"]] for n, e in methods.items()
+                                                             if n == e["fingerprint"] or n.endswith("-agreement")]),
+              "",
+              f"Answers gathered at {_fmt(r['answer_queries_per_s'])} queries/s (batched); sequential audits ran at "
+              f"{_fmt(r['audit_queries_per_s'])} queries/s (one point per query, ledger included).",
+              "", "## Zoo: test accuracy by family", ""]
+    by_family: dict[str, list[float]] = {}
+    for m in members.values():
+        if "test_accuracy" in m:
+            by_family.setdefault(f"{m['family']} ({m['kind']})", []).append(m["test_accuracy"])
+    lines += _table(["family", "models", "test accuracy (min–max)"],
+                    [[f, len(v), f"{min(v):.3f}–{max(v):.3f}"] for f, v in by_family.items()])
+    lines += ["", "int8 and fp16 suspects are conversions of the owner and of fine-tuned copies (no training).", ""]
+    return "\n".join(lines)
+
+
+def plots(r: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.piracy import roc_curve
+
+    methods = r["methods"]
+    budgets = [int(b) for b in next(iter(methods.values()))["budgets"]]
+    shown = [b for b in (20, 50, 200) if b in budgets] or budgets[:3]
+    written = []
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.6), squeeze=False)
+    for ax, b in zip(axes[0], shown):
+        for n, e in methods.items():
+            bb = e["budgets"][str(b)]
+            pir = [v for k, v in bb["scores"].items() if r["zoo"][k]["kind"] == "piracy"]
+            hom = [v for k, v in bb["scores"].items() if r["zoo"][k]["kind"] == "homologous"]
+            fpr, tpr = roc_curve(pir, hom)
+            ax.plot(fpr, tpr, lw=2.2 if n.startswith("deepcore") else 1.2, ls="-" if n.startswith("deepcore") else "--",
+                    label=f"{n} ({bb['auc']:.2f})")
+        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+        ax.set(title=f"{b} queries", xlabel="homologous flagged (FPR)", ylabel="piracy caught (TPR)", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"ROC, piracy vs homologous suspects: {Path(str(r['data']['spec'])).name} (AUC in brackets)")
+    fig.tight_layout()
+    path = out / "roc.png"
+    _atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for n, e in methods.items():
+        style = {"lw": 2.2 if n.startswith("deepcore") else 1.2, "ls": "-" if n.startswith("deepcore") else "--", "marker": "o", "ms": 3}
+        axes[0].plot(budgets, [e["budgets"][str(b)]["mir"] for b in budgets], label=n, **style)
+        axes[1].plot(budgets, [e["budgets"][str(b)]["fir"] for b in budgets], label=n, **style)
+    for ax, what in zip(axes, ("MIR: piracy suspects missed", "FIR: homologous suspects flagged")):
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set(title=what, xlabel="queries", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Error rates against queries at alpha {r['config']['alpha']}: {Path(str(r['data']['spec'])).name}")
+    fig.tight_layout()
+    path = out / "errors.png"
+    _atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write_outputs(r: dict[str, Any], out: Path) -> list[Path]:
+    """results.json, results.md, roc.png, errors.png in `out` (an existing directory)."""
+    paths = plots(r, out)
+    _atomic(out / "results.json", lambda p: p.write_text(json.dumps(r, indent=1, sort_keys=False) + "\n"))
+    _atomic(out / "results.md", lambda p: p.write_text(markdown(r)))
+    return [out / "results.json", out / "results.md", *paths]

@@ -1,0 +1,357 @@
+"""The benchmark's model zoo: an owner, and suspects of every piracy and homologous family.
+
+The training set is split in two halves by a seeded permutation: the owner trains on half A,
+the attacker holds half B (same distribution, a strong attacker). Every model is exported to
+ONNX and audited through the same adapters users use. What each family is:
+
+piracy (derived from the owner)           homologous (trained independently)
+- fine-tune-own: its own data (A)          - same-arch-seed: owner's architecture and data, other seeds
+- fine-tune-other: the attacker's data (B) - same-arch-split: owner's architecture, other data (B, or a random half)
+- prune: magnitude pruning, then fine-tune - other-arch: other architectures on A or B
+- int8: dynamic int8 quantization (ONNX)   - other-task: a 10-way task with other labels
+- fp16: float16 conversion (ONNX)            (labels shifted by a seeded offset)
+- adv-fine-tune: FGSM adversarial training
+- transfer: head replaced and retrained on B, body frozen
+- distill-same / distill-other: trained on the owner's probabilities on B
+- extract: trained on the owner's top-1 labels on B (label-only model extraction)
+
+Besides the evaluated suspects, the zoo trains *calibration references* (independent models,
+disjoint from the evaluated ones, that set every method's threshold) and the owner-side models
+CAE needs (surrogates derived from the owner on A, references trained on A). Everything is
+cached under one directory keyed by the recipe, so a second run only audits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.base import InputConvention
+from adapters.errors import InputError
+from fingerprints.data import DataSplits, channel_stats
+from fingerprints.models import (
+    Normalized,
+    TrainConfig,
+    accuracy,
+    build_architecture,
+    clone,
+    export_onnx,
+    predict,
+    prune_by_magnitude,
+    train,
+)
+
+logger = logging.getLogger(__name__)
+
+RECIPE = "zoo-v1"  # bump when a recipe below changes: the cache is keyed by it
+OTHER_ARCHS = ("lenet", "mlp", "cnn-wide", "lenet", "mlp")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """How big the zoo is and how long its models train."""
+
+    members: int = 5  # suspects per evaluated family (other-task gets at most 3)
+    epochs: int = 3  # epochs of every model trained from scratch
+    finetune_epochs: int = 1
+    train_samples: int = 0  # cap on each half's size (0: the whole half)
+    owner_arch: str = "cnn"
+    adv_epsilon: float = 0.1  # L-inf radius of adversarial fine-tuning, canonical [0, 1] space
+    calibration_references: int = 6
+    seed: int = 0
+
+    def key(self, data_sha: str) -> str:
+        text = json.dumps({"recipe": RECIPE, "data": data_sha, **asdict(self)}, sort_keys=True)
+        return f"{RECIPE}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of the zoo and how to make it."""
+
+    name: str
+    kind: str  # piracy | homologous
+    family: str
+    role: str  # evaluate | calibrate | cae-surrogate | cae-reference
+    recipe: str  # fine-tune | prune | int8 | fp16 | adv | transfer | distill | extract | independent | other-task
+    arch: str
+    data: str  # A | B | R (a random half of the whole training set)
+    seed: int
+    param: float = 0.0  # prune ratio, fine-tune learning rate, label shift...
+    base: str = ""  # int8 / fp16: the member (or "owner") whose ONNX file is converted
+
+
+@dataclass
+class Zoo:
+    """The built zoo: the owner (torch), data halves, every member's ONNX file and metadata."""
+
+    root: Path
+    owner: Normalized
+    convention: InputConvention
+    data: DataSplits
+    halves: dict[str, tuple[np.ndarray, np.ndarray]]
+    members: list[Member]
+    paths: dict[str, Path]
+    meta: dict[str, Any]
+    torch_models: dict[str, nn.Module] = field(default_factory=dict)  # CAE's owner-side models
+
+    def role(self, role: str) -> list[Member]:
+        return [m for m in self.members if m.role == role]
+
+
+def plan_members(config: ZooConfig) -> list[Member]:
+    """Every member of the zoo, in build order (a member's base comes before it)."""
+    n, arch = config.members, config.owner_arch
+    out: list[Member] = []
+    s = 100 + 1000 * config.seed
+
+    def add(name: str, kind: str, family: str, recipe: str, arch_: str = arch, data: str = "B",
+            param: float = 0.0, base: str = "", role: str = "evaluate") -> None:
+        out.append(Member(name, kind, family, role, recipe, arch_, data, s + len(out), param, base))
+
+    lrs = (1e-4, 3e-4, 1e-3, 3e-4, 1e-4)
+    for i in range(n):
+        add(f"fine-tune-own-{i}", "piracy", "fine-tune-own", "fine-tune", data="A", param=lrs[i % 5])
+    for i in range(n):
+        add(f"fine-tune-other-{i}", "piracy", "fine-tune-other", "fine-tune", param=lrs[i % 5])
+    ratios = (0.3, 0.5, 0.7, 0.8, 0.9)
+    for i in range(n):
+        add(f"prune-{int(ratios[i % 5] * 100)}-{i}", "piracy", "prune", "prune", param=ratios[i % 5])
+    for fam in ("int8", "fp16"):
+        for i in range(n):
+            add(f"{fam}-{i}", "piracy", fam, fam, base="owner" if i == 0 else f"fine-tune-other-{i - 1}")
+    for i in range(n):
+        add(f"adv-fine-tune-{i}", "piracy", "adv-fine-tune", "adv", param=config.adv_epsilon * (0.5 + 0.25 * (i % 3)))
+    for i in range(n):
+        add(f"transfer-{i}", "piracy", "transfer", "transfer")
+    for i in range(n):
+        add(f"distill-same-{i}", "piracy", "distill-same", "distill")
+    for i in range(n):
+        add(f"distill-other-{i}", "piracy", "distill-other", "distill", OTHER_ARCHS[i % 5])
+    extract_archs = (arch, "lenet", "mlp", arch, "lenet")
+    for i in range(n):
+        add(f"extract-{extract_archs[i % 5]}-{i}", "piracy", "extract", "extract", extract_archs[i % 5])
+    for i in range(n):
+        add(f"same-arch-seed-{i}", "homologous", "same-arch-seed", "independent", data="A")
+    for i in range(n):
+        add(f"same-arch-split-{i}", "homologous", "same-arch-split", "independent", data="B" if i % 2 == 0 else "R")
+    for i in range(n):
+        add(f"other-arch-{OTHER_ARCHS[i % 5]}-{i}", "homologous", "other-arch", "independent", OTHER_ARCHS[i % 5],
+            data="A" if i % 2 == 0 else "B")
+    for i in range(min(n, 3)):
+        add(f"other-task-{i}", "homologous", "other-task", "other-task", data="A" if i % 2 == 0 else "B", param=float(1 + i * 3))
+    # References that set every method's threshold: never evaluated, never used to choose points.
+    cal = [(arch, "A"), (arch, "B"), ("lenet", "A"), (arch, "R"), ("mlp", "B"), ("cnn-wide", "A")]
+    for i in range(config.calibration_references):
+        a, d = cal[i % len(cal)]
+        add(f"cal-{a}-{d}-{i}", "homologous", "calibration", "independent", a, d, role="calibrate")
+    # CAE's owner-side ensemble: made by the owner on its own data only.
+    add("cae-sur-fine-tune", "piracy", "cae", "fine-tune", data="A", param=3e-4, role="cae-surrogate")
+    add("cae-sur-distill", "piracy", "cae", "distill", data="A", role="cae-surrogate")
+    add("cae-sur-extract-lenet", "piracy", "cae", "extract", "lenet", data="A", role="cae-surrogate")
+    add("cae-ref-same-arch", "homologous", "cae", "independent", data="A", role="cae-reference")
+    add("cae-ref-same-arch-2", "homologous", "cae", "independent", data="A", role="cae-reference")
+    add("cae-ref-lenet", "homologous", "cae", "independent", "lenet", data="A", role="cae-reference")
+    return out
+
+
+def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig) -> nn.Module:
+    """Fine-tune on a half-clean, half-FGSM (random start) mixture: the usual cheap adversarial training."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    for _ in range(config.epochs):
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for start in range(0, len(x), config.batch_size):
+            idx = order[start : start + config.batch_size]
+            xb, yb = xs[idx], ys[idx]
+            delta = (torch.rand_like(xb) * 2 - 1) * epsilon
+            delta.requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model((xb + delta).clamp(0, 1)), yb), delta)
+            x_adv = (xb + (delta + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)).clamp(0, 1).detach()
+            loss = 0.5 * F.cross_entropy(model(xb), yb) + 0.5 * F.cross_entropy(model(x_adv), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def _last_linear(net: nn.Module) -> tuple[nn.Module, str]:
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise InputError("transfer needs a model whose head is a Linear layer")
+    *parents, last = names[-1].split(".")
+    parent = net.get_submodule(".".join(parents)) if parents else net
+    return parent, last
+
+
+def transfer(owner: Normalized, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> nn.Module:
+    """The owner's body, frozen, with a new head trained on the attacker's data."""
+    model = clone(owner)
+    assert isinstance(model, Normalized)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    parent, name = _last_linear(model.net)
+    old = getattr(parent, name)
+    torch.manual_seed(config.seed)
+    setattr(parent, name, nn.Linear(old.in_features, old.out_features))
+    return train(model, x, y, config)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = dst.with_name(f".{dst.name}.tmp.onnx")
+    logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
+    try:
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    tmp.replace(dst)
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """The whole graph in float16, input and output included (as a converted deployment has it)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    tmp = dst.with_name(f".{dst.name}.tmp.onnx")
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), str(tmp))
+    tmp.replace(dst)
+
+
+def _fresh(arch: str, owner: Normalized, shape: tuple[int, int, int], k: int, seed: int) -> Normalized:
+    torch.manual_seed(seed)
+    return Normalized(build_architecture(arch, shape, k), owner.convention)
+
+
+def train_member(m: Member, owner: Normalized, halves: dict[str, tuple[np.ndarray, np.ndarray]], config: ZooConfig,
+                 k: int) -> nn.Module:
+    """Train one torch member (not int8/fp16, which convert an exported file)."""
+    x, y = halves[m.data]
+    shape = tuple(int(v) for v in x.shape[1:])
+    full = TrainConfig(epochs=config.epochs, seed=m.seed)
+    short = TrainConfig(epochs=config.finetune_epochs, lr=m.param or 3e-4, seed=m.seed)
+    if m.recipe == "fine-tune":
+        return train(clone(owner), x, y, short)
+    if m.recipe == "prune":
+        return train(prune_by_magnitude(owner, m.param), x, y, TrainConfig(epochs=config.finetune_epochs, lr=3e-4, seed=m.seed))
+    if m.recipe == "adv":
+        return adversarial_fine_tune(clone(owner), x, y, m.param, TrainConfig(epochs=config.finetune_epochs, lr=3e-4, seed=m.seed))
+    if m.recipe == "transfer":
+        return transfer(owner, x, y, TrainConfig(epochs=config.finetune_epochs, lr=1e-3, seed=m.seed))
+    fresh = _fresh(m.arch, owner, shape, k, m.seed)  # type: ignore[arg-type]
+    if m.recipe == "distill":
+        return train(fresh, x, predict(owner, x), full)
+    if m.recipe == "extract":
+        return train(fresh, x, predict(owner, x).argmax(1), full)
+    if m.recipe == "other-task":
+        return train(fresh, x, (y + int(m.param)) % k, full)
+    if m.recipe == "independent":
+        return train(fresh, x, y, full)
+    raise ValueError(f"unknown recipe {m.recipe!r}")
+
+
+def _halves(data: DataSplits, config: ZooConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    points, labels = data.train.points(), data.train.y
+    perm = np.random.default_rng(config.seed).permutation(len(points))
+    half = len(perm) // 2
+    cap = config.train_samples or half
+    a, b = perm[:half][:cap], perm[half:][:cap]
+    r = np.random.default_rng(config.seed + 1).permutation(len(points))[: min(half, cap)]
+    return {"A": (points[a], labels[a]), "B": (points[b], labels[b]), "R": (points[r], labels[r])}
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
+
+
+def _save_state(model: nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+
+
+def _load_state(model: nn.Module, path: Path) -> nn.Module:
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[str], None] = logger.info) -> Zoo:
+    """Train (or reuse from `cache`) the owner and every member; returns the zoo."""
+    root = cache / config.key(data.source.get("sha256", data.source.get("spec", "")))
+    root.mkdir(parents=True, exist_ok=True)
+    meta_path = root / "meta.json"
+    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {"members": {}, "config": asdict(config)}
+    shape, k = data.train.shape, data.train.num_classes
+    mean, std = channel_stats(data.train)
+    convention = InputConvention(mean=mean, std=std)
+    halves = _halves(data, config)
+    test_x, test_y = data.test.points(), data.test.y
+    owner = Normalized(build_architecture(config.owner_arch, shape, k), convention)
+    owner_state = root / "owner.pt"
+    if owner_state.is_file() and "owner" in meta:
+        _load_state(owner, owner_state)
+    else:
+        say(f"training the owner ({config.owner_arch}, half A: {len(halves['A'][0])} samples, {config.epochs} epochs)")
+        t0 = time.perf_counter()
+        torch.manual_seed(1 + 1000 * config.seed)
+        owner = train(owner, *halves["A"], TrainConfig(epochs=config.epochs, seed=1 + 1000 * config.seed))
+        _save_state(owner, owner_state)
+        meta["owner"] = {"test_accuracy": round(accuracy(owner, test_x, test_y), 4), "train_s": round(time.perf_counter() - t0, 1),
+                         "arch": config.owner_arch}
+        _write_meta(meta_path, meta)
+    owner_onnx = root / "owner.onnx"
+    if not owner_onnx.is_file():
+        export_onnx(owner.net, owner_onnx, shape)
+    say(f"owner test accuracy {meta['owner']['test_accuracy']:.4f}")
+    members = plan_members(config)
+    paths: dict[str, Path] = {"owner": owner_onnx}
+    torch_models: dict[str, nn.Module] = {}
+    for m in members:
+        path = root / f"{m.name}.onnx"
+        paths[m.name] = path
+        owner_side = m.role.startswith("cae-")
+        state = root / f"{m.name}.pt"
+        done = m.name in meta["members"] and path.is_file() and (not owner_side or state.is_file())
+        if done:
+            if owner_side:
+                net = _fresh(m.arch, owner, shape, k, 0) if m.recipe != "fine-tune" else clone(owner)
+                torch_models[m.name] = _load_state(net, state)
+            continue
+        say(f"training {m.name} ({m.kind}, {m.family}, {m.role})")
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {"kind": m.kind, "family": m.family, "role": m.role, "arch": m.arch, "data": m.data}
+        if m.recipe in ("int8", "fp16"):
+            (quantize_int8 if m.recipe == "int8" else convert_fp16)(paths[m.base], path)
+            info["base"] = m.base
+        else:
+            model = train_member(m, owner, halves, config, k)
+            info["test_accuracy"] = round(accuracy(model, test_x, test_y), 4)
+            assert isinstance(model, Normalized)
+            export_onnx(model.net, path, shape)
+            if owner_side:
+                _save_state(model, state)
+                torch_models[m.name] = model
+        info["train_s"] = round(time.perf_counter() - t0, 1)
+        meta["members"][m.name] = info
+        _write_meta(meta_path, meta)
+    meta["build_s"] = round(meta.get("owner", {}).get("train_s", 0) + sum(v.get("train_s", 0) for v in meta["members"].values()), 1)
+    _write_meta(meta_path, meta)
+    return Zoo(root, owner, convention, data, halves, members, paths, meta, torch_models)

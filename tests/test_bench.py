@@ -1,0 +1,116 @@
+"""The piracy benchmark (`deepcore bench`): a scaled-down run end to end, its statistics, and its
+refusals. The full benchmark is not part of the suite; its committed results are under
+benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from auditor.cli import cli
+from auditor.stats import binom_cdf
+from benchmarks.piracy import SCORES, auc, binomial_threshold, kl_bernoulli, roc_curve
+from conftest import one_line_error
+
+# One suspect a family, a small owner (about 0.77 test accuracy), 20-point fingerprints.
+SMOKE = ["--members", "1", "--epochs", "2", "--train-samples", "3000", "--points", "20", "--candidates", "400",
+         "--budgets", "10,20", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "results"
+    result = CliRunner().invoke(cli, ["bench", "--data", "fashion-mnist", "--out", str(out), "--cache-dir", str(root / "cache"), *SMOKE])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "results.json").read_text()), result.output
+
+
+@pytest.mark.slow
+def test_smoke_writes_every_output(smoke: tuple[Path, dict, str]) -> None:
+    out, r, output = smoke
+    for name in ("roc.png", "errors.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "## The bar" in md and "test accuracy" in md
+    assert set(r["methods"]) == set(SCORES)
+    for name, e in r["methods"].items():
+        assert list(e["budgets"]) == ["10", "20"], name
+        for b in e["budgets"].values():
+            assert 0 <= b["auc"] <= 1 and 0 <= b["fir"] <= 1 and 0 <= b["mir"] <= 1
+        assert ("sequential" in e) == (e["score"] != "correlation")
+    assert len(r["bar"]) == 5 and all(isinstance(b["met"], bool) for b in r["bar"])
+    assert 0 < r["owner"]["test_accuracy"] <= 1
+    assert r["environment"]["torch"] and r["run_s"] > 0 and r["config"]["seed"] == 3
+    assert "results in" in output
+
+
+@pytest.mark.slow
+def test_smoke_tells_weight_copies_from_another_task(smoke: tuple[Path, dict, str]) -> None:
+    """Even a tiny owner's weight copies agree with it on its core points far more than a model
+    of another task; no audit accuses one (20 points are too few to accuse anyone at alpha 0.01)."""
+    _, r, _ = smoke
+    dc = r["methods"]["deepcore-agreement"]
+    scores = dc["budgets"]["20"]["scores"]
+    copies = [scores[k] for k in scores if k.startswith(("fine-tune-own", "int8", "fp16"))]
+    assert len(copies) == 3 and min(copies) > scores["other-task-0"] + 0.3, scores
+    verdicts = dc["sequential"]["verdicts"]
+    assert verdicts["other-task-0"]["verdict"] == "independent"
+    assert all(v["verdict"] != "independent" for k, v in verdicts.items() if k.startswith(("int8", "fp16"))), verdicts
+    assert all(v["queries"] <= 20 for v in verdicts.values())
+    # thresholds come from the calibration references, never from evaluated suspects
+    assert len(dc["budgets"]["20"]["reference_scores"]) == 6
+    assert set(dc["budgets"]["20"]["reference_scores"]).isdisjoint(scores)
+
+
+def test_auc_and_roc() -> None:
+    assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert auc([0.1], [0.9]) == 0.0
+    assert auc([0.5], [0.5]) == 0.5
+    assert math.isnan(auc([], [0.1]))
+    fpr, tpr = roc_curve([0.9, 0.4], [0.5, 0.1])
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert all(a <= b for a, b in zip(fpr, fpr[1:])) and all(a <= b for a, b in zip(tpr, tpr[1:]))
+
+
+@pytest.mark.parametrize("p0,n", [(0.3, 10), (0.5, 50), (0.1, 400), (0.8, 20)])
+def test_binomial_threshold_holds_alpha(p0: float, n: int) -> None:
+    t = binomial_threshold(p0, n, 0.01)
+    k = round(t * n)
+    assert 1 - binom_cdf(k - 1, n, p0) <= 0.01  # flagging at >= k keeps FIR within alpha
+    if k > 0:
+        assert 1 - binom_cdf(k - 2, n, p0) > 0.01  # and k is the smallest such count
+
+
+def test_threshold_unreachable_and_kl() -> None:
+    assert binomial_threshold(0.99, 10, 0.01) > 1  # no agreement count is rare enough: never flag
+    assert kl_bernoulli(0.5, 0.5) == 0
+    assert kl_bernoulli(0.9, 0.3) > kl_bernoulli(0.6, 0.3) > 0
+    assert np.isclose(math.log(1000) / kl_bernoulli(0.5, 0.1), 13.5, atol=0.1)  # field.md: "about 14 queries"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--budgets", "10,x"], ["--budgets", "integers"]),
+    (["--budgets", "50,10"], ["budgets", "increasing"]),
+    (["--budgets", "10,500"], ["500", "points"]),
+    (["--methods", "deepcore-agreement,nope"], ["nope", "method"]),
+    (["--members", "0"], ["member"]),
+    (["--alpha", "0.7"], ["alpha"]),
+])
+def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    result = CliRunner().invoke(cli, ["bench", "--data", "fashion-mnist", "--out", str(tmp_path / "r"), *args])
+    one_line_error(result, *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_and_output_directory(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["bench", "--data", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path / "r")])
+    one_line_error(result, "nope.tar.gz")
+    result = CliRunner().invoke(cli, ["bench", "--data", "fashion-mnist", "--out", str(tmp_path / "no" / "r")])
+    one_line_error(result, "does not exist")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "no").exists()
