@@ -121,6 +121,16 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig: Any, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+    return path
+
+
 def plots(r: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
@@ -130,6 +140,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     from benchmarks.piracy import roc_curve
 
     methods = r["methods"]
+    name = Path(str(r["data"]["spec"])).name
     budgets = [int(b) for b in next(iter(methods.values()))["budgets"]]
     shown = [b for b in (20, 50, 200) if b in budgets] or budgets[:3]
     written = []
@@ -145,12 +156,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
         ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
         ax.set(title=f"{b} queries", xlabel="homologous flagged (FPR)", ylabel="piracy caught (TPR)", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"ROC, piracy vs homologous suspects: {Path(str(r['data']['spec'])).name} (AUC in brackets)")
-    fig.tight_layout()
-    path = out / "roc.png"
-    _atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out / "roc.png", f"ROC, piracy vs homologous suspects: {name} (AUC in brackets)"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for n, e in methods.items():
@@ -163,12 +169,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
         ax.set(title=what, xlabel="queries", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Error rates against queries at alpha {r['config']['alpha']}: {Path(str(r['data']['spec'])).name}")
-    fig.tight_layout()
-    path = out / "errors.png"
-    _atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out / "errors.png", f"Error rates against queries at alpha {r['config']['alpha']}: {name}"))
     return written
 
 

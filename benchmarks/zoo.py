@@ -34,16 +34,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import InputConvention
 from adapters.errors import InputError
+from auditor.demo import quantize_int8
 from fingerprints.data import DataSplits, channel_stats
 from fingerprints.models import (
     Normalized,
     TrainConfig,
     accuracy,
+    adversarial_fine_tune,
     build_architecture,
     clone,
     export_onnx,
@@ -166,30 +167,6 @@ def plan_members(config: ZooConfig) -> list[Member]:
     return out
 
 
-def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig) -> nn.Module:
-    """Fine-tune on a half-clean, half-FGSM (random start) mixture: the usual cheap adversarial training."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
-    for _ in range(config.epochs):
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for start in range(0, len(x), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            xb, yb = xs[idx], ys[idx]
-            delta = (torch.rand_like(xb) * 2 - 1) * epsilon
-            delta.requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(model((xb + delta).clamp(0, 1)), yb), delta)
-            x_adv = (xb + (delta + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)).clamp(0, 1).detach()
-            loss = 0.5 * F.cross_entropy(model(xb), yb) + 0.5 * F.cross_entropy(model(x_adv), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-    return model
-
-
 def _last_linear(net: nn.Module) -> tuple[nn.Module, str]:
     names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not names:
@@ -210,18 +187,6 @@ def transfer(owner: Normalized, x: np.ndarray, y: np.ndarray, config: TrainConfi
     torch.manual_seed(config.seed)
     setattr(parent, name, nn.Linear(old.in_features, old.out_features))
     return train(model, x, y, config)
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    tmp = dst.with_name(f".{dst.name}.tmp.onnx")
-    logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
-    try:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-    finally:
-        logging.disable(logging.NOTSET)
-    tmp.replace(dst)
 
 
 def convert_fp16(src: Path, dst: Path) -> None:

@@ -29,6 +29,7 @@ from fingerprints.models import (
     clone,
     Normalized,
     TrainConfig,
+    adversarial_fine_tune,
     build_architecture,
     predict,
     prune_by_magnitude,
@@ -45,7 +46,7 @@ class KnownModelSpec:
 
     name: str
     kind: str  # piracy | independent
-    family: str  # fine-tune | prune | distill | extract | same-arch | other-arch
+    family: str  # fine-tune | prune | adv-fine-tune | distill | extract | same-arch | other-arch
     role: str  # selection | calibration
     arch: str = "owner"  # "owner" = the owner's own architecture (re-initialized)
 
@@ -118,6 +119,9 @@ def train_known_model(
         return train(clone(owner), x, labels[subset], TrainConfig(epochs=1, lr=1e-4, seed=seed))
     if spec.family == "prune":
         return train(prune_by_magnitude(owner, config.prune_ratio), x, labels[subset], TrainConfig(epochs=1, lr=1e-4, seed=seed))
+    if spec.family == "adv-fine-tune":
+        # A pirate hardening its copy against perturbations: half the core points' radius.
+        return adversarial_fine_tune(clone(owner), x, labels[subset], config.core.epsilon / 2, TrainConfig(epochs=1, lr=3e-4, seed=seed))
     if spec.arch == "owner":
         student: nn.Module = reinitialize(owner, seed)
     else:

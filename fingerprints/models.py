@@ -148,6 +148,31 @@ def train(
     return model
 
 
+def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig) -> nn.Module:
+    """Train on a half-clean, half-FGSM (random start) mixture: the usual cheap adversarial
+    (fine-)tuning. `epsilon` is the L-inf radius in canonical [0, 1] space."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    for _ in range(config.epochs):
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for start in range(0, len(x), config.batch_size):
+            idx = order[start : start + config.batch_size]
+            xb, yb = xs[idx], ys[idx]
+            delta = (torch.rand_like(xb) * 2 - 1) * epsilon
+            delta.requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model((xb + delta).clamp(0, 1)), yb), delta)
+            x_adv = (xb + (delta + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)).clamp(0, 1).detach()
+            loss = 0.5 * F.cross_entropy(model(xb), yb) + 0.5 * F.cross_entropy(model(x_adv), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
 def prune_by_magnitude(model: nn.Module, ratio: float) -> nn.Module:
     """A copy of `model` with the smallest `ratio` of each weight matrix/kernel set to zero."""
     pruned = clone(model)
