@@ -312,8 +312,9 @@ def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, a
     config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
                          candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed)
     results = run_bench(config, out, cache_dir=cache_dir, progress=lambda m: click.echo(m, err=True))
-    for b in results["bar"]:
-        click.echo(f"{'met' if b['met'] else 'NOT MET':<8} {b['criterion']}: {b['measured']}")
+    for mode, bar in results["bar"].items():
+        for b in bar:
+            click.echo(f"{mode}: {'met' if b['met'] else 'NOT MET':<8} {b['criterion']}: {b['measured']}")
     click.echo(f"results in {out} ({results['run_s']:.0f} s)")
 
 

@@ -353,10 +353,13 @@ def _summarize_sequential(seq: dict[str, dict[str, Any]], evaluated: list[Member
                          for m in evaluated}}
 
 
-def check_bar(results: dict[str, Any], budgets: Sequence[int]) -> list[dict[str, Any]]:
-    """The issue's bar, criterion by criterion, for DeepCore label-only (agreement mode)."""
+BAR_METHODS = ("deepcore-agreement", "deepcore-clustering")  # DeepCore's label-only modes
+
+
+def check_bar(results: dict[str, Any], budgets: Sequence[int], method: str) -> list[dict[str, Any]]:
+    """The issue's bar, criterion by criterion, for one label-only DeepCore mode."""
     methods = results["methods"]
-    dc = methods.get("deepcore-agreement")
+    dc = methods.get(method)
     out: list[dict[str, Any]] = []
     if dc is None:
         return out
@@ -425,7 +428,7 @@ def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
         if md.name != "deepcore":
             _attach_references(md, zoo.role("calibrate"))
     results = evaluate(zoo, answers, config, say)
-    results["bar"] = check_bar(results, config.budgets)
+    results["bar"] = {m: check_bar(results, config.budgets, m) for m in BAR_METHODS if m in config.methods}
     results.update({
         "data": {"spec": config.data, **data.source, "train": len(data.train), "test": len(data.test)},
         "config": {**asdict(config), "zoo": asdict(config.zoo)},

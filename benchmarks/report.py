@@ -58,10 +58,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"suspects audited, {n_cal} calibration references (never evaluated) set every threshold at alpha "
         f"{r['config']['alpha']}. Every suspect is an ONNX file asked through the project's ONNX Runtime adapter.",
         "",
-        "## The bar (DeepCore, label-only agreement)",
-        "",
-        *_table(["criterion", "met", "measured"], [[b["criterion"], "yes" if b["met"] else "**no**", b["measured"]] for b in r["bar"]]),
-        "",
+        *[line for mode, bar in r["bar"].items() for line in (
+            f"## The bar: {mode} (label-only)", "",
+            *_table(["criterion", "met", "measured"], [[b["criterion"], "yes" if b["met"] else "**no**", b["measured"]] for b in bar]),
+            "")],
         "## AUC, piracy against homologous (all families pooled)",
         "",
         *_table(["method", "label-only", *[f"{b} q" for b in budgets]],

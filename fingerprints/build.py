@@ -1,6 +1,7 @@
 """From an owner model and its data to a DeepCore fingerprint.
 
-1. Simulate piracy on the owner's own data: a fine-tuned copy, a pruned and fine-tuned copy,
+1. Simulate piracy on the owner's own data: a fine-tuned copy, a pruned and fine-tuned copy, an
+   adversarially fine-tuned copy,
    students distilled from its probabilities (same architecture) and label-extracted from its
    top-1 answers (other architectures).
 2. Train independent references: same architecture with other seeds and data subsets, and
@@ -56,6 +57,9 @@ DEFAULT_ZOO: tuple[KnownModelSpec, ...] = (
     # in the owner's and in other architectures, so that following the owner is what counts.
     KnownModelSpec("sim-fine-tune", "piracy", "fine-tune", "selection"),
     KnownModelSpec("sim-prune", "piracy", "prune", "selection"),
+    # An adversarially fine-tuned copy resists exactly the perturbations core points are made of;
+    # unless it is simulated, the points sit where such a copy reverts to the seed's class.
+    KnownModelSpec("sim-adv-fine-tune", "piracy", "adv-fine-tune", "selection"),
     KnownModelSpec("sim-distill", "piracy", "distill", "selection"),
     KnownModelSpec("sim-extract", "piracy", "extract", "selection"),
     KnownModelSpec("sim-extract-lenet", "piracy", "extract", "selection", "lenet"),
