@@ -54,14 +54,14 @@ def test_smoke_writes_every_output(smoke: tuple[Path, dict, str]) -> None:
 @pytest.mark.slow
 def test_smoke_tells_weight_copies_from_another_task(smoke: tuple[Path, dict, str]) -> None:
     """Even a tiny owner's weight copies agree with it on its core points far more than a model
-    of another task; no audit accuses one (20 points are too few to accuse anyone at alpha 0.01)."""
+    of another task; no homologous suspect is accused, and no quantized copy cleared."""
     _, r, _ = smoke
     dc = r["methods"]["deepcore-agreement"]
     scores = dc["budgets"]["20"]["scores"]
     copies = [scores[k] for k in scores if k.startswith(("fine-tune-own", "int8", "fp16"))]
     assert len(copies) == 3 and min(copies) > scores["other-task-0"] + 0.3, scores
     verdicts = dc["sequential"]["verdicts"]
-    assert verdicts["other-task-0"]["verdict"] == "independent"
+    assert all(v["verdict"] != "piracy" for k, v in verdicts.items() if r["zoo"][k]["kind"] == "homologous"), verdicts
     assert all(v["verdict"] != "independent" for k, v in verdicts.items() if k.startswith(("int8", "fp16"))), verdicts
     assert all(v["queries"] <= 20 for v in verdicts.values())
     # thresholds come from the calibration references, never from evaluated suspects
