@@ -39,7 +39,7 @@ from adapters.open import open_suspect
 from auditor.audit import AuditConfig, Plan, audit
 from auditor.stats import binom_cdf, log_likelihood_ratios
 from benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
-from fingerprints.baselines import BASELINES, BaselineConfig, build_baseline, sac_distance
+from fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from fingerprints.build import BuildConfig, build_fingerprint
 from fingerprints.calibration import rate_bound, rates
 from fingerprints.core import CoreConfig
