@@ -18,7 +18,7 @@ from benchmarks.piracy import SCORES, auc, binomial_threshold, kl_bernoulli, roc
 from conftest import one_line_error
 
 # One suspect a family, a small owner (about 0.77 test accuracy), 20-point fingerprints.
-SMOKE = ["--members", "1", "--epochs", "2", "--train-samples", "3000", "--points", "20", "--candidates", "400",
+SMOKE = ["--members", "1", "--epochs", "2", "--train-samples", "3000", "--points", "20", "--candidates", "1000",
          "--budgets", "10,20", "--seed", "3"]
 
 
