@@ -61,6 +61,11 @@ class AuditConfig:
 REPEAT_TOLERANCE = 1e-4
 
 
+def plan_order(n: int, seed: int) -> np.ndarray:
+    """The order in which an audit with `seed` asks a fingerprint's `n` points."""
+    return np.random.default_rng(seed).permutation(n)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything needed to recompute an audit's verdict from its answers alone: the test, the
@@ -88,7 +93,7 @@ class Plan:
         """The plan for `config`; `r`, the fingerprint's rates for its mode, if already computed."""
         config.validate()
         r = r if r is not None else rates(fp, config.mode)
-        order = np.random.default_rng(config.seed).permutation(len(fp))
+        order = plan_order(len(fp), config.seed)
         return cls(
             mode=config.mode, access=config.access.value, alpha=config.alpha, beta=config.beta,
             batch_size=config.batch_size, seed=config.seed, repeat_checks=config.repeat_checks,

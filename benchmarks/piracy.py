@@ -29,14 +29,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from adapters.base import Access
 from adapters.errors import InputError
+from adapters.onnx import file_sha256
 from adapters.open import open_suspect
-from auditor.audit import AuditConfig, Plan, audit
+from auditor.audit import AuditConfig, audit, plan_order
 from auditor.stats import binom_cdf, log_likelihood_ratios
 from benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
@@ -62,7 +64,6 @@ SCORES = {
     "sac-m": ("sac-m", "correlation"),
 }
 LABEL_ONLY = ("deepcore-agreement", "deepcore-clustering", "random", "ipguard", "akh", "cae")
-Z_99 = 2.3263  # z(1 - 0.01); other alphas use the normal quantile below
 QUICK_FAMILIES = ("fine-tune-own", "fine-tune-other", "prune", "int8", "fp16", "adv-fine-tune")
 FUNCTIONAL_FAMILIES = ("distill-same", "distill-other", "extract")
 
@@ -93,17 +94,6 @@ class BenchConfig:
             raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
         if self.zoo.members < 1 or self.zoo.epochs < 1 or self.zoo.calibration_references < 2:
             raise InputError("the zoo needs at least 1 member a family, 1 epoch and 2 calibration references")
-
-
-def _z(alpha: float) -> float:
-    if abs(alpha - 0.01) < 1e-12:
-        return Z_99
-    # Acklam-free: bisection on the normal tail (erfc), exact enough for a threshold
-    lo, hi = 0.0, 10.0
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if 0.5 * math.erfc(mid / math.sqrt(2)) > alpha else (lo, mid)
-    return (lo + hi) / 2
 
 
 def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
@@ -163,7 +153,7 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None]) -> 
     # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
     bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=config.epsilon)
     out: dict[str, tuple[Fingerprint, float]] = {}
-    owner_id = {"path": str(zoo.paths["owner"]), "sha256": _sha256(zoo.paths["owner"])}
+    owner_id = {"path": str(zoo.paths["owner"]), "sha256": file_sha256(zoo.paths["owner"])}
     for method in wanted:
         params = build.to_dict() if method == "deepcore" else bc.to_dict()
         tag = hashlib.sha256(json.dumps({"method": method, **params}, sort_keys=True).encode()).hexdigest()[:12]
@@ -187,20 +177,12 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None]) -> 
     return out
 
 
-def _sha256(path: Path) -> str:
-    from adapters.onnx import file_sha256
-
-    return file_sha256(path)
-
-
 def _ask_all(zoo: Zoo, fps: dict[str, tuple[Fingerprint, float]], config: BenchConfig,
              say: Callable[[str], None]) -> tuple[dict[str, MethodData], float, int]:
     """Every evaluated suspect and calibration reference answers every fingerprint, once."""
     data: dict[str, MethodData] = {}
     for method, (fp, build_s) in fps.items():
-        plan = Plan.make(fp, AuditConfig(access=Access.PROBS, seed=config.seed, repeat_checks=0), rates(fp, "agreement")
-                         if fp.known_models else _placeholder_rates(fp))
-        data[method] = MethodData(method, fp, np.asarray(plan.indices), build_s=build_s)
+        data[method] = MethodData(method, fp, plan_order(len(fp), config.seed), build_s=build_s)
     models = zoo.role("evaluate") + zoo.role("calibrate")
     say(f"asking {len(models)} models the points of {len(data)} fingerprints")
     t0, asked = time.perf_counter(), 0
@@ -213,13 +195,6 @@ def _ask_all(zoo: Zoo, fps: dict[str, tuple[Fingerprint, float]], config: BenchC
             md.probs[m.name] = probs.astype(np.float64)
             md.labels[m.name] = probs.argmax(1)
     return data, time.perf_counter() - t0, asked
-
-
-def _placeholder_rates(fp: Fingerprint) -> Any:
-    from fingerprints.calibration import Rates
-
-    n = len(fp)
-    return Rates("agreement", np.full(n, 0.5), np.full(n, 0.9), {})
 
 
 def _attach_references(md: MethodData, refs: list[Member]) -> None:
@@ -253,7 +228,7 @@ def _threshold(name: str, md: MethodData, refs: list[str], b: int, ref_scores: l
         values = [(md.labels[r] == md.owner_labels).astype(np.float64) for r in refs]
         return binomial_threshold(rate_bound(values, soft=False, upper=True), b, alpha)
     s = np.asarray(ref_scores)
-    return float(max(s.max() + 1e-9, s.mean() + _z(alpha) * s.std(ddof=1)))
+    return float(max(s.max() + 1e-9, s.mean() + NormalDist().inv_cdf(1 - alpha) * s.std(ddof=1)))
 
 
 def _sequential(zoo: Zoo, md: MethodData, name: str, members: list[Member], config: BenchConfig) -> dict[str, dict[str, Any]]:

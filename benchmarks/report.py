@@ -5,24 +5,12 @@ Every file is written to a temporary name and renamed, so a failed run leaves no
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from fingerprints.format import write_atomic
 
 
 def _fmt(v: Any) -> str:
@@ -126,7 +114,9 @@ def _save(fig: Any, path: Path, title: str) -> Path:
 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90, format="png")
+    write_atomic(path, buf.getvalue())
     plt.close(fig)
     return path
 
@@ -176,6 +166,6 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
 def write_outputs(r: dict[str, Any], out: Path) -> list[Path]:
     """results.json, results.md, roc.png, errors.png in `out` (an existing directory)."""
     paths = plots(r, out)
-    _atomic(out / "results.json", lambda p: p.write_text(json.dumps(r, indent=1, sort_keys=False) + "\n"))
-    _atomic(out / "results.md", lambda p: p.write_text(markdown(r)))
+    write_atomic(out / "results.json", (json.dumps(r, indent=1) + "\n").encode())
+    write_atomic(out / "results.md", markdown(r).encode())
     return [out / "results.json", out / "results.md", *paths]

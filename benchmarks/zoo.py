@@ -40,6 +40,7 @@ from adapters.base import InputConvention
 from adapters.errors import InputError
 from auditor.demo import quantize_int8
 from fingerprints.data import DataSplits, channel_stats
+from fingerprints.format import write_atomic
 from fingerprints.models import (
     Normalized,
     TrainConfig,
@@ -241,12 +242,6 @@ def _halves(data: DataSplits, config: ZooConfig) -> dict[str, tuple[np.ndarray, 
     return {"A": (points[a], labels[a]), "B": (points[b], labels[b]), "R": (points[r], labels[r])}
 
 
-def _write_meta(path: Path, meta: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(path)
-
-
 def _save_state(model: nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(model.state_dict(), tmp)
@@ -281,7 +276,7 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
         _save_state(owner, owner_state)
         meta["owner"] = {"test_accuracy": round(accuracy(owner, test_x, test_y), 4), "train_s": round(time.perf_counter() - t0, 1),
                          "arch": config.owner_arch}
-        _write_meta(meta_path, meta)
+        write_atomic(meta_path, json.dumps(meta, indent=1).encode())
     owner_onnx = root / "owner.onnx"
     if not owner_onnx.is_file():
         export_onnx(owner.net, owner_onnx, shape)
@@ -316,7 +311,7 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
                 torch_models[m.name] = model
         info["train_s"] = round(time.perf_counter() - t0, 1)
         meta["members"][m.name] = info
-        _write_meta(meta_path, meta)
+        write_atomic(meta_path, json.dumps(meta, indent=1).encode())
     meta["build_s"] = round(meta.get("owner", {}).get("train_s", 0) + sum(v.get("train_s", 0) for v in meta["members"].values()), 1)
-    _write_meta(meta_path, meta)
+    write_atomic(meta_path, json.dumps(meta, indent=1).encode())
     return Zoo(root, owner, convention, data, halves, members, paths, meta, torch_models)
