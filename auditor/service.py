@@ -35,12 +35,13 @@ class FingerprintRequest:
     references: tuple[str, ...] = ()
     n_points: int = 200
     candidates: int = 600
-    epsilon: float = 0.15
+    epsilon: float | None = None  # None: from the owner's measured robustness
     steps: int = 60
     min_confidence: float = 0.9
     reference_weight: float = 1.0
     train_samples: int = 50000
     epochs: int = 3
+    max_epochs: int = 0
     seed: int = 0
     cache_dir: Path | None = None
     key_file: Path | None = None  # sign the fingerprint with this Ed25519 private key (PEM)
@@ -71,8 +72,12 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     from fingerprints.data import channel_stats, load_data
     from fingerprints.models import Normalized, accuracy
 
-    _check_positive(points=req.n_points, candidates=req.candidates, epsilon=req.epsilon, steps=req.steps,
+    _check_positive(points=req.n_points, candidates=req.candidates, steps=req.steps,
                     train_samples=req.train_samples, epochs=req.epochs)
+    if req.epsilon is not None:
+        _check_positive(epsilon=req.epsilon)
+    if req.max_epochs and req.max_epochs < req.epochs:
+        raise InputError(f"--max-epochs ({req.max_epochs}) cannot be below --epochs ({req.epochs})")
     if req.n_points > req.candidates:
         raise InputError(f"--points ({req.n_points}) cannot exceed --candidates ({req.candidates})")
     if not 0 < req.min_confidence < 1:
@@ -101,13 +106,15 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     extra = []
     for i, ref in enumerate(req.references):
         oracle = open_suspect(ref, convention=convention, point_shape=data.train.shape, num_classes=data.train.num_classes)
-        extra.append((KnownModelSpec(f"user-ref-{i + 1}:{Path(ref).name}", "independent", "user", "calibration"), oracle))
+        extra.append((KnownModelSpec(f"user-ref-{i + 1}:{Path(ref).name}", "independent", "user", "calibration", "supplied"), oracle))
     config = BuildConfig(
         core=CoreConfig(n_candidates=req.candidates, n_points=req.n_points, epsilon=req.epsilon, steps=req.steps,
                         min_confidence=req.min_confidence, reference_weight=req.reference_weight, seed=req.seed),
-        train_samples=req.train_samples, epochs=req.epochs, seed=req.seed,
+        train_samples=req.train_samples, epochs=req.epochs, max_epochs=req.max_epochs, seed=req.seed,
     )
-    fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, extra_references=extra, progress=say)
+    holdout = (data.test.points(), data.test.y) if len(data.test) else None
+    fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, holdout=holdout,
+                           extra_references=extra, progress=say)
     fp = dataclasses.replace(fp, extra={**fp.extra, "owner_test_accuracy": None if math.isnan(test_acc) else round(test_acc, 4), "data": data.source})
     return fp, save_fingerprint(fp, req.out, key)
 
@@ -340,13 +347,25 @@ def _resume_hint(ledger: Path, answered: int) -> str:
     return f"the ledger {ledger} holds {answered} answered queries: rerun with --resume to continue without asking them again"
 
 
+def _describe_known(fp: Any, m: Any) -> str:
+    """One known model: what it is, how it did on held-out data, its agreement on the kept points."""
+    kept = float((m.labels == fp.owner_labels).mean())
+    q = m.quality
+    measured = (f"held-out accuracy {q['accuracy']:.3f}, agreement {q['agreement']:.3f}; " if q is not None
+                else "held-out accuracy not measured; ")
+    return f"{m.name} ({m.kind}, {m.family}, {m.role}): {measured}agreement on the kept points {kept:.3f}"
+
+
 def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env: str | None = None) -> dict[str, Any]:
     """A verified fingerprint's summary: what it is, how it was made, its calibration, its signature."""
     from fingerprints.calibration import rates
 
     key = resolve_key(key_file, hmac_key_env)
     fp = load_fingerprint(path, key)
-    r = rates(fp, "agreement")
+    try:
+        calibration: Any = rates(fp, "agreement").summary
+    except InputError as e:  # shown, not raised: inspect is where a user sees why audits refuse it
+        calibration = f"refused: {e}"
     sig = fp.signature
     return {
         "sha256": fp.digest,
@@ -360,6 +379,8 @@ def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env:
         "convention": fp.convention.to_dict(),
         "owner": fp.owner_identity,
         "method": fp.method.get("name"),
-        "known_models": [f"{m.name} ({m.kind}, {m.role})" for m in fp.known_models],
-        "calibration": r.summary,
+        "owner_accuracy": fp.extra.get("owner_holdout_accuracy", fp.extra.get("owner_test_accuracy")),
+        "epsilon": fp.method.get("params", {}).get("core", {}).get("epsilon"),
+        "known_models": [_describe_known(fp, m) for m in fp.known_models],
+        "calibration": calibration,
     }

@@ -164,7 +164,9 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None]) -> 
         say(f"building the {method} fingerprint")
         t0 = time.perf_counter()
         if method == "deepcore":
-            fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, build, progress=lambda m: logger.info(m))
+            fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, build,
+                                   holdout=(zoo.data.test.points(), zoo.data.test.y), progress=lambda m: logger.info(m),
+                                   require_separable=False)
         else:
             sur = [zoo.torch_models[m.name] for m in zoo.role("cae-surrogate")] if method == "cae" else []
             ref = [zoo.torch_models[m.name] for m in zoo.role("cae-reference")] if method == "cae" else []

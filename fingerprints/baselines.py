@@ -43,6 +43,7 @@ from torch import nn
 
 from adapters.errors import InputError
 from fingerprints.format import Fingerprint
+from fingerprints.models import set_mode
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _frozen(models: Sequence[nn.Module]) -> Iterator[None]:
     params = [(p, p.requires_grad) for m in models for p in m.parameters()]
     modes = [(m, m.training) for m in models]
     for m in models:
-        m.eval()
+        set_mode(m, False)
     for p, _ in params:
         p.requires_grad_(False)
     try:

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -24,7 +26,8 @@ from torch import nn
 
 from adapters.base import Access, Oracle
 from adapters.errors import InputError
-from fingerprints.core import CoreConfig, build_core_points
+from fingerprints.calibration import rates
+from fingerprints.core import CoreConfig, build_core_points, choose_epsilon
 from fingerprints.format import Fingerprint, ModelAnswers
 from fingerprints.models import (
     clone,
@@ -37,6 +40,7 @@ from fingerprints.models import (
     reinitialize,
     train,
 )
+from fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +91,8 @@ class BuildConfig:
     core: CoreConfig = field(default_factory=CoreConfig)
     zoo: tuple[KnownModelSpec, ...] = DEFAULT_ZOO
     train_samples: int = 50000
-    epochs: int = 3
+    epochs: int = 3  # every model trained from scratch trains at least this long...
+    max_epochs: int = 0  # ...and, below its target accuracy, up to this long (0: 4 x epochs)
     prune_ratio: float = 0.5
     seed: int = 0
 
@@ -102,6 +107,29 @@ class KnownModel:
     spec: KnownModelSpec
     model: nn.Module | None = None  # torch model (needed for selection)
     oracle: Oracle | None = None  # any adapter (enough for calibration)
+    quality: Quality | None = None
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Natural held-out samples (never trained on) on which every known model is measured."""
+
+    points: np.ndarray
+    labels: np.ndarray
+    owner_labels: np.ndarray
+
+    def measure(self, labels: np.ndarray) -> Quality:
+        return Quality(accuracy=float(np.mean(labels == self.labels)), agreement=float(np.mean(labels == self.owner_labels)),
+                       samples=len(self.labels))
+
+
+HOLDOUT_SAMPLES = 2000  # enough for a standard error of about 0.01 on an accuracy
+RETRAIN_LR_FACTOR = 0.3  # the corrected recipe for a model below its floor: a smaller step, another seed
+
+
+def _recipe(spec: KnownModelSpec, config: BuildConfig, seed: int, lr_factor: float) -> TrainConfig:
+    return TrainConfig(epochs=config.epochs, max_epochs=config.max_epochs or 4 * config.epochs,
+                       lr=1e-3 * lr_factor, seed=seed)
 
 
 def train_known_model(
@@ -112,31 +140,55 @@ def train_known_model(
     num_classes: int,
     config: BuildConfig,
     index: int,
+    *,
+    target_accuracy: float | None = None,
+    holdout: Holdout | None = None,
+    lr_factor: float = 1.0,
+    seed_offset: int = 0,
 ) -> nn.Module:
-    """Train one simulated pirate or reference on (a seeded subset of) the owner's data."""
-    seed = config.seed * 1000 + index + 1
+    """Train one simulated pirate or reference on (a seeded subset of) the owner's data.
+
+    Models trained from scratch train at least `config.epochs` and, given a `holdout` and a
+    `target_accuracy`, go on (up to `max_epochs`) until they reach it or stop improving: a
+    reference must be as good as the competitors it stands for (fingerprints.quality).
+    """
+    seed = config.seed * 1000 + index + 1 + seed_offset
     rng = np.random.default_rng(seed)
     subset = rng.choice(len(points), size=min(config.train_samples, len(points)), replace=False)
     x = points[subset]
-    tc = TrainConfig(epochs=config.epochs, seed=seed)
     if spec.family == "fine-tune":
-        return train(clone(owner), x, labels[subset], TrainConfig(epochs=1, lr=1e-4, seed=seed))
+        return train(clone(owner), x, labels[subset], TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed))
     if spec.family == "prune":
-        return train(prune_by_magnitude(owner, config.prune_ratio), x, labels[subset], TrainConfig(epochs=1, lr=1e-4, seed=seed))
+        return train(prune_by_magnitude(owner, config.prune_ratio), x, labels[subset],
+                     TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed))
     if spec.family == "adv-fine-tune":
         # A pirate hardening its copy against perturbations: half the core points' radius.
-        return adversarial_fine_tune(clone(owner), x, labels[subset], config.core.epsilon / 2, TrainConfig(epochs=1, lr=3e-4, seed=seed))
+        assert config.core.epsilon is not None, "epsilon is resolved before the zoo is trained"
+        return adversarial_fine_tune(clone(owner), x, labels[subset], config.core.epsilon / 2,
+                                     TrainConfig(epochs=1, lr=3e-4 * lr_factor, seed=seed))
     if spec.arch == "owner":
         student: nn.Module = reinitialize(owner, seed)
     else:
         torch.manual_seed(seed)
         c, h, w = points.shape[1:]
         student = Normalized(build_architecture(spec.arch, (int(c), int(h), int(w)), num_classes), owner.convention)
+    until = None
+    if holdout is not None and target_accuracy is not None:
+        history: list[float] = []
+
+        def until(model: nn.Module) -> bool:
+            acc = holdout.measure(predict(model, holdout.points).argmax(1)).accuracy
+            stalled = bool(history) and acc < history[-1] + 0.005
+            history.append(acc)
+            logger.debug("%s: held-out accuracy %.4f after an epoch", spec.name, acc)
+            return acc >= target_accuracy or stalled
+
+    tc = _recipe(spec, config, seed, lr_factor)
     if spec.family == "distill":
-        return train(student, x, predict(owner, x), tc)
+        return train(student, x, predict(owner, x), tc, until=until)
     if spec.family == "extract":
-        return train(student, x, predict(owner, x).argmax(1), tc)
-    return train(student, x, labels[subset], tc)  # independent: the true labels
+        return train(student, x, predict(owner, x).argmax(1), tc, until=until)
+    return train(student, x, labels[subset], tc, until=until)  # independent: the true labels
 
 
 def _answers(spec: KnownModelSpec, km: KnownModel, points: np.ndarray, owner_labels: np.ndarray) -> ModelAnswers:
@@ -146,7 +198,42 @@ def _answers(spec: KnownModelSpec, km: KnownModel, points: np.ndarray, owner_lab
         assert km.oracle is not None
         probs = km.oracle.query(points, Access.PROBS)
     labels = probs.argmax(1).astype(np.int64)
-    return ModelAnswers(spec.name, spec.kind, spec.family, spec.role, labels, probs[np.arange(len(points)), owner_labels])
+    quality = None
+    if km.quality is not None:
+        quality = {"arch": spec.arch, "accuracy": round(km.quality.accuracy, 4),
+                   "agreement": round(km.quality.agreement, 4), "samples": km.quality.samples}
+    return ModelAnswers(spec.name, spec.kind, spec.family, spec.role, labels, probs[np.arange(len(points)), owner_labels], quality)
+
+
+def _labels_of(km: KnownModel, points: np.ndarray) -> np.ndarray:
+    if km.model is not None:
+        return predict(km.model, points).argmax(1)
+    assert km.oracle is not None
+    return km.oracle.query(points, Access.LABELS).astype(np.int64)
+
+
+def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, points: np.ndarray, labels: np.ndarray,
+                         num_classes: int, config: BuildConfig, index: int, holdout: Holdout, owner_accuracy: float,
+                         say: Callable[[str], None]) -> KnownModel:
+    """Train one known model, measure it, retrain once with the corrected recipe if it is below its
+    floor, and refuse the build (one line naming it) if it still is: never is a degenerate model
+    used for selection or calibration."""
+    floor = accuracy_floor(spec.family, spec.arch, owner_accuracy, num_classes)
+    target = owner_accuracy - OWNER_ARCH_GAP / 2
+    problem = ""
+    for attempt in range(2):
+        model = train_known_model(spec, owner, points, labels, num_classes, config, index, target_accuracy=target,
+                                  holdout=holdout, lr_factor=RETRAIN_LR_FACTOR if attempt else 1.0,
+                                  seed_offset=7919 * attempt)
+        q = holdout.measure(predict(model, holdout.points).argmax(1))
+        say(f"  {spec.name}: held-out accuracy {q.accuracy:.3f} (floor {floor:.3f}), agreement with the owner {q.agreement:.3f}")
+        problem = quality_problem(spec.name, spec.family, spec.arch, q.accuracy, owner_accuracy, num_classes) or ""
+        if not problem:
+            return KnownModel(spec, model=model, quality=q)
+        if attempt == 0:
+            say(f"  {spec.name} is below its floor: retraining with learning rate x{RETRAIN_LR_FACTOR} and another seed")
+    raise InputError(f"cannot train a trustworthy known model: {problem}, also after retraining; "
+                     "give more training data or --epochs, or check the owner's input convention")
 
 
 def build_fingerprint(
@@ -157,19 +244,47 @@ def build_fingerprint(
     owner_identity: dict[str, str],
     config: BuildConfig,
     *,
+    holdout: tuple[np.ndarray, np.ndarray] | None = None,
     extra_references: Sequence[tuple[KnownModelSpec, Oracle | nn.Module]] = (),
     progress: Callable[[str], None] | None = None,
+    require_separable: bool = True,
 ) -> Fingerprint:
-    """Build a DeepCore fingerprint for `owner` from its training data (canonical points)."""
+    """Build a DeepCore fingerprint for `owner` from its training data (canonical points).
+
+    `holdout` (natural samples never trained on; by default the last sixth of the data is set
+    aside for it) measures the owner and every known model; see fingerprints.quality.
+    `require_separable=False` only reports what `check_separable` would refuse: for benchmarks,
+    which measure fingerprints rather than ship them.
+    """
     say = progress or logger.info
     num_classes = len(classes)
     torch.manual_seed(config.seed)
+    if holdout is None:
+        cut = len(points) - max(1, len(points) // 6)
+        points, labels, holdout = points[:cut], labels[:cut], (points[cut:], labels[cut:])
+    hx, hy = holdout[0][:HOLDOUT_SAMPLES], holdout[1][:HOLDOUT_SAMPLES]
+    if len(hy) == 0:
+        raise InputError("no held-out samples to measure the known models on")
+    held = Holdout(hx, hy, predict(owner, hx).argmax(1))
+    owner_accuracy = float(np.mean(held.owner_labels == hy))
+    say(f"owner: held-out accuracy {owner_accuracy:.3f} on {len(hy)} samples")
+    robustness = None
+    if config.core.epsilon is None:
+        robustness = choose_epsilon(owner, points, labels, config.core.min_confidence, seed=config.seed)
+        config = dataclasses.replace(config, core=dataclasses.replace(config.core, epsilon=robustness.epsilon))
+        say(f"owner flips at L-inf {robustness.flip_radius * 255:.1f}/255: core points get epsilon "
+            f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255)")
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")
-        known.append(KnownModel(spec, model=train_known_model(spec, owner, points, labels, num_classes, config, i)))
+        known.append(_trained_and_checked(spec, owner, points, labels, num_classes, config, i, held, owner_accuracy, say))
     for spec, m in extra_references:
-        known.append(KnownModel(spec, model=m) if isinstance(m, nn.Module) else KnownModel(spec, oracle=m))
+        km = KnownModel(spec, model=m) if isinstance(m, nn.Module) else KnownModel(spec, oracle=m)
+        km.quality = held.measure(_labels_of(km, hx))
+        problem = quality_problem(spec.name, spec.family, spec.arch, km.quality.accuracy, owner_accuracy, num_classes)
+        if problem:
+            raise InputError(f"refusing a supplied reference: {problem}")
+        known.append(km)
     students = [k.model for k in known if k.spec.kind == "piracy" and k.spec.role == "selection" and k.model is not None]
     refs = [k.model for k in known if k.spec.kind == "independent" and k.spec.role == "selection" and k.model is not None]
     say(f"growing {config.core.n_candidates} candidate core points against {len(students)} simulations and {len(refs)} references")
@@ -179,7 +294,12 @@ def build_fingerprint(
     owner_probs = predict(owner, cp.points)
     answers = tuple(_answers(k.spec, k, cp.points, cp.targets) for k in known)
     say(f"kept {len(cp.points)} core points")
-    return Fingerprint(
+    extra: dict[str, object] = {"seed_index": cp.seed_index.tolist(), "selection_score": cp.score.round(4).tolist(),
+                                "owner_confidence_min": float(cp.owner_confidence.min()),
+                                "owner_holdout_accuracy": round(owner_accuracy, 4)}
+    if robustness is not None:
+        extra["robustness"] = robustness.to_dict()
+    fp = Fingerprint(
         points=cp.points,
         owner_labels=cp.targets,
         owner_probs=owner_probs,
@@ -189,6 +309,34 @@ def build_fingerprint(
         method={"name": "deepcore", "version": 1, "params": config.to_dict(), "seed": config.seed},
         known_models=answers,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        extra={"seed_index": cp.seed_index.tolist(), "selection_score": cp.score.round(4).tolist(),
-               "owner_confidence_min": float(cp.owner_confidence.min())},
+        extra=extra,
     )
+    check_separable(fp, say, refuse=require_separable)
+    return fp
+
+
+SEPARABLE_ALPHA = 0.01  # the audit's default alpha and beta
+
+
+def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool = True) -> None:
+    """Report the held-out references' agreement on the kept points, and refuse a fingerprint on
+    which they agree so highly that no verdict could tell an independent model from a pirate:
+    when even an exact copy, agreeing on every point, would not reach Wald's piracy threshold at
+    alpha = beta = 0.01 within the fingerprint's points."""
+    held = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
+    for m in held:
+        say(f"  held-out reference {m.name}: agreement {float(np.mean(m.labels == fp.owner_labels)):.3f} on the kept points")
+    r = rates(fp, "agreement")
+    p0, p1 = float(r.p0.max()), float(r.p1.min())
+    step = math.log(p1 / p0) if p1 > p0 else 0.0
+    need = math.ceil(math.log((1 - SEPARABLE_ALPHA) / SEPARABLE_ALPHA) / step) if step > 0 else math.inf
+    say(f"p0 {p0:.3f} (upper bound for independent models), p1 {p1:.3f}: an exact copy is identified "
+        f"after {need} of {len(fp)} points")
+    if need > len(fp) and not refuse:
+        say(f"warning: even an exact copy would need {need} points to be identified; the fingerprint has {len(fp)}")
+    elif need > len(fp):
+        worst = max(held, key=lambda m: float(np.mean(m.labels == fp.owner_labels)), default=None)
+        figure = f" ({worst.name} agrees {float(np.mean(worst.labels == fp.owner_labels)):.3f})" if worst else ""
+        raise InputError(f"independent references agree with the owner on the kept points up to p0 {p0:.3f}{figure}: "
+                         f"even an exact copy would need {need} points to be identified and the fingerprint has "
+                         f"{len(fp)}; rebuild with a smaller --epsilon or more --points")

@@ -19,6 +19,7 @@ import numpy as np
 from adapters.errors import InputError
 from auditor.stats import clopper_pearson_lower, clopper_pearson_upper, hoeffding_lower, hoeffding_upper
 from fingerprints.format import Fingerprint, ModelAnswers
+from fingerprints.quality import quality_problem
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,37 @@ class Rates:
     summary: dict[str, object]
 
 
+def owner_accuracy(fp: Fingerprint) -> float | None:
+    """The owner's held-out accuracy as the builder measured it, when the fingerprint says."""
+    for key in ("owner_holdout_accuracy", "owner_test_accuracy"):
+        value = fp.extra.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def check_known_models(fp: Fingerprint) -> list[str]:
+    """Refuse a fingerprint whose known models are implausible (a reference that never learnt the
+    task makes p0 look small: the false accusations this check exists for). Returns notes on what
+    could not be checked."""
+    acc = owner_accuracy(fp)
+    unmeasured = [m.name for m in fp.known_models if m.quality is None]
+    for m in fp.known_models:
+        if m.quality is None:
+            continue
+        problem = quality_problem(m.name, m.family, str(m.quality["arch"]), float(m.quality["accuracy"]), acc, fp.num_classes)
+        if problem:
+            raise InputError(f"the fingerprint's known model {problem}: its rates cannot be trusted; rebuild the fingerprint")
+    if unmeasured:
+        return [f"{len(unmeasured)} known models carry no held-out accuracy (made before it was measured): "
+                "their plausibility is unchecked"]
+    if acc is None:
+        return ["the owner's accuracy is not recorded: the known models' plausibility is unchecked"]
+    return []
+
+
 def _groups(fp: Fingerprint) -> tuple[list[ModelAnswers], list[ModelAnswers], list[str]]:
-    notes: list[str] = []
+    notes: list[str] = check_known_models(fp)
     indep = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
     if not indep:
         indep = [m for m in fp.known_models if m.kind == "independent"]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fingerprints.models import set_mode
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,7 +34,9 @@ class CoreConfig:
 
     n_candidates: int = 600
     n_points: int = 200
-    epsilon: float = 0.15
+    # L-inf radius in canonical [0, 1] units; None: chosen from the owner's own robustness
+    # (`choose_epsilon`) and recorded, resolved, in the fingerprint.
+    epsilon: float | None = None
     steps: int = 60
     min_confidence: float = 0.9
     reference_weight: float = 1.0
@@ -40,8 +44,59 @@ class CoreConfig:
     batch_size: int = 200
     seed: int = 0
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
+
+
+# The automatic radius: RADIUS_FACTOR times the owner's flip radius, within these bounds.
+RADIUS_FACTOR = 3.0
+RADIUS_MIN = 2 / 255
+RADIUS_MAX = 0.15  # 38/255: beyond it a perturbation is plainly visible on any image
+_RADIUS_LADDER = tuple(r / 255 for r in (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48))
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """How far the owner must be pushed before it is confidently wrong, measured on its data."""
+
+    flip_radius: float  # smallest ladder radius at which half the probes reach the target confidently
+    success: dict[str, float]  # radius (as x/255) -> share of probes that reached it
+    probes: int
+    epsilon: float  # the radius chosen from it
+
+    def to_dict(self) -> dict[str, object]:
+        return {"flip_radius": round(self.flip_radius, 6), "success": self.success, "probes": self.probes,
+                "epsilon": round(self.epsilon, 6), "factor": RADIUS_FACTOR}
+
+
+def choose_epsilon(owner: nn.Module, data_points: np.ndarray, data_labels: np.ndarray, min_confidence: float,
+                   *, probes: int = 64, steps: int = 20, seed: int = 0) -> Robustness:
+    """The core points' radius from the owner's own robustness, not from a data set's habit.
+
+    Targeted attacks on the owner alone (the seeds and targets core points use) at growing L-inf
+    radii find its *flip radius*: the smallest at which half the probes make it confident
+    (>= min_confidence) in the target. Core points get RADIUS_FACTOR times that, within
+    [RADIUS_MIN, RADIUS_MAX]: room for the joint objective (students follow, references refuse)
+    beyond the owner's bare flip, yet small next to a radius that paints the target class in, on
+    which every competent model of the task agrees (the failure the fixed 0.15 default had on
+    CIFAR-10: 38/255, independent models agreeing 0.975-1.0).
+    """
+    seed_index, targets = choose_seeds(data_labels, _probs(owner, data_points), probes, seed)
+    x0 = data_points[seed_index]
+    success: dict[str, float] = {}
+    flip = _RADIUS_LADDER[-1]
+    for radius in _RADIUS_LADDER:
+        cfg = CoreConfig(epsilon=radius, steps=steps, min_confidence=min_confidence, batch_size=probes, seed=seed)
+        adv = optimize_points(owner, (), (), x0, targets, cfg)
+        lab, conf = _labels(owner, adv)
+        rate = float(np.mean((lab == targets) & (conf >= min_confidence)))
+        success[f"{radius * 255:g}"] = round(rate, 4)
+        if rate >= 0.5:
+            flip = radius
+            break
+    eps = float(min(RADIUS_MAX, max(RADIUS_MIN, RADIUS_FACTOR * flip)))
+    logger.info("owner flip radius %.4f (%.1f/255): epsilon %.4f (%.1f/255)", flip, flip * 255, eps, eps * 255)
+    return Robustness(flip, success, len(seed_index), eps)
 
 
 @dataclass(frozen=True)
@@ -71,10 +126,23 @@ def optimize_points(
     config: CoreConfig,
 ) -> np.ndarray:
     """Signed-gradient descent on the joint loss inside the epsilon ball; canonical points out."""
-    for m in (owner, *students, *references):
-        m.eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
+    models = (owner, *students, *references)
+    frozen = [(p, p.requires_grad) for m in models for p in m.parameters()]
+    for m in models:
+        set_mode(m, False)
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    try:
+        return _optimize(owner, students, references, seeds, targets, config)
+    finally:  # the models are the caller's: they leave as they came (the zoo trains the owner's copies later)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
+def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Sequence[nn.Module], seeds: np.ndarray,
+              targets: np.ndarray, config: CoreConfig) -> np.ndarray:
+    if config.epsilon is None:
+        raise ValueError("CoreConfig.epsilon must be resolved (choose_epsilon) before optimizing points")
     out = np.empty_like(seeds, dtype=np.float32)
     step = 2.5 * config.epsilon / config.steps
     owner_goal = -float(np.log(1 - (1 - config.min_confidence) / 2))

@@ -68,6 +68,9 @@ class ModelAnswers:
     role: str  # "selection" (used to choose points) or "calibration" (held out)
     labels: np.ndarray  # int64 [n]
     owner_prob: np.ndarray  # float64 [n]: probability the model gives the owner's label
+    # How the model did on natural held-out data (fingerprints.quality): {"arch", "accuracy",
+    # "agreement", "samples"}; None in fingerprints made before it was measured.
+    quality: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class Fingerprint:
                     "name": m.name, "kind": m.kind, "family": m.family, "role": m.role,
                     "labels": encode_array(m.labels.astype(np.int64)),
                     "owner_prob": encode_array(m.owner_prob.astype(np.float64)),
+                    **({"quality": dict(m.quality)} if m.quality is not None else {}),
                 }
                 for m in self.known_models
             ],
@@ -240,6 +244,17 @@ def sign_fingerprint(path: Path, key: Key, out: Path | None = None) -> str:
     return save_fingerprint(fp, out or path, key)
 
 
+def _quality(q: Any, name: str) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    ok = (isinstance(q, dict) and set(q) == {"arch", "accuracy", "agreement", "samples"} and isinstance(q["arch"], str)
+          and all(isinstance(q[k], (int, float)) and not isinstance(q[k], bool) and 0 <= q[k] <= 1 for k in ("accuracy", "agreement"))
+          and isinstance(q["samples"], int) and not isinstance(q["samples"], bool) and q["samples"] > 0)
+    if not ok:
+        raise FingerprintError(f"known model {name!r}: malformed quality record")
+    return dict(q)
+
+
 def _from_content(c: dict[str, Any], path: Path) -> Fingerprint:
     try:
         points = decode_array(c["points"], "points")
@@ -249,6 +264,7 @@ def _from_content(c: dict[str, Any], path: Path) -> Fingerprint:
             ModelAnswers(
                 name=str(m["name"]), kind=str(m["kind"]), family=str(m["family"]), role=str(m["role"]),
                 labels=decode_array(m["labels"], "labels"), owner_prob=decode_array(m["owner_prob"], "owner_prob"),
+                quality=_quality(m.get("quality"), str(m["name"])),
             )
             for m in c["known_models"]
         )

@@ -11,7 +11,8 @@ import copy
 import io
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,31 +86,191 @@ def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def _norm_like(module: nn.Module) -> bool:
+    """A normalization layer: it keeps running statistics, or its kind's name says so."""
+    kind = getattr(module, "original_name", None) or type(module).__name__
+    return any(k in kind for k in ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm")) or any(
+        name == "running_mean" for name, _ in module.named_buffers(recurse=False))
+
+
+def _default_init(module: nn.Module, gen: torch.Generator) -> None:
+    """torch's default initialization of one layer, from its parameters' names and shapes.
+
+    For modules whose Python class is gone (TorchScript, torch.export): weights of two or more
+    dimensions kaiming_uniform(a=sqrt(5)) as Conv/Linear do, their bias uniform(+-1/sqrt(fan_in));
+    a normalization layer's scale 1 and shift 0 (zeroing the scale, as this module once did, makes
+    every BatchNorm output 0 and the network untrainable); running statistics 0/1.
+    """
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    norm = _norm_like(module)
+    for name, p in params.items():
+        if p.dim() > 1:
+            bound = 1.0 / math.sqrt(p[0].numel())
+            p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=gen))
+        elif name == "bias" and weight is not None and weight.dim() > 1 and not norm:
+            bound = 1.0 / math.sqrt(weight[0].numel())
+            p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=gen))
+        elif name == "weight" and norm:
+            p.fill_(1.0)
+        else:
+            p.zero_()
+    for name, buf in module.named_buffers(recurse=False):
+        if name == "running_var":
+            buf.fill_(1.0)
+        elif name in ("running_mean", "num_batches_tracked"):
+            buf.zero_()
+
+
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of `model` with the same architecture and fresh random weights (any nn.Module)."""
+    """A copy of `model` with the same architecture and fresh random weights (any nn.Module).
+
+    Each layer gets its own default initialization: an eager module's `reset_parameters` where
+    it has one (seeded; the global RNG is left as it was), otherwise `_default_init` by the
+    parameters' names and shapes, which also serves TorchScript and torch.export modules.
+    """
     fresh = clone(model)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in fresh.parameters():
-            if p.dim() > 1:
-                bound = 1.0 / math.sqrt(p[0].numel())  # torch's default: kaiming_uniform(a=sqrt(5))
-                p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=gen))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in fresh.modules():
+            reset = getattr(type(module), "reset_parameters", None)
+            if callable(reset) and not isinstance(module, torch.jit.ScriptModule):
+                module.reset_parameters()
+                if _norm_like(module) and hasattr(module, "reset_running_stats"):
+                    module.reset_running_stats()
             else:
-                p.zero_()
-    for buf_name, buf in fresh.named_buffers():
-        if buf_name.endswith("running_mean"):
-            buf.zero_()
-        elif buf_name.endswith("running_var"):
-            buf.fill_(1.0)
+                _default_init(module, gen)
     return fresh
+
+
+def set_mode(model: nn.Module, training: bool) -> None:
+    """train()/eval() where the module allows it (a torch.export module refuses both)."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
+
+
+def _running_means(model: nn.Module) -> list[torch.Tensor]:
+    return [b for name, b in model.named_buffers() if name.endswith("running_mean")]
+
+
+def batchnorm_trains(model: nn.Module, probe: torch.Tensor) -> bool:
+    """Whether a train-mode forward pass updates the model's BatchNorm statistics (on a copy).
+
+    A module traced in eval mode (`torch.jit.trace(model.eval(), x)`) or exported with
+    torch.export keeps BatchNorm in inference mode whatever `train()` says: trained that way it
+    never sees batch statistics. True also for a model without BatchNorm.
+    """
+    trial = clone(model)
+    before = [b.clone() for b in _running_means(trial)]
+    if not before:
+        return True
+    set_mode(trial, True)
+    try:
+        with torch.no_grad():
+            trial(probe)
+    except Exception as e:  # any framework error: the model cannot be trained on such batches
+        raise InputError(f"the model fails on a training batch of {len(probe)} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); a torch.export "
+                         "program must be exported with a dynamic batch dimension") from e
+    return any(not torch.equal(a, b) for a, b in zip(before, _running_means(trial)))
+
+
+def thaw_batchnorm(model: nn.Module) -> int:
+    """Rewrite, in place, every batch_norm call frozen in inference mode into a training one.
+
+    Works on TorchScript (the constant `training` argument of `aten::batch_norm` in each
+    submodule's graph, before the graph first runs) and on torch.export graph modules (the
+    same argument of `aten.batch_norm`). Returns how many calls were rewritten.
+    """
+    if isinstance(model, Normalized):
+        return thaw_batchnorm(model.net)
+    count = 0
+    if isinstance(model, torch.jit.ScriptModule):
+        for _, sub in model.named_modules():
+            try:
+                graph = sub.graph
+            except (AttributeError, RuntimeError):
+                continue
+            for node in graph.nodes():
+                if node.kind() == "aten::batch_norm":
+                    flag = graph.insertConstant(True)
+                    flag.node().moveBefore(node)
+                    node.replaceInput(5, flag)
+                    count += 1
+        return count
+    graph_module = model if isinstance(model, torch.fx.GraphModule) else None
+    if graph_module is None:
+        return 0
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.batch_norm.default and len(node.args) > 5:
+            node.args = (*node.args[:5], True, *node.args[6:])
+            count += 1
+    if count:
+        graph_module.recompile()
+    return count
+
+
+class _Trainable:
+    """What `trainable` yields: `net` to optimize, and `settled()` to read the model as trained so far."""
+
+    def __init__(self, model: nn.Module, net: nn.Module) -> None:
+        self.model, self.net = model, net
+
+    def settled(self) -> nn.Module:
+        """`model` in eval mode with the weights and statistics trained so far (training may go on)."""
+        if self.net is not self.model:
+            with torch.no_grad():
+                target = dict(self.model.state_dict(keep_vars=True))
+                for name, value in self.net.state_dict().items():
+                    target[name].copy_(value)
+        set_mode(self.model, False)
+        return self.model
+
+    def resume(self) -> None:
+        set_mode(self.net, True)
+
+
+@contextmanager
+def trainable(model: nn.Module, probe: np.ndarray) -> Iterator[_Trainable]:
+    """The module to optimize in place of `model`, in training mode; `model` ends in eval mode
+    holding the trained weights and statistics.
+
+    Usually `model` itself. When its BatchNorm is frozen in inference mode (see
+    `batchnorm_trains`), a copy with its batch_norm calls rewritten to training mode is trained
+    and its state copied back, so the model keeps the form it was handed in (ONNX export, the
+    oracle) while its statistics are real ones. A frozen model that cannot be rewritten is
+    refused: trained as it is, it would be a degenerate reference (see fingerprints.quality).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(probe[:8], dtype=np.float32))
+    if batchnorm_trains(model, x):
+        net = model
+    else:
+        net = clone(model)
+        if thaw_batchnorm(net) == 0 or not batchnorm_trains(net, x):
+            raise InputError(
+                f"the model's BatchNorm is frozen in inference mode ({type(getattr(model, 'net', model)).__name__}) "
+                "and could not be put in training mode: give the owner as TorchScript from torch.jit.script, "
+                "or as package.module:factory with --owner-weights")
+        logger.info("BatchNorm frozen in inference mode (traced or exported model): training a rewritten copy")
+    handle = _Trainable(model, net)
+    handle.resume()
+    yield handle
+    handle.settled()
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """`epochs` always run; with an `until` test given to `train`, training goes on one epoch at a
+    time up to `max_epochs` (0: no more than `epochs`) while the test says no."""
+
     epochs: int = 2
     lr: float = 1e-3
     batch_size: int = 128
     seed: int = 0
+    max_epochs: int = 0
 
 
 def train(
@@ -119,32 +280,42 @@ def train(
     config: TrainConfig,
     *,
     log: Callable[[str], None] | None = None,
+    until: Callable[[nn.Module], bool] | None = None,
 ) -> nn.Module:
-    """Train `model` (canonical input) on hard labels ([N] int) or soft targets ([N, K] float)."""
+    """Train `model` (canonical input) on hard labels ([N] int) or soft targets ([N, K] float).
+
+    `until(model)` (the model in eval mode, as trained so far) is asked after each epoch from
+    `config.epochs` on; training stops when it says True or at `config.max_epochs`.
+    """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     x_all = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
     soft = targets.ndim == 2
     t_all = torch.from_numpy(targets.astype(np.float32 if soft else np.int64))
-    for epoch in range(config.epochs):
-        order = torch.from_numpy(rng.permutation(len(points)))
-        total = 0.0
-        for start in range(0, len(points), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            logits = model(x_all[idx])
-            if soft:
-                loss = -(t_all[idx] * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-            else:
-                loss = F.cross_entropy(logits, t_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        if log:
-            log(f"epoch {epoch + 1}/{config.epochs} loss {total / len(points):.4f}")
-    model.eval()
+    last = max(config.epochs, config.max_epochs) if until is not None else config.epochs
+    with trainable(model, points) as handle:
+        net = handle.net
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
+        for epoch in range(last):
+            order = torch.from_numpy(rng.permutation(len(points)))
+            total = 0.0
+            for start in range(0, len(points), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                logits = net(x_all[idx])
+                if soft:
+                    loss = -(t_all[idx] * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+                else:
+                    loss = F.cross_entropy(logits, t_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            if log:
+                log(f"epoch {epoch + 1}/{last} loss {total / len(points):.4f}")
+            if until is not None and epoch + 1 >= config.epochs and epoch + 1 < last:
+                if until(handle.settled()):
+                    break
+                handle.resume()
     return model
 
 
@@ -153,23 +324,23 @@ def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilo
     (fine-)tuning. `epsilon` is the L-inf radius in canonical [0, 1] space."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
-    for _ in range(config.epochs):
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for start in range(0, len(x), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            xb, yb = xs[idx], ys[idx]
-            delta = (torch.rand_like(xb) * 2 - 1) * epsilon
-            delta.requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(model((xb + delta).clamp(0, 1)), yb), delta)
-            x_adv = (xb + (delta + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)).clamp(0, 1).detach()
-            loss = 0.5 * F.cross_entropy(model(xb), yb) + 0.5 * F.cross_entropy(model(x_adv), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
+    with trainable(model, x) as handle:
+        net = handle.net
+        opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+        for _ in range(config.epochs):
+            order = torch.from_numpy(rng.permutation(len(x)))
+            for start in range(0, len(x), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                xb, yb = xs[idx], ys[idx]
+                delta = (torch.rand_like(xb) * 2 - 1) * epsilon
+                delta.requires_grad_(True)
+                (g,) = torch.autograd.grad(F.cross_entropy(net((xb + delta).clamp(0, 1)), yb), delta)
+                x_adv = (xb + (delta + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)).clamp(0, 1).detach()
+                loss = 0.5 * F.cross_entropy(net(xb), yb) + 0.5 * F.cross_entropy(net(x_adv), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     return model
 
 
@@ -189,7 +360,7 @@ def prune_by_magnitude(model: nn.Module, ratio: float) -> nn.Module:
 @torch.no_grad()
 def predict(model: nn.Module, points: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Softmax probabilities of `model` on canonical points, as float32 [N, K]."""
-    model.eval()
+    set_mode(model, False)
     out = []
     for start in range(0, len(points), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(points[start : start + batch_size], dtype=np.float32))
@@ -203,7 +374,8 @@ def accuracy(model: nn.Module, points: np.ndarray, labels: np.ndarray) -> float:
 
 def export_onnx(model: nn.Module, path: Path, point_shape: tuple[int, int, int]) -> None:
     """Export `model` to ONNX (opset 17, dynamic batch), written atomically to `path`."""
-    model = clone(model).eval()
+    model = clone(model)
+    set_mode(model, False)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.onnx.export(model, (torch.zeros(1, *point_shape),), str(tmp), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)

@@ -16,7 +16,7 @@ from fingerprints.data import Dataset, DataSplits, channel_stats
 from fingerprints.models import Normalized, TrainConfig, build_architecture, clone, export_onnx, predict, train
 
 # Small enough for the suite, large enough that the verdicts mean something.
-TINY = ["--points", "60", "--candidates", "200", "--steps", "60", "--train-samples", "6000", "--epochs", "3"]
+TINY = ["--points", "100", "--candidates", "300", "--steps", "60", "--train-samples", "6000", "--epochs", "3"]
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def test_trajectory_reports_the_verdict_against_queries(world):
 def test_budget_is_a_hard_limit_and_ends_inconclusive(world):
     fp, suspect = _open(world, world.independent_onnx)
     # alpha tiny and beta tiny: the test cannot decide within 10 queries.
-    res = audit(fp, suspect, AuditConfig(budget=10, batch_size=5, alpha=1e-9, beta=1e-9))
+    res = audit(fp, suspect, AuditConfig(budget=10, batch_size=5, alpha=1e-300, beta=1e-300))
     assert res.verdict == "inconclusive"
     assert res.queries_used == 10
     assert any("budget" in n for n in res.notes)
@@ -109,13 +109,13 @@ def test_seed_changes_the_order_not_the_outcome_for_a_copy(world):
 
 def test_resume_from_ledger_asks_nothing_twice(world, tmp_path):
     fp, suspect = _open(world, world.independent_onnx)
-    cfg = AuditConfig(budget=20, batch_size=5, alpha=1e-9, beta=1e-9)
+    cfg = AuditConfig(budget=20, batch_size=5, alpha=1e-300, beta=1e-300)
     from auditor.audit import ledger_header
 
     path = tmp_path / "ledger.jsonl"
     first = audit(fp, suspect, cfg, ledger=QueryLedger.open(path, ledger_header(fp, suspect, cfg), resume=False))
     assert first.queries_used == 20
-    cfg2 = AuditConfig(budget=40, batch_size=5, alpha=1e-9, beta=1e-9)
+    cfg2 = AuditConfig(budget=40, batch_size=5, alpha=1e-300, beta=1e-300)
     ledger = QueryLedger.open(path, ledger_header(fp, suspect, cfg2), resume=True)
     assert len(ledger) == 20
     second = audit(fp, suspect, cfg2, ledger=ledger)
@@ -144,7 +144,7 @@ def test_failed_attempts_of_an_interrupted_audit_count_against_the_budget_on_res
     from tests.test_budget import Flaky
 
     fp, suspect = _open(world, world.independent_onnx)
-    cfg = AuditConfig(budget=30, batch_size=5, alpha=1e-9, beta=1e-9, repeat_checks=0)
+    cfg = AuditConfig(budget=30, batch_size=5, alpha=1e-300, beta=1e-300, repeat_checks=0)
     path = tmp_path / "ledger.jsonl"
     flaky = Flaky(suspect, {3, 4})  # the third batch fails on both of its attempts
     with pytest.raises(TransientOracleError):

@@ -43,7 +43,7 @@ FORWARDED_HEADERS = r"(?i)^(authorization|x-deepcore-trial)$"
 SLOW_DELAY_S = 0.2  # per request of the "slow" models: long enough to interrupt an audit midway
 # An audit of the independent suspect that runs through (nearly) all its points: the kill and
 # Ctrl-C tests interrupt it midway.
-LONG = ("--budget", "40", "--alpha", "1e-9", "--beta", "1e-9")
+LONG = ("--budget", "40", "--alpha", "1e-300", "--beta", "1e-300")
 COMPARED = ("verdict", "queries_used", "trajectory", "agreement", "llr", "p0", "p1", "fingerprint_sha256")
 
 
