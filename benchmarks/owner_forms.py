@@ -102,7 +102,8 @@ def _load_net(factory: str, path: Path) -> nn.Module:
     return net.eval()
 
 
-def build_world(data_spec: str, out: Path, *, epochs: int, dataset: str, seed: int = 0) -> None:
+def build_world(data_spec: str, out: Path, *, epochs: int, dataset: str, seed: int = 0,
+                skip: tuple[str, ...] = ()) -> None:
     """Train (or reload) the owner and every suspect; write every owner form and the suspects."""
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(data_spec)
@@ -154,6 +155,8 @@ def build_world(data_spec: str, out: Path, *, epochs: int, dataset: str, seed: i
         ("indep-other-arch", small_f, a, seed + 6, epochs),
     ]
     for name, factory, idx, s, ep in plan:
+        if name in skip:
+            continue
         net = trained(name, factory, idx, s, ep)
         if not (suspects / f"{name}.onnx").exists():
             export_onnx(net, suspects / f"{name}.onnx", data.train.shape)
@@ -190,13 +193,16 @@ def run_form(world: Path, form: str, out: Path, extra: list[str]) -> dict[str, o
            "--data", str(world / "owner_half.npz"), "--out", str(fp),
            "--mean", ",".join(f"{v:.4f}" for v in conv["mean"]), "--std", ",".join(f"{v:.4f}" for v in conv["std"]), *extra]
     t0 = time.time()
-    built = subprocess.run(cmd, capture_output=True, text=True)
-    result: dict[str, object] = {"form": form, "build_s": round(time.time() - t0), "build_rc": built.returncode,
-                                 "build_stderr_tail": built.stderr.strip().splitlines()[-3:]}
-    print(f"[{form}] fingerprint exit {built.returncode} in {result['build_s']} s", flush=True)
-    if built.returncode != 0:
-        print(built.stderr[-2000:])
-        return result
+    result: dict[str, object] = {"form": form}
+    if not fp.exists():
+        built = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        (out.with_suffix(".build.log")).write_text(built.stdout)
+        result.update({"build_s": round(time.time() - t0), "build_rc": built.returncode,
+                       "build_tail": built.stdout.strip().splitlines()[-3:]})
+        print(f"[{form}] fingerprint exit {built.returncode} in {result['build_s']} s", flush=True)
+        if built.returncode != 0:
+            print(built.stdout[-2000:])
+            return result
     insp = subprocess.run([sys.executable, "-m", "auditor", "inspect", str(fp), "--json"], capture_output=True, text=True)
     result["inspect"] = json.loads(insp.stdout) if insp.returncode == 0 else insp.stderr.strip()
     verdicts = {}
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--dataset", choices=sorted(FACTORIES), default="cifar10")
     w.add_argument("--dir", type=Path, required=True)
     w.add_argument("--epochs", type=int, default=10)
+    w.add_argument("--skip", action="append", default=[], help="a suspect not to train (repeatable)")
     r = sub.add_parser("run")
     r.add_argument("--dir", type=Path, required=True)
     r.add_argument("--form", choices=OWNER_FORMS, required=True)
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "world":
-        build_world(args.data, args.dir, epochs=args.epochs, dataset=args.dataset)
+        build_world(args.data, args.dir, epochs=args.epochs, dataset=args.dataset, skip=tuple(args.skip))
         return 0
     res = run_form(args.dir, args.form, args.out, args.extra)
     args.out.write_text(json.dumps(res, indent=1, sort_keys=True))

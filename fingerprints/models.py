@@ -271,6 +271,19 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     max_epochs: int = 0
+    shift: int = 0  # random translations of up to this many pixels (zero-padded) per sample; 0: none
+
+
+def translate(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image moved by a random offset of up to `shift` pixels, the border zero-padded: the one
+    augmentation that keeps the label of nearly every image task (flips do not, for digits)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift))
+    oy = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 def train(
@@ -293,6 +306,7 @@ def train(
     soft = targets.ndim == 2
     t_all = torch.from_numpy(targets.astype(np.float32 if soft else np.int64))
     last = max(config.epochs, config.max_epochs) if until is not None else config.epochs
+    gen = torch.Generator().manual_seed(config.seed)
     with trainable(model, points) as handle:
         net = handle.net
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
@@ -301,7 +315,8 @@ def train(
             total = 0.0
             for start in range(0, len(points), config.batch_size):
                 idx = order[start : start + config.batch_size]
-                logits = net(x_all[idx])
+                xb = translate(x_all[idx], config.shift, gen) if config.shift else x_all[idx]
+                logits = net(xb)
                 if soft:
                     loss = -(t_all[idx] * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
                 else:

@@ -1,0 +1,171 @@
+"""Owners in every form a user hands over (eager, TorchScript traced in eval mode and scripted,
+torch.export), with BatchNorm: the builder's references must train from them as from the eager
+module, and nothing degenerate may reach selection or calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from adapters.base import InputConvention
+from adapters.errors import InputError
+from auditor.cli import cli
+from benchmarks.owners import fmnist_cnn_bn
+from fingerprints.calibration import rates
+from fingerprints.core import RADIUS_MAX, RADIUS_MIN, choose_epsilon
+from fingerprints.format import FingerprintError, load_fingerprint, save_fingerprint
+from fingerprints.models import (
+    Normalized,
+    TrainConfig,
+    accuracy,
+    batchnorm_trains,
+    clone,
+    reinitialize,
+    train,
+)
+from fingerprints.quality import accuracy_floor, quality_problem
+
+FORMS = ("eager", "traced", "scripted", "pt2")
+
+
+def _form(net: nn.Module, form: str) -> nn.Module:
+    net = clone(net).eval()
+    example = torch.zeros(2, 1, 28, 28)
+    if form == "traced":
+        with torch.no_grad():
+            return torch.jit.trace(net, example)
+    if form == "scripted":
+        return torch.jit.script(net)
+    if form == "pt2":
+        return torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
+    return net
+
+
+@pytest.fixture(scope="module")
+def small(fmnist):
+    torch.manual_seed(0)
+    x, y = fmnist.train.points(slice(0, 3000)), fmnist.train.y[:3000]
+    xt, yt = fmnist.test.points(slice(0, 1000)), fmnist.test.y[:1000]
+    conv = InputConvention("NCHW", 1.0, (0.286,), (0.353,))
+    owner = train(Normalized(fmnist_cnn_bn(), conv), x, y, TrainConfig(epochs=2, seed=0))
+    return owner, conv, x, y, xt, yt
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_reinitialize_gives_every_layer_its_default(small, form):
+    """BatchNorm scale 1, shift 0, statistics 0/1 (zeroing the scale made every BatchNorm output
+    0); convolution weights fresh, within torch's default bound."""
+    owner, conv, *_ = small
+    fresh = reinitialize(Normalized(_form(owner.net, form), conv), seed=3)
+    state = {k: v for k, v in fresh.net.state_dict().items()}
+    old = owner.net.state_dict()
+    for name, value in state.items():
+        if name.endswith("running_mean") or name.endswith("num_batches_tracked"):
+            assert torch.all(value == 0), name
+        elif name.endswith("running_var"):
+            assert torch.all(value == 1), name
+        elif value.dim() == 1 and name.endswith("weight"):
+            assert torch.all(value == 1), name
+        elif value.dim() > 1:
+            bound = 1 / np.sqrt(value[0].numel())
+            assert value.abs().max() <= bound + 1e-6 and not torch.equal(value, old[name]), name
+
+
+def test_frozen_batchnorm_is_detected(small):
+    owner, conv, x, *_ = small
+    probe = torch.from_numpy(x[:8])
+    found = {form: batchnorm_trains(Normalized(_form(owner.net, form), conv), probe) for form in FORMS}
+    assert found == {"eager": True, "traced": False, "scripted": True, "pt2": False}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_references_train_from_every_owner_form(small, form):
+    """The same recipe, seed and data give a healthy reference from every form; before, a
+    re-initialized traced BatchNorm owner trained to one predicted class (0.11 accuracy)."""
+    owner, conv, x, y, xt, yt = small
+    ref = train(reinitialize(Normalized(_form(owner.net, form), conv), seed=5), x, y, TrainConfig(epochs=1, seed=5))
+    acc = accuracy(ref, xt, yt)
+    assert acc >= accuracy(owner, xt, yt) - 0.15, acc
+    assert len(np.unique(ref(torch.from_numpy(xt)).argmax(1).numpy())) == 10
+    means = [b for n, b in ref.net.named_buffers() if n.endswith("running_mean")]
+    assert means and all(float(m.abs().sum()) > 0 for m in means)  # real statistics, kept in the handed form
+    assert isinstance(ref.net, type(_form(owner.net, form)))
+
+
+def test_a_frozen_model_that_cannot_be_rewritten_is_refused(small):
+    """A normalization frozen by hand (running statistics that no train() updates): refused in one
+    line that says which forms to give, never trained into a degenerate reference."""
+    owner, conv, x, y, *_ = small
+
+    class HandFrozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(1))
+            self.register_buffer("running_var", torch.ones(1))
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.head((t - self.running_mean) / self.running_var.sqrt())
+
+    with pytest.raises(InputError, match="frozen in inference mode.*torch.jit.script.*factory"):
+        train(Normalized(HandFrozen(), conv), x[:64], y[:64], TrainConfig(epochs=1))
+
+
+def test_floors():
+    assert accuracy_floor("same-arch", "owner", 0.82, 10) == pytest.approx(0.72)
+    assert accuracy_floor("distill", "owner", 0.82, 10) == pytest.approx(0.72)
+    assert accuracy_floor("other-arch", "mlp", 0.82, 10) == pytest.approx(0.1 + 0.4 * 0.72)
+    assert accuracy_floor("adv-fine-tune", "owner", 0.82, 10) == pytest.approx(0.1 + 0.4 * 0.72)
+    assert quality_problem("r", "same-arch", "owner", 0.114, 0.861, 10) is not None
+    assert quality_problem("r", "same-arch", "owner", 0.80, 0.861, 10) is None
+    assert quality_problem("r", "same-arch", "owner", 0.1, None, 10) is None
+
+
+def test_choose_epsilon_follows_the_owners_robustness(small):
+    owner, _, x, y, *_ = small
+    r = choose_epsilon(owner, x[:500], y[:500], 0.9, probes=16, steps=10)
+    assert RADIUS_MIN <= r.epsilon <= RADIUS_MAX
+    assert r.epsilon == pytest.approx(min(RADIUS_MAX, max(RADIUS_MIN, 3 * r.flip_radius)))
+    assert r.success[f"{r.flip_radius * 255:g}"] >= 0.5 and all(v < 0.5 for v in list(r.success.values())[:-1])
+    # The owner trains afterwards (the zoo's copies start from it): its parameters are left trainable.
+    assert all(p.requires_grad for p in owner.parameters())
+
+
+def _with_quality(fp, name, accuracy):
+    known = tuple(dataclasses.replace(m, quality={**m.quality, "accuracy": accuracy}) if m.name == name else m
+                  for m in fp.known_models)
+    return dataclasses.replace(fp, known_models=known)
+
+
+def test_calibration_refuses_an_implausible_reference(world, tmp_path):
+    fp = load_fingerprint(world.fingerprint)
+    assert all(m.quality is not None for m in fp.known_models)
+    rates(fp, "agreement")  # the world's own references pass
+    bad = _with_quality(fp, "cal-same-arch-1", 0.114)
+    with pytest.raises(InputError, match="cal-same-arch-1 .* held-out accuracy 0.114 .* below its floor"):
+        rates(bad, "agreement")
+    path = tmp_path / "bad.json"
+    save_fingerprint(bad, path)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["audit", "--fingerprint", str(path), "--suspect", str(world.independent_onnx), "--no-report"])
+    assert r.exit_code == 2 and "cal-same-arch-1" in r.output and len(r.output.strip().splitlines()) == 1
+    i = runner.invoke(cli, ["inspect", str(path), "--json"])
+    assert i.exit_code == 0 and json.loads(i.stdout)["calibration"].startswith("refused: ")
+
+
+def test_quality_round_trips_and_malformed_quality_is_refused(world, tmp_path):
+    fp = load_fingerprint(world.fingerprint)
+    path = tmp_path / "fp.json"
+    save_fingerprint(fp, path)
+    again = load_fingerprint(path)
+    assert again.digest == fp.digest and [m.quality for m in again.known_models] == [m.quality for m in fp.known_models]
+    broken = _with_quality(fp, "cal-mlp", 1.5)
+    save_fingerprint(broken, path)
+    with pytest.raises(FingerprintError, match="cal-mlp.*malformed quality"):
+        load_fingerprint(path)
