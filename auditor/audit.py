@@ -352,11 +352,11 @@ def audit(
         notes.append(f"the fingerprint's {len(plan)} points ran out before the test decided")
     elif decision is None and out.asked >= config.budget:
         notes.append(f"the budget ran out after {out.asked} queries before the test decided")
-    if retrying.retried:
-        notes.append(f"{retrying.retried} failed attempts were retried; each was charged to the budget")
     repeat: dict[str, int] = {}
     if decision == "independent" and plan.repeat_checks > 0:
         decision, repeat = _repeat_check(fp, plan, recorded, budgeted, out.asked, notes)
+    if retrying.retried:  # after the repeat check, whose failed attempts are charged too
+        notes.append(f"{retrying.retried} failed attempts were retried; each was charged to the budget")
     p0, p1 = float(r.p0.mean()), float(r.p1.mean())
     test = SequentialTest(config.alpha, config.beta)
     return AuditResult(
