@@ -38,7 +38,7 @@ from torch import nn
 from adapters.base import InputConvention
 from benchmarks import owners
 from fingerprints.data import channel_stats, load_data
-from fingerprints.models import Normalized, accuracy, clone, export_onnx, prune_by_magnitude
+from fingerprints.models import Normalized, accuracy, clone, export_onnx, prune_by_magnitude, translate
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +46,9 @@ FACTORIES = {"cifar10": ("cifar_vgg_bn", "cifar_vgg_bn_small"), "fashion-mnist":
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
-    """Random crop after zero padding, and a random horizontal flip, per sample."""
-    n, c, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-    out = xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    flip = torch.rand(n, generator=gen) < 0.5
+    """Random translation (crop after zero padding) and a random horizontal flip, per sample."""
+    out = translate(x, pad, gen)
+    flip = torch.rand(len(x), generator=gen) < 0.5
     out[flip] = out[flip].flip(3)
     return out
 
