@@ -140,7 +140,7 @@ def prepare(cache: Path, say: Callable[[str], None]) -> tuple[Fingerprint, dict[
     from adapters.onnx import file_sha256
 
     fp = build_fingerprint(owner, *halves["A"], data.train.classes, {"path": str(owner_ts), "sha256": file_sha256(owner_ts)},
-                           BuildConfig(), progress=say)
+                           BuildConfig(), holdout=(test_x, test_y), progress=say)
     save_fingerprint(fp, fp_path)
     meta["build_s"] = round(time.perf_counter() - t0, 1)
     meta_path.write_text(json.dumps(meta))

@@ -131,7 +131,7 @@ HOLDOUT_SAMPLES = 2000  # enough for a standard error of about 0.01 on an accura
 RETRAIN_LR_FACTOR = 0.5
 
 
-def _recipe(spec: KnownModelSpec, config: BuildConfig, seed: int, retry: bool, height: int) -> TrainConfig:
+def _recipe(config: BuildConfig, seed: int, retry: bool, height: int) -> TrainConfig:
     most = config.max_epochs or 4 * config.epochs
     if not retry:
         return TrainConfig(epochs=config.epochs, max_epochs=most, seed=seed)
@@ -192,7 +192,7 @@ def train_known_model(
             logger.debug("%s: held-out accuracy %.4f after an epoch", spec.name, acc)
             return acc >= target_accuracy or (stalled and acc >= floor)
 
-    tc = _recipe(spec, config, seed, retry, int(points.shape[2]))
+    tc = _recipe(config, seed, retry, int(points.shape[2]))
     if spec.family == "distill":
         return train(student, x, predict(owner, x), tc, until=until)
     if spec.family == "extract":
@@ -261,7 +261,7 @@ def build_fingerprint(
 ) -> Fingerprint:
     """Build a DeepCore fingerprint for `owner` from its training data (canonical points).
 
-    `holdout` (natural samples never trained on; by default the last sixth of the data is set
+    `holdout` (natural samples never trained on; by default a seeded sixth of the data is set
     aside for it) measures the owner and every known model; see fingerprints.quality.
     `require_separable=False` only reports what `check_separable` would refuse: for benchmarks,
     which measure fingerprints rather than ship them.
@@ -269,9 +269,11 @@ def build_fingerprint(
     say = progress or logger.info
     num_classes = len(classes)
     torch.manual_seed(config.seed)
-    if holdout is None:
+    if holdout is None:  # a seeded sixth of the data, never trained on
+        order = np.random.default_rng(config.seed).permutation(len(points))
         cut = len(points) - max(1, len(points) // 6)
-        points, labels, holdout = points[:cut], labels[:cut], (points[cut:], labels[cut:])
+        keep, out = np.sort(order[:cut]), np.sort(order[cut:])
+        points, labels, holdout = points[keep], labels[keep], (points[out], labels[out])
     hx, hy = holdout[0][:HOLDOUT_SAMPLES], holdout[1][:HOLDOUT_SAMPLES]
     if len(hy) == 0:
         raise InputError("no held-out samples to measure the known models on")
