@@ -163,10 +163,10 @@ def batchnorm_trains(model: nn.Module, probe: torch.Tensor) -> bool:
     torch.export keeps BatchNorm in inference mode whatever `train()` says: trained that way it
     never sees batch statistics. True also for a model without BatchNorm.
     """
+    if not _running_means(model):  # nothing to freeze: no copy needed
+        return True
     trial = clone(model)
     before = [b.clone() for b in _running_means(trial)]
-    if not before:
-        return True
     set_mode(trial, True)
     try:
         with torch.no_grad():
