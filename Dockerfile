@@ -7,8 +7,9 @@
 # - The host needs an NVIDIA driver and the NVIDIA container toolkit. The CUDA 13 / cuDNN 9
 #   user-space libraries come from PyPI (onnxruntime-gpu's "cuda" and "cudnn" extras), so the base
 #   is a plain Python image and nothing is installed with apt.
-# - Exactly one ONNX Runtime: onnxruntime-gpu (the project's "gpu" extra). The CPU package
-#   provides the same module and would overwrite it, so the "cpu" extra is never installed here.
+# - Exactly one ONNX Runtime: onnxruntime-gpu. The project's core install brings the CPU package,
+#   which provides the same module, so it is uninstalled before onnxruntime-gpu goes in (the
+#   README's documented swap; uninstalling it afterwards would delete the GPU package's files).
 # - torch is the CPU build, pinned: owner-side work (training, fingerprinting) runs on the CPU and
 #   suspects run in ONNX Runtime or behind Triton; an unpinned torch would pull a multi-GB CUDA
 #   build beside the libraries above.
@@ -24,11 +25,15 @@ RUN python -m venv /opt/deepcore \
     && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
+COPY deepcore_auditor ./deepcore_auditor
 COPY adapters ./adapters
 COPY auditor ./auditor
 COPY fingerprints ./fingerprints
-RUN pip install --no-cache-dir "/src[gpu,triton]" "onnxruntime-gpu[cuda,cudnn]==1.31.1" \
+COPY benchmarks ./benchmarks
+RUN pip install --no-cache-dir "/src[owner,triton]" \
+    && pip uninstall -y onnxruntime \
+    && pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]==1.31.1" \
     && useradd --create-home --uid 10001 --user-group deepcore \
     && install -d -o deepcore -g deepcore /work
 

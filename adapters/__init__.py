@@ -4,8 +4,8 @@ Backends (ONNX Runtime, PyTorch) are imported lazily by `adapters.open` so the i
 without every framework installed.
 """
 
-from adapters.base import Access, InputConvention, LabelsOnly, Oracle, OracleInfo
-from adapters.errors import (
+from deepcore_auditor.adapters.base import Access, InputConvention, LabelsOnly, Oracle, OracleInfo
+from deepcore_auditor.adapters.errors import (
     BudgetExceeded,
     DeepCoreError,
     FingerprintError,

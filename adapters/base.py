@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.errors import IncompatibleSuspect, InputError, OracleError
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError
 
 
 class Access(str, enum.Enum):
@@ -164,7 +164,7 @@ class Oracle(ABC):
         answer = self._answer(points, access)
         return check_answer(answer, len(points), access, info.num_classes)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- a no-op by default: an oracle without resources needs no close
         """Release sessions and connections; idempotent."""
 
     def __enter__(self) -> Oracle:

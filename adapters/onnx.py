@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Access, InputConvention, Oracle, OracleInfo, read_outputs
-from adapters.errors import IncompatibleSuspect, InputError, OracleError
+from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo, read_outputs
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _fits(shape: Sequence[Dim], point_shape: tuple[int, int, int], layout: str) 
         return False
     c, h, w = point_shape
     want = (c, h, w) if layout == "NCHW" else (h, w, c)
-    return all(not _is_static(d) or d == v for d, v in zip(shape[1:], want))
+    return all(not _is_static(d) or d == v for d, v in zip(shape[1:], want, strict=False))
 
 
 def check_input_fits(

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from adapters.base import InputConvention, Oracle
-from adapters.errors import InputError
+from deepcore_auditor.adapters.base import InputConvention, Oracle
+from deepcore_auditor.adapters.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def open_suspect(
     """
     if spec.lower().startswith(TRITON_SCHEMES):
         try:
-            from adapters.triton import open_triton
+            from deepcore_auditor.adapters.triton import open_triton
         except ImportError as e:
             log.debug("importing adapters.triton failed: %s", e)
             raise InputError("Triton support needs tritonclient: pip install 'deepcore-auditor[triton]'") from e
@@ -55,13 +55,13 @@ def open_suspect(
         if not Path(spec).is_file():
             raise InputError(f"suspect file not found: {spec}")
     if suffix == ".onnx":
-        from adapters.onnx import OnnxOracle
+        from deepcore_auditor.adapters.onnx import OnnxOracle
 
         return OnnxOracle(
             spec, convention=convention, point_shape=point_shape, num_classes=num_classes, device=device
         )
     if suffix in TORCH_SUFFIXES:
-        from adapters.torch import TorchOracle, load_torch_model
+        from deepcore_auditor.adapters.torch import TorchOracle, load_torch_model
 
         model, identity = load_torch_model(spec)
         return TorchOracle(

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.base import Access, InputConvention, Oracle, OracleInfo, read_outputs
-from adapters.errors import IncompatibleSuspect, InputError, OracleError
-from adapters.onnx import Dim, check_input_fits, file_sha256, first_line, run_in_batches
+from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo, read_outputs
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError
+from deepcore_auditor.adapters.onnx import Dim, check_input_fits, file_sha256, first_line, run_in_batches
 
 log = logging.getLogger(__name__)
 

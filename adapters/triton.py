@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Access, InputConvention, Oracle, OracleInfo, to_probabilities
-from adapters.errors import IncompatibleSuspect, InputError, OracleError, TransientOracleError
+from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo, to_probabilities
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError, TransientOracleError
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def _shape(values: Any) -> tuple[int, ...]:
 
 
 def _fits(dims: tuple[int, ...], expected: tuple[int, ...]) -> bool:
-    return len(dims) == len(expected) and all(d in (-1, e) for d, e in zip(dims, expected))
+    return len(dims) == len(expected) and all(d in (-1, e) for d, e in zip(dims, expected, strict=False))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import InputError, OracleError
+from deepcore_auditor.adapters.errors import InputError, OracleError
 
 log = logging.getLogger(__name__)
 

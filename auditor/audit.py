@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Access, Oracle, WithClassCount
-from adapters.errors import BudgetExceeded, IncompatibleSuspect, InputError
-from auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
-from auditor.stats import SequentialTest, expected_queries, log_likelihood_ratios
-from fingerprints.calibration import MODES, Rates, rates
-from fingerprints.format import Fingerprint
+from deepcore_auditor.adapters.base import Access, Oracle, WithClassCount
+from deepcore_auditor.adapters.errors import BudgetExceeded, IncompatibleSuspect, InputError
+from deepcore_auditor.auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
+from deepcore_auditor.fingerprints.calibration import MODES, Rates, rates
+from deepcore_auditor.fingerprints.format import Fingerprint
+from deepcore_auditor.fingerprints.stats import SequentialTest, expected_queries, log_likelihood_ratios
 
 logger = logging.getLogger(__name__)
 

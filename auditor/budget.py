@@ -8,9 +8,9 @@ would go past the limit.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-import fcntl
 import logging
 import math
 import os
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Access, Oracle, OracleInfo
-from adapters.errors import BudgetExceeded, InputError, TransientOracleError
+from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo
+from deepcore_auditor.adapters.errors import BudgetExceeded, InputError, TransientOracleError
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class QueryLedger:
         now = round(time.time(), 3)
         new = [
             {"digest": d, "answer": a, "t": now, **({"repeat": True} if repeat else {})}
-            for d, a in zip(digests, answers.tolist())
+            for d, a in zip(digests, answers.tolist(), strict=False)
             if d not in table
         ]
         # Disk first, then memory: an audit interrupted in between never counts (in len()) an

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import click
 
-from adapters.base import Access
-from adapters.errors import DeepCoreError
+from deepcore_auditor.adapters.base import Access
+from deepcore_auditor.adapters.errors import DeepCoreError
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
 EXIT_ERROR = 2
@@ -89,7 +89,7 @@ def cli(verbose: int) -> None:
 @_guarded
 def fingerprint(**o: Any) -> None:
     """Build a DeepCore fingerprint from the owner's model and data."""
-    from auditor.service import FingerprintRequest, make_fingerprint
+    from deepcore_auditor.auditor.service import FingerprintRequest, make_fingerprint
 
     fp, digest = make_fingerprint(FingerprintRequest(**o), progress=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {o['out']}: {len(fp)} core points, sha256 {digest}")
@@ -132,7 +132,7 @@ def fingerprint(**o: Any) -> None:
 @_guarded
 def audit(**o: Any) -> None:
     """Audit a suspect model against a fingerprint; exit 0 independent, 1 piracy, 3 inconclusive."""
-    from auditor.service import AuditRequest, run_audit_request
+    from deepcore_auditor.auditor.service import AuditRequest, run_audit_request
 
     as_json = o.pop("as_json")
     progress = None if as_json else (lambda s: click.echo(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}", err=True))
@@ -159,7 +159,7 @@ def audit(**o: Any) -> None:
 @_guarded
 def inspect(fingerprint_path: Path, as_json: bool, key_file: Path | None, hmac_key_env: str | None) -> None:
     """Verify a fingerprint file (its digest; its signature with a key) and summarize it."""
-    from auditor.service import describe_fingerprint
+    from deepcore_auditor.auditor.service import describe_fingerprint
 
     d = describe_fingerprint(fingerprint_path, key_file, hmac_key_env)
     click.echo(json.dumps(d) if as_json else "\n".join(f"{k}: {v}" for k, v in d.items()))
@@ -172,7 +172,7 @@ def inspect(fingerprint_path: Path, as_json: bool, key_file: Path | None, hmac_k
 @_guarded
 def sign(fingerprint_path: Path, out: Path | None, key_file: Path | None, hmac_key_env: str | None) -> None:
     """Sign a fingerprint with an Ed25519 private key or an HMAC key (its digest is unchanged)."""
-    from auditor.service import sign_fingerprint_file
+    from deepcore_auditor.auditor.service import sign_fingerprint_file
 
     digest = sign_fingerprint_file(fingerprint_path, key_file, hmac_key_env, out)
     click.echo(f"signed {out or fingerprint_path}: sha256 {digest}")
@@ -185,7 +185,7 @@ def sign(fingerprint_path: Path, out: Path | None, key_file: Path | None, hmac_k
 @_guarded
 def commit(fingerprint_path: Path, out: Path, key_file: Path | None, hmac_key_env: str | None) -> None:
     """Write the commitment to publish before auditing; prints the fingerprint digest it fixes."""
-    from auditor.service import commit_fingerprint
+    from deepcore_auditor.auditor.service import commit_fingerprint
 
     fp_digest, _ = commit_fingerprint(fingerprint_path, out, key_file, hmac_key_env)
     click.echo(f"wrote {out}: publish this digest before auditing: sha256 {fp_digest}")
@@ -197,7 +197,7 @@ def commit(fingerprint_path: Path, out: Path, key_file: Path | None, hmac_key_en
 @_guarded
 def keygen(private_path: Path, public_path: Path) -> None:
     """Make an Ed25519 key pair for signing fingerprints and reports (never overwrites a file)."""
-    from fingerprints.signing import generate_ed25519
+    from deepcore_auditor.fingerprints.signing import generate_ed25519
 
     key = generate_ed25519(private_path, public_path)
     click.echo(f"wrote {private_path} and {public_path}: key id {key.key_id}")
@@ -216,7 +216,7 @@ def verify_report(report_path: Path, ledger: Path | None, fingerprint_path: Path
 
     Exit 0 when everything verifies; 2, with the first failed check, when it does not.
     """
-    from auditor.service import verify_report_file
+    from deepcore_auditor.auditor.service import verify_report_file
 
     v = verify_report_file(report_path, key_file, hmac_key_env, ledger, fingerprint_path)
     if as_json:
@@ -241,7 +241,7 @@ def serve_triton(models: tuple[Path, ...], names: tuple[str, ...], repository: P
     Prints each model's triton+http:// and triton+grpc:// URL on stdout, one per line, then
     serves until Ctrl-C or SIGTERM; the server is always stopped. Needs nvidia-pytriton.
     """
-    from auditor.serving import ServeRequest, Served, serve_until_stopped
+    from deepcore_auditor.auditor.serving import Served, ServeRequest, serve_until_stopped
 
     def ready(served: Served) -> None:
         for urls in served.urls.values():
@@ -263,7 +263,7 @@ def serve_triton(models: tuple[Path, ...], names: tuple[str, ...], repository: P
 @_guarded
 def demo(as_json: bool, triton: bool, cache_dir: Path | None, budget: int, alpha: float) -> None:
     """Train a Fashion-MNIST owner and its suspects, fingerprint, audit each through ONNX Runtime (or Triton)."""
-    from auditor.demo import run_demo
+    from deepcore_auditor.auditor.demo import run_demo
 
     transports = ("http", "grpc") if triton else ("onnx",)
     report = run_demo(cache_dir=cache_dir, budget=budget, alpha=alpha, transports=transports, progress=lambda m: click.echo(m, err=True))
@@ -305,8 +305,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
           epsilon: float, budgets: str, methods: str, alpha: float, seed: int, cache_dir: Path | None) -> None:
     """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects."""
-    from benchmarks.piracy import SCORES, BenchConfig, run_bench
-    from benchmarks.zoo import ZooConfig
+    from deepcore_auditor.benchmarks.piracy import SCORES, BenchConfig, run_bench
+    from deepcore_auditor.benchmarks.zoo import ZooConfig
 
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) or tuple(SCORES)
     zoo = ZooConfig(members=members, epochs=epochs, train_samples=train_samples, adv_epsilon=adv_epsilon, seed=seed)

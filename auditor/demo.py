@@ -25,19 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.base import Access, InputConvention
-from adapters.errors import InputError
-from adapters.open import open_suspect
-from auditor.audit import AuditConfig, audit
-from fingerprints.build import BuildConfig, build_fingerprint
-from fingerprints.data import channel_stats, default_cache_dir, load_data
-from fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
-from fingerprints.models import (
-    clone,
+from deepcore_auditor.adapters.base import Access, InputConvention
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.open import open_suspect
+from deepcore_auditor.auditor.audit import AuditConfig, audit
+from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
+from deepcore_auditor.fingerprints.data import channel_stats, default_cache_dir, load_data
+from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
+from deepcore_auditor.fingerprints.models import (
     Normalized,
     TrainConfig,
     accuracy,
     build_architecture,
+    clone,
     export_onnx,
     predict,
     prune_by_magnitude,
@@ -137,7 +137,7 @@ def prepare(cache: Path, say: Callable[[str], None]) -> tuple[Fingerprint, dict[
         assert isinstance(model, Normalized)
         export_onnx(model.net, paths[r.name], shape)
     say("building the DeepCore fingerprint from the owner and half A only")
-    from adapters.onnx import file_sha256
+    from deepcore_auditor.adapters.onnx import file_sha256
 
     fp = build_fingerprint(owner, *halves["A"], data.train.classes, {"path": str(owner_ts), "sha256": file_sha256(owner_ts)},
                            BuildConfig(), holdout=(test_x, test_y), progress=say)
@@ -174,12 +174,12 @@ def run_demo(
     with ExitStack() as stack:
         specs: dict[tuple[str, str], str] = {(r.name, "onnx"): str(paths[r.name]) for r in SUSPECTS}
         if any(t != "onnx" for t in transports):
-            from auditor.serving import ServeRequest, serving, unique_model_names
+            from deepcore_auditor.auditor.serving import ServeRequest, serving, unique_model_names
 
             names = unique_model_names(r.name for r in SUSPECTS)
             say(f"serving the {len(SUSPECTS)} suspects from a local Triton server")
             served = stack.enter_context(serving(ServeRequest(models=tuple(paths[r.name] for r in SUSPECTS), names=tuple(names))))
-            for r, name in zip(SUSPECTS, names):
+            for r, name in zip(SUSPECTS, names, strict=False):
                 specs.update({(r.name, t): url for t, url in served.urls[name].items()})
         for r in SUSPECTS:
             for transport in transports:

@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Access
-from adapters.errors import ReportError
-from auditor.stats import SequentialTest
-from auditor.audit import (
+from deepcore_auditor.adapters.base import Access
+from deepcore_auditor.adapters.errors import ReportError
+from deepcore_auditor.auditor.audit import (
     LOCATION_KEYS,
     AuditConfig,
     AuditResult,
@@ -34,9 +33,10 @@ from auditor.audit import (
     run_test,
     tool_version,
 )
-from auditor.budget import QueryLedger
-from fingerprints.format import Document, load_fingerprint, read_document, write_document
-from fingerprints.signing import Key
+from deepcore_auditor.auditor.budget import QueryLedger
+from deepcore_auditor.fingerprints.format import Document, load_fingerprint, read_document, write_document
+from deepcore_auditor.fingerprints.signing import Key
+from deepcore_auditor.fingerprints.stats import SequentialTest
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def verify_report(
         require(said == recomputed_value, f"stated {what} equal the plan and the replay", f"stated {said}, recomputed {recomputed_value}")
     means = [float(np.mean(plan.p0)), float(np.mean(plan.p1))]  # summed in another order than the audit's: a tolerance
     said_means = [res.get("p0"), res.get("p1")]
-    require(all(isinstance(x, (int, float)) and abs(x - m) <= 1e-4 for x, m in zip(said_means, means)),
+    require(all(isinstance(x, (int, float)) and abs(x - m) <= 1e-4 for x, m in zip(said_means, means, strict=False)),
             "stated mean rates equal the plan's", f"stated {said_means}, recomputed {[round(m, 4) for m in means]}")
     used = set(plan.digests[: out.asked])
     require(set(ledger.entries) <= used, "ledger holds no answer the test did not use",

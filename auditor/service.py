@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.base import Access, InputConvention
-from adapters.errors import InputError, OracleError, TransientOracleError
-from auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
-from auditor.budget import QueryLedger
-from auditor.report import Verification, build_report, verify_report, write_report
-from fingerprints.format import Fingerprint, canonical_digest, load_commitment, load_fingerprint, save_fingerprint, sign_fingerprint, write_commitment
-from fingerprints.signing import resolve_key
+from deepcore_auditor.adapters.base import Access, InputConvention
+from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError
+from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
+from deepcore_auditor.auditor.budget import QueryLedger
+from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
+from deepcore_auditor.fingerprints.format import (
+    Fingerprint,
+    canonical_digest,
+    load_commitment,
+    load_fingerprint,
+    save_fingerprint,
+    sign_fingerprint,
+    write_commitment,
+)
+from deepcore_auditor.fingerprints.signing import resolve_key
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +73,12 @@ def _check_positive(**values: float) -> None:
 
 def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | None = None) -> tuple[Fingerprint, str]:
     """Load owner and data, build the fingerprint, write it atomically; returns it and its digest."""
-    from adapters.open import open_suspect
-    from adapters.torch import load_torch_model
-    from fingerprints.build import BuildConfig, KnownModelSpec, build_fingerprint
-    from fingerprints.core import CoreConfig
-    from fingerprints.data import channel_stats, load_data
-    from fingerprints.models import Normalized, accuracy
+    from deepcore_auditor.adapters.open import open_suspect
+    from deepcore_auditor.adapters.torch import load_torch_model
+    from deepcore_auditor.fingerprints.build import BuildConfig, KnownModelSpec, build_fingerprint
+    from deepcore_auditor.fingerprints.core import CoreConfig
+    from deepcore_auditor.fingerprints.data import channel_stats, load_data
+    from deepcore_auditor.fingerprints.models import Normalized, accuracy
 
     _check_positive(points=req.n_points, candidates=req.candidates, steps=req.steps,
                     train_samples=req.train_samples, epochs=req.epochs)
@@ -225,7 +233,7 @@ def suspect_convention(fp: Fingerprint, req: AuditRequest) -> InputConvention:
 
 def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None = None) -> AuditResult:
     """Open fingerprint and suspect, check they fit, audit, write the report if asked."""
-    from adapters.open import open_suspect
+    from deepcore_auditor.adapters.open import open_suspect
 
     if req.resume and req.ledger is None:
         raise InputError("--resume needs --ledger: the file that holds the answered queries")
@@ -358,7 +366,7 @@ def _describe_known(fp: Any, m: Any) -> str:
 
 def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env: str | None = None) -> dict[str, Any]:
     """A verified fingerprint's summary: what it is, how it was made, its calibration, its signature."""
-    from fingerprints.calibration import rates
+    from deepcore_auditor.fingerprints.calibration import rates
 
     key = resolve_key(key_file, hmac_key_env)
     fp = load_fingerprint(path, key)

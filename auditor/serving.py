@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from adapters.errors import InputError, OracleError
+from deepcore_auditor.adapters.errors import InputError, OracleError
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def model_names(models: Sequence[Path], names: Sequence[str] = ()) -> list[str]:
 @contextmanager
 def serving(req: ServeRequest) -> Iterator[Served]:
     """Write the repository, start the server and yield it; always stop it (and clean up) after."""
-    from adapters.triton_serve import TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
 
     names = model_names(req.models, req.names)
     if req.max_batch_size < 0:
@@ -102,7 +102,7 @@ def serving(req: ServeRequest) -> Iterator[Served]:
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise InputError(f"--repository {root} must be a new or empty directory (Triton serves all it holds)")
     try:
-        write_model_repository(dict(zip(names, (Path(m) for m in req.models))), root, max_batch_size=req.max_batch_size)
+        write_model_repository(dict(zip(names, (Path(m) for m in req.models), strict=False)), root, max_batch_size=req.max_batch_size)
         log_path = (temp or root) / "tritonserver.log"  # Triton ignores plain files in a repository
         server = TritonServer(root, log_path=log_path, startup_timeout_s=req.startup_timeout_s)
         try:

@@ -1,7 +1,7 @@
 """Benchmark (not a test): fingerprint build time, and per suspect the queries and time to a
 verdict in each identification mode, over several query orders, on the demo's Fashion-MNIST zoo.
 
-    python benchmarks/audit_benchmark.py [--cache-dir DIR] [--orders 5] [--budget 200]
+    python -m deepcore_auditor.benchmarks.audit_benchmark [--cache-dir DIR] [--orders 5] [--budget 200]
 
 The first run trains the demo's models (minutes); later runs reuse the cache.
 """
@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from adapters.base import Access
-from adapters.open import open_suspect
-from auditor.audit import AuditConfig, audit
-from auditor.demo import RECIPE, SUSPECTS, prepare
-from fingerprints.data import default_cache_dir
+from deepcore_auditor.adapters.base import Access
+from deepcore_auditor.adapters.open import open_suspect
+from deepcore_auditor.auditor.audit import AuditConfig, audit
+from deepcore_auditor.auditor.demo import RECIPE, SUSPECTS, prepare
+from deepcore_auditor.fingerprints.data import default_cache_dir
 
 MODES = [("agreement", Access.LABELS), ("similarity", Access.PROBS), ("clustering", Access.LABELS)]
 

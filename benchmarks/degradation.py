@@ -1,8 +1,8 @@
 """Benchmark (not a test): how the verdict degrades when a suspect perturbs what it is asked or
 what it answers.
 
-    python benchmarks/degradation.py WORLD_DIR [--seeds 5] [--budget 100] [--batch-size 5]
-    python benchmarks/degradation.py WORLD_DIR --fingerprint FP --suspect NAME=FILE.onnx[:TRUTH] ...
+    python -m deepcore_auditor.benchmarks.degradation WORLD_DIR [--seeds 5] [--budget 100] [--batch-size 5]
+    python -m deepcore_auditor.benchmarks.degradation WORLD_DIR --fingerprint FP --suspect NAME=FILE.onnx[:TRUTH] ...
 
 Without --fingerprint, a small Fashion-MNIST world like the test suite's (owner, fine-tuned
 pirate, distilled copy, independent model, scaled-down fingerprint) is built once and cached in
@@ -39,14 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-sys.path.insert(0, str(ROOT / "tests"))  # the test suite's small world
-
-from adapters.base import Access, Oracle, OracleInfo, to_probabilities
-from adapters.onnx import OnnxOracle
-from auditor.audit import AuditConfig, audit
-from fingerprints.format import Fingerprint, load_fingerprint
+from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo, to_probabilities
+from deepcore_auditor.adapters.onnx import OnnxOracle
+from deepcore_auditor.auditor.audit import AuditConfig, audit
+from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
 
 MODES: tuple[tuple[str, Access], ...] = (
     ("agreement", Access.LABELS),
@@ -187,8 +183,8 @@ class World:
 
 def build_world(root: Path, say: Callable[[str], None]) -> World:
     """The test suite's small world (tests/small_world.py), built once and cached under `root`."""
-    from fingerprints.data import load_data
-    from small_world import build_world as build_small_world
+    from deepcore_auditor.benchmarks.small_world import build_world as build_small_world
+    from deepcore_auditor.fingerprints.data import load_data
 
     t0 = time.perf_counter()
     w = build_small_world(root, load_data("fashion-mnist"), say)

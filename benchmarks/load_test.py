@@ -14,8 +14,8 @@ audits whose verdict, trajectory or ledger differ from the alone run; ledger ent
 (answered by the server but in no ledger, or held alone but not under load); duplicated
 entries; budget overruns (audits that sent, or were charged, more samples than --budget).
 
-    python benchmarks/load_test.py [--audits 1,4,8,16] [--budget 60] [--batch-size 5]
-    python benchmarks/load_test.py --fingerprint FP --pirate P.onnx --independent I.onnx
+    python -m deepcore_auditor.benchmarks.load_test [--audits 1,4,8,16] [--budget 60] [--batch-size 5]
+    python -m deepcore_auditor.benchmarks.load_test --fingerprint FP --pirate P.onnx --independent I.onnx
 
 Without files it uses the demo's cached models (`deepcore demo` makes them; the first run
 trains them, minutes).
@@ -35,12 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
-from fault_proxy import GrpcFaultProxy, HttpFaultProxy, ledger_answers, served_samples  # noqa: E402
+from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
+from deepcore_auditor.benchmarks.fault_proxy import GrpcFaultProxy, HttpFaultProxy, ledger_answers, served_samples
 
 MODELS = ("pirate", "independent")
 
@@ -78,12 +74,12 @@ def run_audits(jobs: list[Job], server: TritonServer, fingerprint: Path, a: argp
 
     def one(k: int) -> None:
         j, proxy = jobs[k], proxies[k]
-        cmd = [sys.executable, "-m", "auditor", "audit", "--fingerprint", str(fingerprint), "--suspect", proxy.url(j.model),
+        cmd = [sys.executable, "-m", "deepcore_auditor", "audit", "--fingerprint", str(fingerprint), "--suspect", proxy.url(j.model),
                "--budget", str(a.budget), "--batch-size", str(a.batch_size), "--seed", str(j.seed),
                "--concurrency", str(a.concurrency), "--json", "--ledger", str(ledgers[k]),
                "--report", str(ledgers[k].with_suffix(".report.json"))]  # each audit writes its report, as users' do
         t0 = time.monotonic()
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         finished[k] = (p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
 
     try:
@@ -122,8 +118,8 @@ def models(a: argparse.Namespace) -> tuple[Path, Path, Path]:
         if not (a.fingerprint and a.pirate and a.independent):
             raise SystemExit("give --fingerprint, --pirate and --independent together")
         return Path(a.fingerprint), Path(a.pirate), Path(a.independent)
-    from auditor.demo import RECIPE, SUSPECTS, prepare
-    from fingerprints.data import default_cache_dir
+    from deepcore_auditor.auditor.demo import RECIPE, SUSPECTS, prepare
+    from deepcore_auditor.fingerprints.data import default_cache_dir
 
     cache = Path(a.cache_dir or default_cache_dir()) / RECIPE
     _, paths, _ = prepare(cache, lambda m: print(m, file=sys.stderr))
@@ -169,10 +165,10 @@ def main() -> None:
                 differ = sum(
                     (d.result["verdict"], d.result["trajectory"], d.records)
                     != (alone[j].result["verdict"], alone[j].result["trajectory"], alone[j].records)
-                    for j, d in zip(jobs, done)
+                    for j, d in zip(jobs, done, strict=False)
                 )
                 entries = sum(len(d.records) for d in done)
-                lost = sum(sum((Counter(alone[j].records) - Counter(d.records)).values()) for j, d in zip(jobs, done))
+                lost = sum(sum((Counter(alone[j].records) - Counter(d.records)).values()) for j, d in zip(jobs, done, strict=False))
                 lost += max(0, served - entries) + sum(max(0, d.answered - len(d.records)) for d in done)
                 dup = sum(len(d.records) - len(set(d.records)) for d in done)
                 overruns = sum(d.sent > a.budget or d.result["queries_used"] > a.budget for d in done)

@@ -1,13 +1,13 @@
 """The owner-forms regression world: owners handed over as users hand them, suspects made by a
 recipe the builder never uses, and the verdicts of `deepcore` with its default flags.
 
-    python -m benchmarks.owner_forms world --data cifar10.tar.gz --dir WORLD
-    python -m benchmarks.owner_forms run --dir WORLD --form traced --out results.json
+    python -m deepcore_auditor.benchmarks.owner_forms world --data cifar10.tar.gz --dir WORLD
+    python -m deepcore_auditor.benchmarks.owner_forms run --dir WORLD --form traced --out results.json
 
 `world` trains (or reloads) an owner on half A of the data with SGD, momentum, weight decay and
 crop/flip augmentation — the usual recipe, not the builder's Adam — and writes it in every form a
 user hands over: TorchScript traced in eval mode, TorchScript scripted, a torch.export `.pt2`, and
-`benchmarks.owners:<factory>` + safetensors weights; the owner's data as an `.npz` with its
+`deepcore_auditor.benchmarks.owners:<factory>` + safetensors weights; the owner's data as an `.npz` with its
 mean/std; and the suspects as ONNX files:
 
 - independent, the owner's architecture: other seeds on A, the other half B, a random half C,
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import InputConvention
-from benchmarks import owners
-from fingerprints.data import channel_stats, load_data
-from fingerprints.models import Normalized, accuracy, clone, export_onnx, prune_by_magnitude, translate
+from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.benchmarks import owners
+from deepcore_auditor.fingerprints.data import channel_stats, load_data
+from deepcore_auditor.fingerprints.models import Normalized, accuracy, clone, export_onnx, prune_by_magnitude, translate
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def build_world(data_spec: str, out: Path, *, epochs: int, dataset: str, seed: i
         if not (suspects / f"{name}.onnx").exists():
             export_onnx(net, suspects / f"{name}.onnx", data.train.shape)
     if not (suspects / "pirate-int8.onnx").exists():
-        from auditor.demo import quantize_int8
+        from deepcore_auditor.auditor.demo import quantize_int8
 
         quantize_int8(suspects / "pirate-copy.onnx", suspects / "pirate-int8.onnx")
     print(json.dumps(accs, indent=1, sort_keys=True))
@@ -175,7 +175,7 @@ def _owner_args(world: Path, form: str) -> list[str]:
         "traced": ["--owner", str(world / "owner.traced.pt")],
         "scripted": ["--owner", str(world / "owner.scripted.pt")],
         "pt2": ["--owner", str(world / "owner.pt2")],
-        "factory": ["--owner", f"benchmarks.owners:{factory}", "--owner-weights", str(world / "owner.safetensors")],
+        "factory": ["--owner", f"deepcore_auditor.benchmarks.owners:{factory}", "--owner-weights", str(world / "owner.safetensors")],
     }[form]
 
 
@@ -183,7 +183,7 @@ def run_form(world: Path, form: str, out: Path, extra: list[str]) -> dict[str, o
     """Fingerprint one owner form with default flags, then audit every suspect label-only."""
     conv = json.loads((world / "convention.json").read_text())
     fp = out.with_suffix(".fp.json")
-    cmd = [sys.executable, "-m", "auditor", "fingerprint", *_owner_args(world, form),
+    cmd = [sys.executable, "-m", "deepcore_auditor", "fingerprint", *_owner_args(world, form),
            "--data", str(world / "owner_half.npz"), "--out", str(fp),
            "--mean", ",".join(f"{v:.4f}" for v in conv["mean"]), "--std", ",".join(f"{v:.4f}" for v in conv["std"]), *extra]
     t0 = time.time()
@@ -197,11 +197,11 @@ def run_form(world: Path, form: str, out: Path, extra: list[str]) -> dict[str, o
         if built.returncode != 0:
             print(built.stdout[-2000:])
             return result
-    insp = subprocess.run([sys.executable, "-m", "auditor", "inspect", str(fp), "--json"], capture_output=True, text=True)
+    insp = subprocess.run([sys.executable, "-m", "deepcore_auditor", "inspect", str(fp), "--json"], capture_output=True, text=True)
     result["inspect"] = json.loads(insp.stdout) if insp.returncode == 0 else insp.stderr.strip()
     verdicts = {}
     for onnx in sorted((world / "suspects").glob("*.onnx")):
-        r = subprocess.run([sys.executable, "-m", "auditor", "audit", "--fingerprint", str(fp), "--suspect", str(onnx),
+        r = subprocess.run([sys.executable, "-m", "deepcore_auditor", "audit", "--fingerprint", str(fp), "--suspect", str(onnx),
                             "--access", "labels", "--budget", "400", "--json", "--no-report"], capture_output=True, text=True)
         try:
             j = json.loads(r.stdout)

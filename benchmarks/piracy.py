@@ -34,19 +34,19 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Access
-from adapters.errors import InputError
-from adapters.onnx import file_sha256
-from adapters.open import open_suspect
-from auditor.audit import AuditConfig, audit, plan_order
-from auditor.stats import binom_cdf, log_likelihood_ratios
-from benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
-from fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
-from fingerprints.build import BuildConfig, build_fingerprint
-from fingerprints.calibration import rate_bound, rates
-from fingerprints.core import CoreConfig
-from fingerprints.data import default_cache_dir, load_data
-from fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
+from deepcore_auditor.adapters.base import Access
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.onnx import file_sha256
+from deepcore_auditor.adapters.open import open_suspect
+from deepcore_auditor.auditor.audit import AuditConfig, audit, plan_order
+from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
+from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
+from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
+from deepcore_auditor.fingerprints.calibration import rate_bound, rates
+from deepcore_auditor.fingerprints.core import CoreConfig
+from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
+from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
+from deepcore_auditor.fingerprints.stats import binom_cdf, log_likelihood_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def evaluate(zoo: Zoo, data: dict[str, MethodData], config: BenchConfig, say: Ca
                 "mir": round(float(np.mean([not flagged[m.name] for m in pirates])), 4),
                 "families": fam,
                 "scores": {k: round(v, 5) for k, v in scores.items()},
-                "reference_scores": {r: round(s, 5) for r, s in zip(refs, ref_scores)},
+                "reference_scores": {r: round(s, 5) for r, s in zip(refs, ref_scores, strict=False)},
             }
         entry: dict[str, Any] = {"fingerprint": SCORES[name][0], "score": SCORES[name][1], "label_only": name in LABEL_ONLY,
                                  "budgets": per_budget, "build_s": md.build_s, "points": len(md.order)}
@@ -419,7 +419,7 @@ def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     out.mkdir(exist_ok=True)
-    from benchmarks.report import write_outputs
+    from deepcore_auditor.benchmarks.report import write_outputs
 
     write_outputs(results, out)
     say(f"results written to {out}")

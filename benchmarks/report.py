@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fingerprints.format import write_atomic
+from deepcore_auditor.fingerprints.format import write_atomic
 
 
 def _fmt(v: Any) -> str:
@@ -127,7 +127,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.piracy import roc_curve
+    from deepcore_auditor.benchmarks.piracy import roc_curve
 
     methods = r["methods"]
     name = Path(str(r["data"]["spec"])).name
@@ -135,7 +135,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     shown = [b for b in (20, 50, 200) if b in budgets] or budgets[:3]
     written = []
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.6), squeeze=False)
-    for ax, b in zip(axes[0], shown):
+    for ax, b in zip(axes[0], shown, strict=False):
         for n, e in methods.items():
             bb = e["budgets"][str(b)]
             pir = [v for k, v in bb["scores"].items() if r["zoo"][k]["kind"] == "piracy"]
@@ -153,7 +153,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
         style = {"lw": 2.2 if n.startswith("deepcore") else 1.2, "ls": "-" if n.startswith("deepcore") else "--", "marker": "o", "ms": 3}
         axes[0].plot(budgets, [e["budgets"][str(b)]["mir"] for b in budgets], label=n, **style)
         axes[1].plot(budgets, [e["budgets"][str(b)]["fir"] for b in budgets], label=n, **style)
-    for ax, what in zip(axes, ("MIR: piracy suspects missed", "FIR: homologous suspects flagged")):
+    for ax, what in zip(axes, ("MIR: piracy suspects missed", "FIR: homologous suspects flagged"), strict=False):
         ax.set_xscale("log")
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set(title=what, xlabel="queries", ylim=(-0.02, 1.02))

@@ -10,7 +10,7 @@ second for each transport and batch size, at the same concurrency:
               answer checks included);
 * onnxruntime - the same ONNX file run in this process, one batch at a time.
 
-Run: python benchmarks/triton_throughput.py [--seconds 2] [--concurrency 4]
+Run: python -m deepcore_auditor.benchmarks.triton_throughput [--seconds 2] [--concurrency 4]
 Each configuration runs for about --seconds; the whole script for well under a minute.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -28,11 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapters.base import Access, InputConvention  # noqa: E402
-from adapters.triton import open_triton  # noqa: E402
-from adapters.triton_serve import ServedModel, TritonServer, write_model_repository  # noqa: E402
+from deepcore_auditor.adapters.base import Access, InputConvention
+from deepcore_auditor.adapters.triton import open_triton
+from deepcore_auditor.adapters.triton_serve import ServedModel, TritonServer, write_model_repository
 
 POINT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.base import InputConvention
-from adapters.errors import InputError
-from auditor.demo import quantize_int8
-from fingerprints.data import DataSplits, channel_stats
-from fingerprints.format import write_atomic
-from fingerprints.models import (
+from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.auditor.demo import quantize_int8
+from deepcore_auditor.fingerprints.data import DataSplits, channel_stats
+from deepcore_auditor.fingerprints.format import write_atomic
+from deepcore_auditor.fingerprints.models import (
     Normalized,
     TrainConfig,
     accuracy,

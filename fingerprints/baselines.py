@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.errors import InputError
-from fingerprints.format import Fingerprint
-from fingerprints.models import set_mode
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.fingerprints.format import Fingerprint
+from deepcore_auditor.fingerprints.models import set_mode
 
 logger = logging.getLogger(__name__)
 

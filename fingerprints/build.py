@@ -24,23 +24,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.base import Access, Oracle
-from adapters.errors import InputError
-from fingerprints.calibration import rates
-from fingerprints.core import CoreConfig, build_core_points, choose_epsilon
-from fingerprints.format import Fingerprint, ModelAnswers
-from fingerprints.models import (
-    clone,
+from deepcore_auditor.adapters.base import Access, Oracle
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.fingerprints.calibration import rates
+from deepcore_auditor.fingerprints.core import CoreConfig, build_core_points, choose_epsilon
+from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
+from deepcore_auditor.fingerprints.models import (
     Normalized,
     TrainConfig,
     adversarial_fine_tune,
     build_architecture,
+    clone,
     predict,
     prune_by_magnitude,
     reinitialize,
     train,
 )
-from fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
+from deepcore_auditor.fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
 
 logger = logging.getLogger(__name__)
 

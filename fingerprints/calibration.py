@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.errors import InputError
-from auditor.stats import clopper_pearson_lower, clopper_pearson_upper, hoeffding_lower, hoeffding_upper
-from fingerprints.format import Fingerprint, ModelAnswers
-from fingerprints.quality import quality_problem
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
+from deepcore_auditor.fingerprints.quality import quality_problem
+from deepcore_auditor.fingerprints.stats import clopper_pearson_lower, clopper_pearson_upper, hoeffding_lower, hoeffding_upper
 
 logger = logging.getLogger(__name__)
 

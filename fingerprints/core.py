@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fingerprints.models import set_mode
+from deepcore_auditor.fingerprints.models import set_mode
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from adapters.errors import InputError
+from deepcore_auditor.adapters.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def channel_stats(ds: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     # var * 255^2 * count^2 = count * sum(v^2) - sum(v)^2, exact in Python integers
     stds = tuple(
         float(np.sqrt(max(count * sq - s * s, 0))) / (255 * count)
-        for s, sq in zip(total, total_sq)
+        for s, sq in zip(total, total_sq, strict=False)
     )
     return means, stds
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import InputConvention
-from adapters.errors import FingerprintError, InputError
-from fingerprints.signing import Key
+from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.adapters.errors import FingerprintError, InputError
+from deepcore_auditor.fingerprints.signing import Key
 
 FORMAT_NAME = "deepcore-fingerprint"
 FORMAT_VERSION = 1

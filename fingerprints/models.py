@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import InputConvention
-from adapters.errors import InputError
-from adapters.torch import apply_convention_torch
+from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.torch import apply_convention_torch
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def batchnorm_trains(model: nn.Module, probe: torch.Tensor) -> bool:
         raise InputError(f"the model fails on a training batch of {len(probe)} ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); a torch.export "
                          "program must be exported with a dynamic batch dimension") from e
-    return any(not torch.equal(a, b) for a, b in zip(before, _running_means(trial)))
+    return any(not torch.equal(a, b) for a, b in zip(before, _running_means(trial), strict=False))
 
 
 def thaw_batchnorm(model: nn.Module) -> int:

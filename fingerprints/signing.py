@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import InputError, SignatureError
+from deepcore_auditor.adapters.errors import InputError, SignatureError
 
 HMAC_SCHEME = "hmac-sha256"
 ED25519_SCHEME = "ed25519"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from fingerprints.data import load_data
-from small_world import TINY, World, build_world
+from deepcore_auditor.benchmarks.small_world import TINY, World, build_world
+from deepcore_auditor.fingerprints.data import load_data
 
 __all__ = ["TINY", "World", "audit_args", "one_line_error"]
 

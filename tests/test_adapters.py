@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.base import Access, InputConvention
-from adapters.errors import IncompatibleSuspect, InputError, OracleError
-from adapters.onnx import OnnxOracle
-from adapters.open import open_suspect
-from adapters.torch import TorchOracle, apply_convention_torch, load_torch_model
+from deepcore_auditor.adapters.base import Access, InputConvention
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError
+from deepcore_auditor.adapters.onnx import OnnxOracle
+from deepcore_auditor.adapters.open import open_suspect
+from deepcore_auditor.adapters.torch import TorchOracle, apply_convention_torch, load_torch_model
 
 POINT = (3, 8, 6)  # C, H, W: H != W != C so a wrong layout cannot fit by accident
 NCHW = InputConvention()
@@ -552,7 +552,7 @@ def test_open_suspect_dispatches_local_files(tmp_path: Path) -> None:
 
 
 def test_open_suspect_triton_without_support(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "adapters.triton", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "deepcore_auditor.adapters.triton", None)  # makes the import fail
     with pytest.raises(InputError, match=r"tritonclient: pip install 'deepcore-auditor\[triton\]'"):
         open_suspect("triton+http://127.0.0.1:8000/net", convention=NCHW, point_shape=POINT, num_classes=10)
 
@@ -566,9 +566,9 @@ def test_open_suspect_hands_triton_urls_over(monkeypatch: pytest.MonkeyPatch, sc
         calls.append((url, kwargs))
         return sentinel
 
-    fake = types.ModuleType("adapters.triton")
+    fake = types.ModuleType("deepcore_auditor.adapters.triton")
     fake.open_triton = open_triton  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "adapters.triton", fake)
+    monkeypatch.setitem(sys.modules, "deepcore_auditor.adapters.triton", fake)
     url = f"{scheme}://127.0.0.1:8001/net"
 
     got = open_suspect(url, convention=NCHW, point_shape=POINT, num_classes=10, timeout_s=2.0)

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from adapters.base import Access, LabelsOnly
-from adapters.errors import IncompatibleSuspect, InputError
-from adapters.onnx import OnnxOracle
-from auditor.audit import AuditConfig, audit
-from auditor.budget import QueryLedger
-from fingerprints.calibration import rates
-from fingerprints.format import load_fingerprint
+from deepcore_auditor.adapters.base import Access, LabelsOnly
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError
+from deepcore_auditor.adapters.onnx import OnnxOracle
+from deepcore_auditor.auditor.audit import AuditConfig, audit
+from deepcore_auditor.auditor.budget import QueryLedger
+from deepcore_auditor.fingerprints.calibration import rates
+from deepcore_auditor.fingerprints.format import load_fingerprint
 
 
 def _open(world, path):
@@ -110,7 +110,7 @@ def test_seed_changes_the_order_not_the_outcome_for_a_copy(world):
 def test_resume_from_ledger_asks_nothing_twice(world, tmp_path):
     fp, suspect = _open(world, world.independent_onnx)
     cfg = AuditConfig(budget=20, batch_size=5, alpha=1e-300, beta=1e-300)
-    from auditor.audit import ledger_header
+    from deepcore_auditor.auditor.audit import ledger_header
 
     path = tmp_path / "ledger.jsonl"
     first = audit(fp, suspect, cfg, ledger=QueryLedger.open(path, ledger_header(fp, suspect, cfg), resume=False))
@@ -139,8 +139,8 @@ def test_known_model_answers_match_the_stored_calibration(world):
 def test_failed_attempts_of_an_interrupted_audit_count_against_the_budget_on_resume(world, tmp_path):
     """Failed attempts are charged on disk before they are sent, so a resumed audit knows what
     earlier runs spent and the budget holds across runs (it once counted only answers)."""
-    from adapters.errors import TransientOracleError
-    from auditor.audit import ledger_header
+    from deepcore_auditor.adapters.errors import TransientOracleError
+    from deepcore_auditor.auditor.audit import ledger_header
     from tests.test_budget import Flaky
 
     fp, suspect = _open(world, world.independent_onnx)

@@ -3,9 +3,8 @@ CNN trained one epoch on 4,000 samples, a fine-tuned copy of it, and an independ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.base import InputConvention
-from adapters.errors import InputError
-from fingerprints.baselines import BASELINES, LABEL_ONLY, BaselineConfig, build_baseline, sac_distance
-from fingerprints.data import channel_stats
-from fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
-from fingerprints.models import Normalized, TrainConfig, build_architecture, clone, predict, train
+from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.fingerprints.baselines import BASELINES, LABEL_ONLY, BaselineConfig, build_baseline, sac_distance
+from deepcore_auditor.fingerprints.data import channel_stats
+from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
+from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, clone, predict, train
 
 SMALL = BaselineConfig(n_points=60, ipguard_steps=100, cae_candidates=150, cae_steps=20, batch_size=250)
 IDENTITY = {"sha256": "0" * 64, "name": "owner"}
@@ -142,7 +141,7 @@ def test_misclassified_selection_needs_mistakes_and_warns_when_short(small: Smal
     few_x, few_y = small.pool_x[:100], small.pool_y[:100]
     wrong = int((owner_says[:100] != few_y).sum())
     assert 0 < wrong < SMALL.n_points
-    with caplog.at_level(logging.WARNING, logger="fingerprints.baselines"):
+    with caplog.at_level(logging.WARNING, logger="deepcore_auditor.fingerprints.baselines"):
         fp = build_baseline("akh", small.owner, few_x, few_y, small.classes, IDENTITY, SMALL)
     assert len(fp) == wrong
     assert any(f"only {wrong} owner-misclassified" in r.getMessage() for r in caplog.records)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from auditor.cli import cli
-from auditor.stats import binom_cdf
-from benchmarks.piracy import SCORES, auc, binomial_threshold, kl_bernoulli, roc_curve
 from conftest import one_line_error
+
+from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.benchmarks.piracy import SCORES, auc, binomial_threshold, kl_bernoulli, roc_curve
+from deepcore_auditor.fingerprints.stats import binom_cdf
 
 # One suspect a family, a small owner (about 0.77 test accuracy), 20-point fingerprints.
 SMOKE = ["--members", "1", "--epochs", "2", "--train-samples", "3000", "--points", "20", "--candidates", "1000",
@@ -76,7 +76,7 @@ def test_auc_and_roc() -> None:
     assert math.isnan(auc([], [0.1]))
     fpr, tpr = roc_curve([0.9, 0.4], [0.5, 0.1])
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
-    assert all(a <= b for a, b in zip(fpr, fpr[1:])) and all(a <= b for a, b in zip(tpr, tpr[1:]))
+    assert all(a <= b for a, b in zip(fpr, fpr[1:], strict=False)) and all(a <= b for a, b in zip(tpr, tpr[1:], strict=False))
 
 
 @pytest.mark.parametrize("p0,n", [(0.3, 10), (0.5, 50), (0.1, 400), (0.8, 20)])

@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.base import Access, InputConvention, Oracle, OracleInfo
-from adapters.errors import BudgetExceeded, InputError, OracleError, TransientOracleError
-from adapters.onnx import OnnxOracle
-from auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
-from fingerprints.models import build_architecture, export_onnx
+from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo
+from deepcore_auditor.adapters.errors import BudgetExceeded, InputError, OracleError, TransientOracleError
+from deepcore_auditor.adapters.onnx import OnnxOracle
+from deepcore_auditor.auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
+from deepcore_auditor.fingerprints.models import build_architecture, export_onnx
 
 SHAPE = (1, 8, 8)
 

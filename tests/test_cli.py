@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-
-from auditor.cli import cli
-from fingerprints.models import build_architecture, export_onnx
 from conftest import TINY, audit_args, one_line_error
+
+from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.fingerprints.models import build_architecture, export_onnx
 
 
 def run(*args: str):
@@ -177,16 +177,16 @@ def test_output_directory_missing(world, tmp_path):
 
 
 def test_real_process_exit_status_and_clean_stderr(world):
-    p = subprocess.run([sys.executable, "-m", "auditor", *audit_args(world, world.owner_onnx, "--json")], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "deepcore_auditor", *audit_args(world, world.owner_onnx, "--json")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stderr
     assert json.loads(p.stdout)["verdict"] == "piracy"
-    q = subprocess.run([sys.executable, "-m", "auditor", "audit", "--fingerprint", "/nonexistent", "--suspect", "x.onnx"], capture_output=True, text=True, timeout=120)
+    q = subprocess.run([sys.executable, "-m", "deepcore_auditor", "audit", "--fingerprint", "/nonexistent", "--suspect", "x.onnx"], capture_output=True, text=True, timeout=120)
     assert q.returncode == 2 and q.stderr.strip().count("\n") == 0 and "Traceback" not in q.stderr
 
 
 def test_cross_framework_suspect_with_its_own_input_convention(world, tmp_path):
     """A converted (Keras-style) copy: NHWC input in 0..255, its own normalization inside."""
-    from fingerprints.format import load_fingerprint
+    from deepcore_auditor.fingerprints.format import load_fingerprint
 
     fp = load_fingerprint(world.fingerprint)
     mean, std = fp.convention.mean[0], fp.convention.std[0]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapters.errors import InputError
-from fingerprints import data
-from fingerprints.data import DataSplits, Dataset, channel_stats, default_cache_dir, load_data
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.fingerprints import data
+from deepcore_auditor.fingerprints.data import Dataset, DataSplits, channel_stats, default_cache_dir, load_data
 
 CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",

@@ -45,9 +45,9 @@ def _instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _pip_requirements(text: str) -> list[str]:
-    """Every requirement named on a `pip install` command line of a RUN instruction."""
-    reqs = []
+def _pip_commands(text: str) -> list[tuple[str, list[str]]]:
+    """Every `pip install` / `pip uninstall` of a RUN instruction, in order: (verb, requirements)."""
+    commands = []
     for word, args in _instructions(text):
         if word != "RUN":
             continue
@@ -55,32 +55,51 @@ def _pip_requirements(text: str) -> list[str]:
             tokens = shlex.split(command)
             if "pip" not in [Path(t).name for t in tokens[:3]] and tokens[:3] != ["python", "-m", "pip"]:
                 continue
-            if "install" not in tokens:
+            verb = next((t for t in tokens if t in ("install", "uninstall")), None)
+            if verb is None:
                 continue
-            skip_next = False
-            for token in tokens[tokens.index("install") + 1 :]:
+            reqs, skip_next = [], False
+            for token in tokens[tokens.index(verb) + 1 :]:
                 if skip_next:
                     skip_next = False
                 elif token in ("--index-url", "-i", "--extra-index-url", "-c", "--constraint", "-f", "--find-links"):
                     skip_next = True
                 elif not token.startswith("-"):
                     reqs.append(token)
-    return reqs
+            commands.append((verb, reqs))
+    return commands
+
+
+def _pip_requirements(text: str) -> list[str]:
+    return [r for verb, reqs in _pip_commands(text) if verb == "install" for r in reqs]
 
 
 def _ort_flavours(requirements: list[str]) -> set[str]:
-    """Which ONNX Runtime packages the requirements pull: named directly or via the project's extras."""
+    """Which ONNX Runtime packages the requirements pull: named directly or as the project's core dependency."""
     flavours = set()
     for req in requirements:
         name = re.split(r"[\[=<>!~ @;]", req, maxsplit=1)[0].lower()
         if name in ("onnxruntime", "onnxruntime-gpu"):
             flavours.add(name)
-        extras = re.search(r"\[([^\]]*)\]", req)
-        if extras and (name.startswith((".", "/")) or name in ("deepcore-auditor", "deepcore_auditor")):
-            chosen = {e.strip() for e in extras.group(1).split(",")}
-            flavours |= {"onnxruntime"} if "cpu" in chosen else set()
-            flavours |= {"onnxruntime-gpu"} if "gpu" in chosen else set()
+        if name.startswith((".", "/")) or name in ("deepcore-auditor", "deepcore_auditor"):
+            flavours.add("onnxruntime")  # the core install's default runtime
     return flavours
+
+
+def _ort_installed(commands: list[tuple[str, list[str]]]) -> tuple[set[str], list[str]]:
+    """The ONNX Runtime packages left after the commands run in order, and every overwrite on the way
+    (one flavour installed while the other is present: they share the `onnxruntime` module)."""
+    present: set[str] = set()
+    clashes = []
+    for verb, reqs in commands:
+        named = _ort_flavours(reqs) if verb == "install" else {r.lower() for r in reqs} & {"onnxruntime", "onnxruntime-gpu"}
+        if verb == "uninstall":
+            present -= named
+            continue
+        if len(named | present) > 1:
+            clashes.append(f"{sorted(named)} installed over {sorted(present)}")
+        present |= named
+    return present, clashes
 
 
 @needs_hadolint
@@ -98,21 +117,25 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
 
 
 def test_installs_exactly_one_onnxruntime() -> None:
-    requirements = _pip_requirements(DOCKERFILE.read_text())
-    assert _ort_flavours(requirements) == {"onnxruntime-gpu"}, requirements
+    commands = _pip_commands(DOCKERFILE.read_text())
+    present, clashes = _ort_installed(commands)
+    assert present == {"onnxruntime-gpu"} and not clashes, (present, clashes, commands)
 
 
 @pytest.mark.parametrize(
-    ("requirements", "expected"),
+    ("commands", "expected", "clash"),
     [
-        (["/src[gpu,triton]"], {"onnxruntime-gpu"}),
-        (["/src[cpu]", "onnxruntime-gpu==1.31.1"], {"onnxruntime", "onnxruntime-gpu"}),
-        (["deepcore-auditor[triton]==0.1.0"], set()),
-        (["onnxruntime==1.31.1"], {"onnxruntime"}),
+        ([("install", ["/src[owner,triton]"]), ("uninstall", ["onnxruntime"]), ("install", ["onnxruntime-gpu==1.31.1"])],
+         {"onnxruntime-gpu"}, False),
+        ([("install", ["/src[owner]", "onnxruntime-gpu==1.31.1"])], {"onnxruntime", "onnxruntime-gpu"}, True),
+        ([("install", ["/src"]), ("install", ["onnxruntime-gpu"]), ("uninstall", ["onnxruntime"])], {"onnxruntime-gpu"}, True),
+        ([("install", ["deepcore-auditor[triton]==0.2.0"])], {"onnxruntime"}, False),
+        ([("install", ["numpy"])], set(), False),
     ],
 )
-def test_flavour_detection(requirements: list[str], expected: set[str]) -> None:
-    assert _ort_flavours(requirements) == expected
+def test_flavour_detection(commands: list[tuple[str, list[str]]], expected: set[str], clash: bool) -> None:
+    present, clashes = _ort_installed(commands)
+    assert present == expected and bool(clashes) == clash, (present, clashes)
 
 
 def test_image_shape() -> None:
@@ -123,5 +146,5 @@ def test_image_shape() -> None:
     users = [a for w, a in instructions if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert ("ENTRYPOINT", '["deepcore"]') in instructions
-    assert any(r.startswith("/src[") and "triton" in r for r in _pip_requirements(text))
+    assert any(r.startswith("/src[") and "triton" in r and "owner" in r for r in _pip_requirements(text))
     assert "torch==2.13.0" in _pip_requirements(text)

@@ -21,17 +21,17 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-
-from auditor.cli import cli
-from auditor.report import verify_report
 from conftest import audit_args, one_line_error
+
+from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.auditor.report import verify_report
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not installed")
 pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] is not installed")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
 
-from adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
-from fault_proxy import Counters, Fault, proxy_for, ledger_answers, served_samples  # noqa: E402
+from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
+from deepcore_auditor.benchmarks.fault_proxy import Counters, Fault, ledger_answers, proxy_for, served_samples  # noqa: E402
 
 PROTOCOLS = ("http", "grpc")
 BATCH = 5  # audit_args' --batch-size
@@ -62,7 +62,7 @@ def run(*args: object) -> Any:
 
 def retry_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
     """The backoff delays the auditor announced (auditor.budget.Retrying's warnings)."""
-    messages = [r.getMessage() for r in caplog.records if r.name == "auditor.budget"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "deepcore_auditor.auditor.budget"]
     return [float(m.rsplit(" in ", 1)[1].rstrip("s")) for m in messages if "; retry " in m]
 
 
@@ -126,7 +126,7 @@ def test_faults_within_the_retries_cost_budget_not_answers(
 ) -> None:
     expected = clean("pirate")
     ledger = tmp_path / "ledger.jsonl"
-    caplog.set_level(logging.INFO, logger="auditor.budget")
+    caplog.set_level(logging.INFO, logger="deepcore_auditor.auditor.budget")
     with proxy_for(protocol, served) as proxy:
         proxy.add(Fault(kind, count=2, after=1, retry_after_s=1, stall_s=3 * TIMEOUT_S))  # batch 2 answered on its 3rd attempt
         start = time.monotonic()
@@ -155,7 +155,7 @@ def test_a_rate_limited_endpoint_gets_the_backoff_asked_for(
     world: Any, served: TritonServer, clean: Callable[..., Clean], tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     expected = clean("pirate")
-    caplog.set_level(logging.INFO, logger="auditor.budget")
+    caplog.set_level(logging.INFO, logger="deepcore_auditor.auditor.budget")
     with proxy_for("http", served) as proxy:
         proxy.add(Fault("429", count=2, after=1))
         r = run(*audit_args(world, proxy.url("pirate"), "--json", "--ledger", tmp_path / "l.jsonl", "--retry-backoff", "0.8"))

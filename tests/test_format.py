@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.base import InputConvention
-from adapters.errors import FingerprintError, InputError
-from fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
+from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.adapters.errors import FingerprintError, InputError
+from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
 
 
 def make(n: int = 5) -> Fingerprint:
@@ -81,7 +81,7 @@ def test_arbitrary_bytes_raise_only_the_projects_error(tmp_path_factory, blob):
 @settings(max_examples=100, deadline=None)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12))
 def test_well_digested_garbage_content_raises_only_the_projects_error(tmp_path_factory, content):
-    from fingerprints.format import FORMAT_NAME, FORMAT_VERSION, canonical_digest
+    from deepcore_auditor.fingerprints.format import FORMAT_NAME, FORMAT_VERSION, canonical_digest
 
     path = tmp_path_factory.mktemp("fuzz") / "f.json"
     doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "content": content}
@@ -94,7 +94,7 @@ def test_well_digested_garbage_content_raises_only_the_projects_error(tmp_path_f
 def test_content_that_does_not_re_encode_to_itself_is_refused(tmp_path):
     """Known models' labels stored as floats keep the same parsed fingerprint but change what
     calibration compares: a file whose content is not canonical could share another's identity."""
-    from fingerprints.format import canonical_digest, decode_array, encode_array
+    from deepcore_auditor.fingerprints.format import canonical_digest, decode_array, encode_array
 
     save_fingerprint(make(), tmp_path / "f.json")
     doc = json.loads((tmp_path / "f.json").read_text())

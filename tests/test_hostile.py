@@ -34,16 +34,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import audit_args, one_line_error
 from torch import nn
 
-from adapters.base import Access, Oracle, OracleInfo
-from adapters.errors import DeepCoreError, OracleError
-from adapters.onnx import OnnxOracle
-from auditor.audit import AuditConfig, audit, ledger_header
-from auditor.budget import QueryLedger
-from auditor.cli import cli
-from conftest import audit_args, one_line_error
-from fingerprints.format import Fingerprint, load_fingerprint
+from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo
+from deepcore_auditor.adapters.errors import DeepCoreError, OracleError
+from deepcore_auditor.adapters.onnx import OnnxOracle
+from deepcore_auditor.auditor.audit import AuditConfig, audit, ledger_header
+from deepcore_auditor.auditor.budget import QueryLedger
+from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
 
 K = 10  # the world's classes (Fashion-MNIST)
 BATCH = 5
@@ -626,7 +626,7 @@ class TestServedByTriton:
     @pytest.fixture(scope="class")
     def server(self, world: Any, fp: Fingerprint, hostile: HostileModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         _need_triton()
-        from adapters.triton_serve import TritonServer, write_model_repository
+        from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
 
         root = tmp_path_factory.mktemp("hostile-triton")
         repo = write_model_repository({name: hostile.files[name] for name in SERVED}, root / "repository", max_batch_size=64)
@@ -688,7 +688,7 @@ class TestCrashingServer:
         under an FP32 config: tritonserver 2.51 dies of SIGSEGV (a server bug). The audit must
         still end in one line, not hang or crash, and keep what it had in the ledger."""
         _need_triton()
-        from adapters.triton_serve import TritonServer
+        from deepcore_auditor.adapters.triton_serve import TritonServer
 
         repo = tmp_path / "repository"
         write_string_model(repo, "strings-as-fp32", "TYPE_FP32", fp.point_shape)

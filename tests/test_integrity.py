@@ -13,20 +13,27 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import audit_args, one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from adapters.base import Access, Oracle, OracleInfo
-from adapters.errors import DeepCoreError, InputError, SignatureError
-from adapters.onnx import OnnxOracle
-from auditor.audit import AuditConfig, audit, ledger_header
-from auditor.budget import QueryLedger
-from auditor.cli import cli
-from auditor.report import verify_report
-from fingerprints.format import canonical_digest, decode_array, encode_array, load_fingerprint, save_fingerprint, sign_fingerprint
-from fingerprints.signing import HmacKey, generate_ed25519, load_ed25519_key
-from conftest import audit_args, one_line_error
 from test_format import make
+
+from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo
+from deepcore_auditor.adapters.errors import DeepCoreError, InputError, SignatureError
+from deepcore_auditor.adapters.onnx import OnnxOracle
+from deepcore_auditor.auditor.audit import AuditConfig, audit, ledger_header
+from deepcore_auditor.auditor.budget import QueryLedger
+from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.auditor.report import verify_report
+from deepcore_auditor.fingerprints.format import (
+    canonical_digest,
+    decode_array,
+    encode_array,
+    load_fingerprint,
+    save_fingerprint,
+    sign_fingerprint,
+)
+from deepcore_auditor.fingerprints.signing import HmacKey, generate_ed25519, load_ed25519_key
 
 SECRET = "correct horse battery staple 42"
 
@@ -364,7 +371,7 @@ class CoreEvader(Oracle):
         return self.copy.info
 
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
-        from auditor.budget import point_digest
+        from deepcore_auditor.auditor.budget import point_digest
 
         core = np.array([point_digest(p) in self.core for p in points])
         return np.where(core, self.other.query(points, access), self.copy.query(points, access))
@@ -375,7 +382,7 @@ def test_a_suspect_that_agrees_on_natural_data_but_not_on_core_points_is_not_acc
     accuse such a suspect. (The flip side, stated in the README: a pirate that could recognise
     the secret core points would pass as independent; keeping the points secret until the audit,
     and publishing only their digest, is what stands against that.)"""
-    from auditor.budget import point_digest
+    from deepcore_auditor.auditor.budget import point_digest
 
     fp = load_fingerprint(world.fingerprint)
     owner = _suspect(world, world.owner_onnx)

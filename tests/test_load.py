@@ -21,16 +21,16 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-
-from auditor.cli import cli
 from conftest import audit_args
+
+from deepcore_auditor.auditor.cli import cli
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not installed")
 pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] is not installed")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
 
-from adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
-from fault_proxy import Fault, GrpcFaultProxy, HttpFaultProxy, ledger_answers, served_samples  # noqa: E402
+from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
+from deepcore_auditor.benchmarks.fault_proxy import Fault, GrpcFaultProxy, HttpFaultProxy, ledger_answers, served_samples  # noqa: E402
 
 BATCH = 5  # audit_args' --batch-size
 MODELS = ("pirate", "independent")
@@ -93,7 +93,7 @@ def test_concurrent_audits_each_get_their_alone_answer_and_nothing_is_lost(world
         start = time.monotonic()
         procs = []
         for i, job in enumerate(JOBS):
-            cmd = [sys.executable, "-m", "auditor", *job.args(world, proxies, tmp_path / f"together-{i}.jsonl")]
+            cmd = [sys.executable, "-m", "deepcore_auditor", *job.args(world, proxies, tmp_path / f"together-{i}.jsonl")]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outputs = []
         try:
@@ -109,7 +109,7 @@ def test_concurrent_audits_each_get_their_alone_answer_and_nothing_is_lost(world
         served = served_samples(server) - served_before
 
     together: dict[Job, Outcome] = {}
-    for i, (job, p, (out, err)) in enumerate(zip(JOBS, procs, outputs)):
+    for i, (job, p, (out, err)) in enumerate(zip(JOBS, procs, outputs, strict=False)):
         assert p.returncode in (0, 1, 3), (job, p.returncode, err)
         result = json.loads(out)
         retries = sum(int(m.group(1)) for n in result["notes"] if (m := re.match(r"(\d+) failed attempts were retried", n)))

@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from adapters.base import InputConvention
-from adapters.errors import InputError
-from auditor.cli import cli
-from benchmarks.owners import fmnist_cnn_bn
-from fingerprints.calibration import rates
-from fingerprints.core import _RADIUS_LADDER, RADIUS_MAX, RADIUS_MIN, choose_epsilon
-from fingerprints.format import FingerprintError, load_fingerprint, save_fingerprint
-from fingerprints.models import (
+from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.benchmarks.owners import fmnist_cnn_bn
+from deepcore_auditor.fingerprints.calibration import rates
+from deepcore_auditor.fingerprints.core import _RADIUS_LADDER, RADIUS_MAX, RADIUS_MIN, choose_epsilon
+from deepcore_auditor.fingerprints.format import FingerprintError, load_fingerprint, save_fingerprint
+from deepcore_auditor.fingerprints.models import (
     Normalized,
     TrainConfig,
     accuracy,
@@ -29,7 +29,7 @@ from fingerprints.models import (
     reinitialize,
     train,
 )
-from fingerprints.quality import accuracy_floor, quality_problem
+from deepcore_auditor.fingerprints.quality import accuracy_floor, quality_problem
 
 FORMS = ("eager", "traced", "scripted", "pt2")
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from auditor.stats import (
+from deepcore_auditor.fingerprints.stats import (
     SequentialTest,
     binom_cdf,
     clopper_pearson_lower,

@@ -13,11 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from adapters.base import Access, InputConvention
-from adapters.errors import IncompatibleSuspect, InputError, OracleError, TransientOracleError
-from adapters.triton import _parse_classification, _translate, open_triton, parse_triton_url
-
 from triton_fixtures import (
     NUM_CLASSES,
     POINT_SHAPE,
@@ -29,6 +24,10 @@ from triton_fixtures import (
     triton_onnx,
     triton_trial,
 )
+
+from deepcore_auditor.adapters.base import Access, InputConvention
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError, TransientOracleError
+from deepcore_auditor.adapters.triton import _parse_classification, _translate, open_triton, parse_triton_url
 
 __all__ = ["fresh_server", "https_proxy", "tls_trial", "triton_onnx", "triton_trial"]  # fixtures used by name
 
@@ -226,7 +225,7 @@ def _meta(inputs, outputs, max_batch_size):
 
 
 def _plan_for(meta_config, **kw):
-    from adapters.triton import _plan
+    from deepcore_auditor.adapters.triton import _plan
 
     args = dict(convention=NCHW, point_shape=POINT_SHAPE, num_classes=10, labels_via="auto", batch_size=None,
                 output_option=None, classification_available=True)
@@ -519,7 +518,7 @@ def test_query_after_kill_raises_without_hanging(fresh_server) -> None:
 def test_missing_pytriton_is_input_error_with_install_hint(tmp_path: Path, monkeypatch) -> None:
     import importlib.util
 
-    from adapters import triton_serve
+    from deepcore_auditor.adapters import triton_serve
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real(name, *a))
@@ -529,7 +528,7 @@ def test_missing_pytriton_is_input_error_with_install_hint(tmp_path: Path, monke
 
 
 def test_repository_layout(tmp_path: Path, triton_onnx) -> None:
-    from adapters.triton_serve import ServedModel, write_model_repository
+    from deepcore_auditor.adapters.triton_serve import ServedModel, write_model_repository
 
     root = write_model_repository(
         {"a": triton_onnx["u8"], "b": ServedModel(triton_onnx["cnn"], max_batch_size=0, versions=(1, 3), delay_s=0.5)},
@@ -550,7 +549,7 @@ def test_repository_layout(tmp_path: Path, triton_onnx) -> None:
 
 def test_server_that_cannot_load_a_model_fails_fast_with_its_log(tmp_path: Path, triton_onnx) -> None:
     pytest.importorskip("pytriton")
-    from adapters.triton_serve import TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
 
     root = write_model_repository({"broken": triton_onnx["cnn"]}, tmp_path / "repo")
     (root / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")

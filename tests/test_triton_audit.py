@@ -26,17 +26,17 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-
-from auditor.cli import cli
 from conftest import audit_args, one_line_error
-from fault_proxy import served_samples
-from fingerprints.models import build_architecture, export_onnx
+
+from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.benchmarks.fault_proxy import served_samples
+from deepcore_auditor.fingerprints.models import build_architecture, export_onnx
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not installed")
 pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] is not installed")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
 
-from adapters.triton_serve import ServedModel, TritonServer, write_model_repository  # noqa: E402
+from deepcore_auditor.adapters.triton_serve import ServedModel, TritonServer, write_model_repository  # noqa: E402
 
 TOKEN_ENV = "DEEPCORE_TEST_TRITON_AUDIT_TOKEN"
 FORWARDED_HEADERS = r"(?i)^(authorization|x-deepcore-trial)$"
@@ -275,7 +275,7 @@ def test_ctrl_c_mid_audit_keeps_the_ledger_and_resume_finishes(world: Any, trial
     one_by_one = (*LONG, "--batch-size", "1")
     code, expected = local("independent", *one_by_one)
     ledger = tmp_path / "ledger.jsonl"
-    cmd = [sys.executable, "-m", "auditor", *audit_args(world, trial.server.url("slow", "http"), *one_by_one, "--json", "--ledger", str(ledger))]
+    cmd = [sys.executable, "-m", "deepcore_auditor", *audit_args(world, trial.server.url("slow", "http"), *one_by_one, "--json", "--ledger", str(ledger))]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)
     try:
         wait_for(lambda: count_answered(ledger) >= 5 or p.poll() is not None, 60, "five answered queries")
@@ -358,7 +358,7 @@ def test_triton_options_with_a_local_suspect_are_refused(world: Any, option: lis
 def test_serve_triton_command_serves_until_sigterm(world: Any, local: Callable, tmp_path: Path) -> None:
     code, expected = local("pirate")
     repo = tmp_path / "repo"
-    cmd = [sys.executable, "-m", "auditor", "serve-triton", str(world.pirate_onnx), "--name", "served-pirate",
+    cmd = [sys.executable, "-m", "deepcore_auditor", "serve-triton", str(world.pirate_onnx), "--name", "served-pirate",
            "--repository", str(repo), "--max-batch-size", "8"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -414,7 +414,7 @@ def test_serve_triton_refuses_bad_input_before_starting(world: Any, tmp_path: Pa
 
 
 def test_demo_over_triton_gives_the_local_verdicts(world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import auditor.demo as demo
+    import deepcore_auditor.auditor.demo as demo
 
     # Two of the demo's suspects (one with a name Triton does not accept as is), from a prepared
     # cache so that nothing is trained: the world's pirate and independent models stand in.

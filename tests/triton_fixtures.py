@@ -129,7 +129,7 @@ def triton_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def triton_trial(tmp_path_factory: pytest.TempPathFactory, triton_onnx: dict[str, Path]) -> Iterator[TritonTrial]:
     """One real tritonserver serving every test model; always stopped at the end."""
     _need_triton()
-    from adapters.triton_serve import ServedModel, TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton_serve import ServedModel, TritonServer, write_model_repository
 
     root = tmp_path_factory.mktemp("triton")
     record = root / "cnn-parameters.jsonl"
@@ -158,7 +158,7 @@ def tls_trial(tmp_path_factory: pytest.TempPathFactory, triton_onnx: dict[str, P
     _need_triton()
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make a test certificate")
-    from adapters.triton_serve import TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
 
     root = tmp_path_factory.mktemp("triton-tls")
     cert, key = root / "cert.pem", root / "key.pem"
@@ -251,7 +251,7 @@ def https_proxy(tls_trial: TlsTrial) -> Iterator[TlsProxy]:
 def fresh_server(tmp_path: Path, triton_onnx: dict[str, Path]) -> Iterator[object]:
     """A server of its own (one model, "cnn"), for tests that kill it."""
     _need_triton()
-    from adapters.triton_serve import TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
 
     repo = write_model_repository({"cnn": triton_onnx["cnn"]}, tmp_path / "repository")
     server = TritonServer(repo, log_path=tmp_path / "tritonserver.log")

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.base import InputConvention
-from fingerprints.data import Dataset, DataSplits, channel_stats
-from fingerprints.models import Normalized, TrainConfig, build_architecture, clone, export_onnx, predict, train
+from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.fingerprints.data import Dataset, DataSplits, channel_stats
+from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, clone, export_onnx, predict, train
 
 # Small enough for the suite, large enough that the verdicts mean something.
 TINY = ["--points", "100", "--candidates", "300", "--steps", "60", "--train-samples", "6000", "--epochs", "3"]
@@ -37,7 +37,7 @@ NAMES = ("owner", "pirate", "distilled", "independent")
 
 def build_world(root: Path, fmnist: DataSplits, say: Callable[[str], None] = lambda m: None) -> World:
     """Train and fingerprint the world under `root`, or reopen it if `root` already holds one."""
-    from auditor.service import FingerprintRequest, make_fingerprint
+    from deepcore_auditor.auditor.service import FingerprintRequest, make_fingerprint
 
     tr = fmnist.train
     mean, std = channel_stats(tr)
@@ -71,7 +71,7 @@ def build_world(root: Path, fmnist: DataSplits, say: Callable[[str], None] = lam
     data = root / "owner-data.npz"
     np.savez(data, x=tr.x[:6000], y=tr.y[:6000], x_test=fmnist.test.x[:2000], y_test=fmnist.test.y[:2000])
     say("building the fingerprint")
-    args = dict(zip(TINY[::2], TINY[1::2]))
+    args = dict(zip(TINY[::2], TINY[1::2], strict=False))
     make_fingerprint(FingerprintRequest(
         owner=str(owner_ts), data=str(data), out=fp, mean=",".join(map(str, mean)), std=",".join(map(str, std)),
         n_points=int(args["--points"]), candidates=int(args["--candidates"]), steps=int(args["--steps"]),

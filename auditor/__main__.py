@@ -1,3 +1,0 @@
-from auditor.cli import main
-
-main()
