@@ -2,7 +2,7 @@
 
 This is a convenience for trying `deepcore audit --suspect triton+http://...` (and for the demo):
 the models are written into an ordinary Triton model repository (python backend running ONNX
-Runtime on CPU, see `adapters/triton_serve.py`) and served by the `tritonserver` binary that
+Runtime on CPU, see `adapters/triton/serve.py`) and served by the `tritonserver` binary that
 nvidia-pytriton bundles, on 127.0.0.1 with free ports. It is not a production deployment.
 """
 
@@ -51,7 +51,7 @@ class Served:
     log_path: Path
     pid: int | None
     urls: dict[str, dict[str, str]]  # model name -> {"http": url, "grpc": url}
-    server: Any  # adapters.triton_serve.TritonServer
+    server: Any  # adapters.triton.serve.TritonServer
 
     def is_running(self) -> bool:
         return bool(self.server.is_running())
@@ -88,7 +88,7 @@ def model_names(models: Sequence[Path], names: Sequence[str] = ()) -> list[str]:
 @contextmanager
 def serving(req: ServeRequest) -> Iterator[Served]:
     """Write the repository, start the server and yield it; always stop it (and clean up) after."""
-    from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton.serve import TritonServer, write_model_repository
 
     names = model_names(req.models, req.names)
     if req.max_batch_size < 0:

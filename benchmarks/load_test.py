@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
+from deepcore_auditor.adapters.triton.serve import TritonServer, write_model_repository
 from deepcore_auditor.benchmarks.fault_proxy import GrpcFaultProxy, HttpFaultProxy, ledger_answers, served_samples
 
 MODELS = ("pirate", "independent")

@@ -29,7 +29,7 @@ import numpy as np
 
 from deepcore_auditor.adapters.base import Access, InputConvention
 from deepcore_auditor.adapters.triton import open_triton
-from deepcore_auditor.adapters.triton_serve import ServedModel, TritonServer, write_model_repository
+from deepcore_auditor.adapters.triton.serve import ServedModel, TritonServer, write_model_repository
 
 POINT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10

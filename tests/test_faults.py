@@ -30,7 +30,7 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not 
 pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] is not installed")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
 
-from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository  # noqa: E402
+from deepcore_auditor.adapters.triton.serve import TritonServer, write_model_repository  # noqa: E402
 from deepcore_auditor.benchmarks.fault_proxy import Counters, Fault, ledger_answers, proxy_for, served_samples  # noqa: E402
 
 PROTOCOLS = ("http", "grpc")

@@ -626,7 +626,7 @@ class TestServedByTriton:
     @pytest.fixture(scope="class")
     def server(self, world: Any, fp: Fingerprint, hostile: HostileModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         _need_triton()
-        from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
+        from deepcore_auditor.adapters.triton.serve import TritonServer, write_model_repository
 
         root = tmp_path_factory.mktemp("hostile-triton")
         repo = write_model_repository({name: hostile.files[name] for name in SERVED}, root / "repository", max_batch_size=64)
@@ -688,7 +688,7 @@ class TestCrashingServer:
         under an FP32 config: tritonserver 2.51 dies of SIGSEGV (a server bug). The audit must
         still end in one line, not hang or crash, and keep what it had in the ledger."""
         _need_triton()
-        from deepcore_auditor.adapters.triton_serve import TritonServer
+        from deepcore_auditor.adapters.triton.serve import TritonServer
 
         repo = tmp_path / "repository"
         write_string_model(repo, "strings-as-fp32", "TYPE_FP32", fp.point_shape)

@@ -27,7 +27,10 @@ from triton_fixtures import (
 
 from deepcore_auditor.adapters.base import Access, InputConvention
 from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError, TransientOracleError
-from deepcore_auditor.adapters.triton import _parse_classification, _translate, open_triton, parse_triton_url
+from deepcore_auditor.adapters.triton import open_triton
+from deepcore_auditor.adapters.triton.client import _translate
+from deepcore_auditor.adapters.triton.options import parse_triton_url
+from deepcore_auditor.adapters.triton.oracle import _parse_classification
 
 __all__ = ["fresh_server", "https_proxy", "tls_trial", "triton_onnx", "triton_trial"]  # fixtures used by name
 
@@ -225,7 +228,7 @@ def _meta(inputs, outputs, max_batch_size):
 
 
 def _plan_for(meta_config, **kw):
-    from deepcore_auditor.adapters.triton import _plan
+    from deepcore_auditor.adapters.triton.shapes import _plan
 
     args = dict(convention=NCHW, point_shape=POINT_SHAPE, num_classes=10, labels_via="auto", batch_size=None,
                 output_option=None, classification_available=True)
@@ -518,7 +521,7 @@ def test_query_after_kill_raises_without_hanging(fresh_server) -> None:
 def test_missing_pytriton_is_input_error_with_install_hint(tmp_path: Path, monkeypatch) -> None:
     import importlib.util
 
-    from deepcore_auditor.adapters import triton_serve
+    from deepcore_auditor.adapters.triton import serve as triton_serve
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real(name, *a))
@@ -528,7 +531,7 @@ def test_missing_pytriton_is_input_error_with_install_hint(tmp_path: Path, monke
 
 
 def test_repository_layout(tmp_path: Path, triton_onnx) -> None:
-    from deepcore_auditor.adapters.triton_serve import ServedModel, write_model_repository
+    from deepcore_auditor.adapters.triton.serve import ServedModel, write_model_repository
 
     root = write_model_repository(
         {"a": triton_onnx["u8"], "b": ServedModel(triton_onnx["cnn"], max_batch_size=0, versions=(1, 3), delay_s=0.5)},
@@ -549,7 +552,7 @@ def test_repository_layout(tmp_path: Path, triton_onnx) -> None:
 
 def test_server_that_cannot_load_a_model_fails_fast_with_its_log(tmp_path: Path, triton_onnx) -> None:
     pytest.importorskip("pytriton")
-    from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton.serve import TritonServer, write_model_repository
 
     root = write_model_repository({"broken": triton_onnx["cnn"]}, tmp_path / "repo")
     (root / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")

@@ -36,7 +36,7 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton (the test extra) is not 
 pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] is not installed")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
 
-from deepcore_auditor.adapters.triton_serve import ServedModel, TritonServer, write_model_repository  # noqa: E402
+from deepcore_auditor.adapters.triton.serve import ServedModel, TritonServer, write_model_repository  # noqa: E402
 
 TOKEN_ENV = "DEEPCORE_TEST_TRITON_AUDIT_TOKEN"
 FORWARDED_HEADERS = r"(?i)^(authorization|x-deepcore-trial)$"

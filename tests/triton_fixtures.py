@@ -33,7 +33,7 @@ FORWARDED_HEADERS = r"(?i)^(authorization|x-deepcore-trial)$"
 class TritonTrial:
     """A running test server and what it serves."""
 
-    server: object  # adapters.triton_serve.TritonServer
+    server: object  # adapters.triton.serve.TritonServer
     onnx: dict[str, Path]  # served model name -> the ONNX file it runs
     record: Path  # request parameters recorded by model "cnn" (forwarded headers)
 
@@ -129,7 +129,7 @@ def triton_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def triton_trial(tmp_path_factory: pytest.TempPathFactory, triton_onnx: dict[str, Path]) -> Iterator[TritonTrial]:
     """One real tritonserver serving every test model; always stopped at the end."""
     _need_triton()
-    from deepcore_auditor.adapters.triton_serve import ServedModel, TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton.serve import ServedModel, TritonServer, write_model_repository
 
     root = tmp_path_factory.mktemp("triton")
     record = root / "cnn-parameters.jsonl"
@@ -158,7 +158,7 @@ def tls_trial(tmp_path_factory: pytest.TempPathFactory, triton_onnx: dict[str, P
     _need_triton()
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make a test certificate")
-    from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton.serve import TritonServer, write_model_repository
 
     root = tmp_path_factory.mktemp("triton-tls")
     cert, key = root / "cert.pem", root / "key.pem"
@@ -251,7 +251,7 @@ def https_proxy(tls_trial: TlsTrial) -> Iterator[TlsProxy]:
 def fresh_server(tmp_path: Path, triton_onnx: dict[str, Path]) -> Iterator[object]:
     """A server of its own (one model, "cnn"), for tests that kill it."""
     _need_triton()
-    from deepcore_auditor.adapters.triton_serve import TritonServer, write_model_repository
+    from deepcore_auditor.adapters.triton.serve import TritonServer, write_model_repository
 
     repo = write_model_repository({"cnn": triton_onnx["cnn"]}, tmp_path / "repository")
     server = TritonServer(repo, log_path=tmp_path / "tritonserver.log")
