@@ -117,6 +117,15 @@ class InputConvention:
             raise InputError(f"malformed input convention {d!r}: {e}") from e
 
 
+def check_channels(convention: InputConvention, channels: int) -> None:
+    """Refuse a convention whose mean or std has neither one value nor one per channel of the points."""
+    for name, values in (("mean", convention.mean), ("std", convention.std)):
+        if len(values) not in (1, channels):
+            raise IncompatibleSuspect(
+                f"input convention has {len(values)} {name} values but the points have {channels} channels"
+            )
+
+
 @dataclass(frozen=True)
 class OracleInfo:
     """What an oracle is and what it can answer; `identity` names the model (path, sha256, URL)."""

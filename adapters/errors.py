@@ -51,3 +51,17 @@ class TransientOracleError(OracleError):
 
 class BudgetExceeded(DeepCoreError):
     """Sending the query would exceed the hard query budget; nothing was sent."""
+
+
+def first_line(e: BaseException, *, empty: str | None = None, whole: bool = False) -> str:
+    """An exception's message on one line, for wrapping into a one-line error (backend messages
+    can run to pages).
+
+    The message's first line, stripped; with `whole`, all of it with every run of whitespace
+    (newlines included) made one space. An empty message gives `empty`, or the exception's class
+    name when `empty` is None.
+    """
+    text = " ".join(str(e).split()) if whole else str(e).strip()
+    if text:
+        return text if whole else text.splitlines()[0]
+    return type(e).__name__ if empty is None else empty

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo, read_outputs
-from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError
+from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo, check_channels, read_outputs
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,6 @@ def run_in_batches(
     return np.concatenate(outputs, axis=0)
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (backend messages can run to pages)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class OnnxOracle(Oracle):
     """Answers queries with an ONNX model run by ONNX Runtime (CPU, or CUDA where available).
 
@@ -146,12 +140,7 @@ class OnnxOracle(Oracle):
         self._input_shape: list[Dim] = list(inp.shape)
         self._convention = self._convention_for(convention, _ORT_DTYPES[inp.type])
         check_input_fits(self._input_shape, self._point_shape, self._convention.layout)
-        channels = self._point_shape[0]
-        for name, values in (("mean", convention.mean), ("std", convention.std)):
-            if len(values) not in (1, channels):
-                raise IncompatibleSuspect(
-                    f"input convention has {len(values)} {name} values but the points have {channels} channels"
-                )
+        check_channels(convention, self._point_shape[0])
         batch = self._input_shape[0]
         self._fixed_batch: int | None = batch if _is_static(batch) else None
 

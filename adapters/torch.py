@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo, read_outputs
-from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError
-from deepcore_auditor.adapters.onnx import Dim, check_input_fits, file_sha256, first_line, run_in_batches
+from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo, check_channels, read_outputs
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError, first_line
+from deepcore_auditor.adapters.onnx import Dim, check_input_fits, file_sha256, run_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,7 @@ def apply_convention_torch(points: torch.Tensor, convention: InputConvention) ->
         raise InputError("apply_convention_torch handles float conventions only, not uint8")
     if points.ndim != 4:
         raise InputError(f"points must be [N, C, H, W], got shape {tuple(points.shape)}")
-    channels = points.shape[1]
-    for name, values in (("mean", convention.mean), ("std", convention.std)):
-        if len(values) not in (1, channels):
-            raise IncompatibleSuspect(
-                f"input convention has {len(values)} {name} values but the points have {channels} channels"
-            )
+    check_channels(convention, points.shape[1])
     work = points.dtype if points.dtype in (torch.float32, torch.float64) else torch.float32
     x = points.to(work) * torch.tensor(convention.scale, dtype=work, device=points.device)
     mean = torch.tensor(convention.mean, dtype=work, device=points.device).reshape(1, -1, 1, 1)
@@ -139,12 +134,7 @@ class TorchOracle(Oracle):
         self._convention = convention
         if convention.dtype != "uint8" and self._model_dtype == torch.float16:
             self._convention = convention.with_dtype("float16")
-        channels = self._point_shape[0]
-        for name, values in (("mean", convention.mean), ("std", convention.std)):
-            if len(values) not in (1, channels):
-                raise IncompatibleSuspect(
-                    f"input convention has {len(values)} {name} values but the points have {channels} channels"
-                )
+        check_channels(convention, self._point_shape[0])
 
         self._input_shape = _exported_input_shape(model)
         self._fixed_batch: int | None = None

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from deepcore_auditor.adapters.base import Access
-from deepcore_auditor.adapters.errors import DeepCoreError
+from deepcore_auditor.adapters.errors import DeepCoreError, first_line
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
 EXIT_ERROR = 2
@@ -37,14 +37,14 @@ def _guarded(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DeepCoreError as e:
-            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            _fail(first_line(e))
         except OSError as e:
             _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
         except KeyboardInterrupt as e:  # notes say what was kept (e.g. the ledger and --resume)
             _fail("; ".join(["interrupted", *getattr(e, "__notes__", [])]))
         except Exception as e:  # a bug: never let it leave with exit 1, which means "piracy"
             logging.getLogger(__name__).debug("internal error", exc_info=True)
-            _fail(f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run with -vv for the traceback")
+            _fail(f"internal error ({type(e).__name__}: {first_line(e, empty='')}); run with -vv for the traceback")
 
     return wrapper  # type: ignore[return-value]
 

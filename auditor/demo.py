@@ -27,6 +27,7 @@ from torch import nn
 
 from deepcore_auditor.adapters.base import Access, InputConvention
 from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
@@ -76,13 +77,14 @@ SUSPECTS: tuple[SuspectRecipe, ...] = (
 def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = dst.with_suffix(".tmp.onnx")
-    logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
-    try:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-    finally:
-        logging.disable(logging.NOTSET)
-    tmp.replace(dst)
+    def write(tmp: Path) -> None:
+        logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
+        try:
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+
+    atomic_write(dst, write, by_name=True, suffix=".onnx")
 
 
 def _make_suspect(r: SuspectRecipe, owner: Normalized, halves: dict[str, tuple[np.ndarray, np.ndarray]], shape: tuple[int, int, int], k: int) -> nn.Module:

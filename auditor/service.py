@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deepcore_auditor.adapters.base import Access, InputConvention
-from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError
+from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
 from deepcore_auditor.auditor.budget import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
@@ -135,7 +135,7 @@ def probe_owner(owner: Any, points: Any, num_classes: int) -> None:
         with torch.no_grad():
             out = owner(torch.from_numpy(points))
     except Exception as e:  # any framework error: the owner does not fit the data
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise InputError(f"owner model cannot take the data's inputs {list(points.shape[1:])} under the declared convention: {first}") from e
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != num_classes:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -276,7 +276,7 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
         except TransientOracleError as e:  # retries ran out: worth resuming later
             if req.ledger is None:
                 raise
-            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            cause = first_line(e)
             answered = _answered_on_disk(ledger)
             raise AuditInterrupted(f"{cause}; {_resume_hint(req.ledger, answered)}", ledger=req.ledger, answered=answered) from e
         except KeyboardInterrupt as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from deepcore_auditor.adapters.errors import InputError, OracleError
+from deepcore_auditor.adapters.errors import InputError, OracleError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def serving(req: ServeRequest) -> Iterator[Served]:
         try:
             server.start()
         except OracleError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = first_line(e)
             last = [ln for ln in server.log_tail(20).splitlines() if ln.strip()][-1:]
             raise OracleError(f"{first}; last server log line: {last[0] if last else '(none)'}") from e
         try:

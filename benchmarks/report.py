@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deepcore_auditor.fingerprints.format import write_atomic
+from deepcore_auditor.adapters.files import atomic_write
 
 
 def _fmt(v: Any) -> str:
@@ -116,7 +116,7 @@ def _save(fig: Any, path: Path, title: str) -> Path:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=90, format="png")
-    write_atomic(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     plt.close(fig)
     return path
 
@@ -166,6 +166,6 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
 def write_outputs(r: dict[str, Any], out: Path) -> list[Path]:
     """results.json, results.md, roc.png, errors.png in `out` (an existing directory)."""
     paths = plots(r, out)
-    write_atomic(out / "results.json", (json.dumps(r, indent=1) + "\n").encode())
-    write_atomic(out / "results.md", markdown(r).encode())
+    atomic_write(out / "results.json", (json.dumps(r, indent=1) + "\n").encode())
+    atomic_write(out / "results.md", markdown(r).encode())
     return [out / "results.json", out / "results.md", *paths]

@@ -38,9 +38,9 @@ from torch import nn
 
 from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.auditor.demo import quantize_int8
 from deepcore_auditor.fingerprints.data import DataSplits, channel_stats
-from deepcore_auditor.fingerprints.format import write_atomic
 from deepcore_auditor.fingerprints.models import (
     Normalized,
     TrainConfig,
@@ -195,9 +195,8 @@ def convert_fp16(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    tmp = dst.with_name(f".{dst.name}.tmp.onnx")
-    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), str(tmp))
-    tmp.replace(dst)
+    atomic_write(dst, lambda tmp: onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), str(tmp)),
+                 by_name=True, suffix=".onnx")
 
 
 def _fresh(arch: str, owner: Normalized, shape: tuple[int, int, int], k: int, seed: int) -> Normalized:
@@ -243,9 +242,7 @@ def _halves(data: DataSplits, config: ZooConfig) -> dict[str, tuple[np.ndarray, 
 
 
 def _save_state(model: nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: torch.save(model.state_dict(), f))
 
 
 def _load_state(model: nn.Module, path: Path) -> nn.Module:
@@ -276,7 +273,7 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
         _save_state(owner, owner_state)
         meta["owner"] = {"test_accuracy": round(accuracy(owner, test_x, test_y), 4), "train_s": round(time.perf_counter() - t0, 1),
                          "arch": config.owner_arch}
-        write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        atomic_write(meta_path, json.dumps(meta, indent=1).encode())
     owner_onnx = root / "owner.onnx"
     if not owner_onnx.is_file():
         export_onnx(owner.net, owner_onnx, shape)
@@ -311,7 +308,7 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
                 torch_models[m.name] = model
         info["train_s"] = round(time.perf_counter() - t0, 1)
         meta["members"][m.name] = info
-        write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        atomic_write(meta_path, json.dumps(meta, indent=1).encode())
     meta["build_s"] = round(meta.get("owner", {}).get("train_s", 0) + sum(v.get("train_s", 0) for v in meta["members"].values()), 1)
-    write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+    atomic_write(meta_path, json.dumps(meta, indent=1).encode())
     return Zoo(root, owner, convention, data, halves, members, paths, meta, torch_models)

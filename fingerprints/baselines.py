@@ -43,7 +43,7 @@ from torch import nn
 
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints.format import Fingerprint
-from deepcore_auditor.fingerprints.models import set_mode
+from deepcore_auditor.fingerprints.models import forward_batched, set_mode
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,8 @@ def _frozen(models: Sequence[nn.Module]) -> Iterator[None]:
             m.train(training)
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, points: np.ndarray, batch_size: int) -> np.ndarray:
-    out = [model(torch.from_numpy(np.ascontiguousarray(points[i : i + batch_size], dtype=np.float32))).float().numpy()
-           for i in range(0, len(points), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def _labels(model: nn.Module, points: np.ndarray, batch_size: int) -> np.ndarray:
-    return _logits(model, points, batch_size).argmax(1).astype(np.int64)
+    return forward_batched(model, points, batch_size).argmax(1).astype(np.int64)
 
 
 def _draw(rng: np.random.Generator, pool: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -354,7 +347,7 @@ def build_baseline(
     rng = np.random.default_rng([config.seed, BASELINES.index(method)])
     models = [owner, *surrogates, *references]
     with _frozen(models):
-        out_k = _logits(owner, x[:1], 1).shape[1]
+        out_k = forward_batched(owner, x[:1], 1).shape[1]
         if out_k != num_classes:
             raise InputError(f"the owner outputs {out_k} classes but {num_classes} class names were given")
         points, per_point, info = _METHODS[method](
@@ -367,7 +360,7 @@ def build_baseline(
             logger.warning("%s: dropped %d duplicate points", method, len(points) - len(first))
         perm = first[rng.permutation(len(first))]
         points = points[perm]
-        logits = torch.from_numpy(_logits(owner, points, config.batch_size))
+        logits = torch.from_numpy(forward_batched(owner, points, config.batch_size))
     probs = F.softmax(logits, dim=1).numpy().astype(np.float32)
     top2 = torch.topk(logits, 2, dim=1).values
     extra = {k: _json_number(v) for k, v in info.items()}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepcore_auditor.fingerprints.models import set_mode
+from deepcore_auditor.fingerprints.models import forward_batched, set_mode, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -170,21 +170,13 @@ def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Seque
     return out
 
 
-@torch.no_grad()
 def _probs(model: nn.Module, points: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    return np.concatenate([F.softmax(model(torch.from_numpy(points[i : i + batch_size])).float(), dim=1).numpy()
-                           for i in range(0, len(points), batch_size)])
+    return forward_batched(model, points, batch_size, softmax)
 
 
-@torch.no_grad()
 def _labels(model: nn.Module, points: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    labels, conf = [], []
-    for start in range(0, len(points), batch_size):
-        p = F.softmax(model(torch.from_numpy(points[start : start + batch_size])).float(), dim=1)
-        c, lab = p.max(dim=1)
-        labels.append(lab.numpy())
-        conf.append(c.numpy())
-    return np.concatenate(labels), np.concatenate(conf).astype(np.float64)
+    p = _probs(model, points, batch_size)
+    return p.argmax(1), p.max(1).astype(np.float64)
 
 
 def choose_seeds(labels: np.ndarray, owner_probs: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

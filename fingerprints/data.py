@@ -22,19 +22,18 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 import time
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.errors import InputError, first_line
+from deepcore_auditor.adapters.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -216,12 +215,6 @@ def load_data(spec: str | os.PathLike[str], *, cache_dir: Path | None = None) ->
 # --------------------------------------------------------------------------- small utilities
 
 
-def _one_line(err: BaseException) -> str:
-    """An exception's message on one line (for wrapping into InputError)."""
-    msg = " ".join(str(err).split())
-    return msg or type(err).__name__
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     try:
@@ -229,7 +222,7 @@ def _sha256_file(path: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError as e:
-        raise InputError(f"cannot read {path}: {_one_line(e)}") from e
+        raise InputError(f"cannot read {path}: {first_line(e, whole=True)}") from e
     return h.hexdigest()
 
 
@@ -268,7 +261,7 @@ def _read_idx(name: str, raw: bytes, magic: int, ndim: int) -> np.ndarray:
     try:
         data = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"fashion-mnist file {name} is not valid gzip: {_one_line(e)}") from e
+        raise InputError(f"fashion-mnist file {name} is not valid gzip: {first_line(e, whole=True)}") from e
     header = 4 + 4 * ndim
     if len(data) < header:
         raise InputError(f"fashion-mnist file {name} is too short for an IDX header")
@@ -305,7 +298,7 @@ def _load_fashion_mnist(spec: str) -> DataSplits:
         try:
             raw = (root / name).read_bytes()
         except OSError as e:
-            raise InputError(f"cannot read {root / name}: {_one_line(e)}") from e
+            raise InputError(f"cannot read {root / name}: {first_line(e, whole=True)}") from e
         digest.update(f"{name} {hashlib.sha256(raw).hexdigest()}\n".encode())
         if key[1] == "images-idx3":
             arrays[key] = _read_idx(name, raw, _IDX_IMAGES_MAGIC, 3)
@@ -398,9 +391,9 @@ def _load_npz(spec: str, path: Path) -> DataSplits:
             raise InputError(
                 f"{path}: refusing object arrays or pickled data in .npz (store plain arrays)"
             ) from e
-        raise InputError(f"cannot read {path} as .npz: {_one_line(e)}") from e
+        raise InputError(f"cannot read {path} as .npz: {first_line(e, whole=True)}") from e
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
-        raise InputError(f"cannot read {path} as .npz: {_one_line(e)}") from e
+        raise InputError(f"cannot read {path} as .npz: {first_line(e, whole=True)}") from e
     for key in ("x", "y"):
         if key not in arrays:
             raise InputError(
@@ -540,7 +533,7 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
             ValueError, EOFError) as e:
-        raise InputError(f"cannot decode image {where}: {_one_line(e)}") from e
+        raise InputError(f"cannot decode image {where}: {first_line(e, whole=True)}") from e
 
 
 def _decode_all(keys: Sequence[str], read: Callable[[str], bytes],
@@ -619,27 +612,10 @@ def _read_cache(entry: Path, base: str) -> tuple[Dataset, Dataset, str] | None:
         test = Dataset(f"{base}/test", arrays["x_test"], arrays["y_test"], tuple(classes))
         split = str(meta.get("split", ""))
     except (OSError, ValueError, EOFError, KeyError, TypeError, InputError) as e:
-        logger.warning("ignoring unusable cache entry %s (%s): rebuilding", entry, _one_line(e))
+        logger.warning("ignoring unusable cache entry %s (%s): rebuilding", entry, first_line(e, whole=True))
         return None
     logger.info("loaded %s from cache %s", base, entry)
     return train, test, split
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temporary file in the same directory, then os.replace onto `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _write_cache(entry: Path, train: Dataset, test: Dataset, split: str) -> None:
@@ -650,12 +626,12 @@ def _write_cache(entry: Path, train: Dataset, test: Dataset, split: str) -> None
     try:
         entry.mkdir(parents=True, exist_ok=True)
         for name, arr in arrays.items():
-            _atomic_write(entry / f"{name}.npy",
+            atomic_write(entry / f"{name}.npy",
                           lambda f, a=arr: np.save(f, np.ascontiguousarray(a), allow_pickle=False))
-        _atomic_write(entry / "meta.json",
+        atomic_write(entry / "meta.json",
                       lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
     except OSError as e:
-        logger.warning("could not write data cache %s: %s", entry, _one_line(e))
+        logger.warning("could not write data cache %s: %s", entry, first_line(e, whole=True))
         return
     logger.info("cached decoded arrays in %s", entry)
 
@@ -681,7 +657,7 @@ def _scan_dir(root: Path) -> dict[str, os.stat_result]:
     found: dict[str, os.stat_result] = {}
 
     def fail(e: OSError) -> None:
-        raise InputError(f"cannot list {e.filename or root}: {_one_line(e)}") from e
+        raise InputError(f"cannot list {e.filename or root}: {first_line(e, whole=True)}") from e
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -693,7 +669,7 @@ def _scan_dir(root: Path) -> dict[str, os.stat_result]:
             try:
                 st = (Path(dirpath) / fname).stat()
             except OSError as e:
-                raise InputError(f"cannot read {Path(dirpath) / fname}: {_one_line(e)}") from e
+                raise InputError(f"cannot read {Path(dirpath) / fname}: {first_line(e, whole=True)}") from e
             found[rel] = st
     return found
 
@@ -713,7 +689,7 @@ def _load_imagefolder_dir(spec: str, root: Path, cache_dir: Path | None) -> Data
         try:
             return (root / rel).read_bytes()
         except OSError as e:
-            raise InputError(f"cannot read {root / rel}: {_one_line(e)}") from e
+            raise InputError(f"cannot read {root / rel}: {first_line(e, whole=True)}") from e
 
     def build() -> tuple[Dataset, Dataset, str]:
         return _build_imagefolder(base, layout, read, lambda rel: str(root / rel))
@@ -746,7 +722,7 @@ def _read_archive(path: Path) -> dict[str, bytes]:
                     continue
                 members["/".join(parts)] = f.read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise InputError(f"cannot read archive {path}: {_one_line(e)}") from e
+        raise InputError(f"cannot read archive {path}: {first_line(e, whole=True)}") from e
     if unsafe:
         logger.warning("skipped %d member(s) of %s with absolute or '..' paths", unsafe, path)
     return members

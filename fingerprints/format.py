@@ -17,8 +17,6 @@ import base64
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import numpy as np
 
 from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import FingerprintError, InputError
+from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.fingerprints.signing import Key
 
 FORMAT_NAME = "deepcore-fingerprint"
@@ -142,31 +141,8 @@ def write_document(path: Path, format_name: str, version: int, content: dict[str
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
-    write_atomic(path, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
+    atomic_write(path, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
     return digest
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` all or nothing: a temp file beside it, fsynced, renamed over it,
-    and the directory fsynced; the file is readable by all (0644), not mkstemp's 0600: these are
-    documents meant to be published."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepcore_auditor.adapters.base import InputConvention
-from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.errors import InputError, first_line
+from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.adapters.torch import apply_convention_torch
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def batchnorm_trains(model: nn.Module, probe: torch.Tensor) -> bool:
             trial(probe)
     except Exception as e:  # any framework error: the model cannot be trained on such batches
         raise InputError(f"the model fails on a training batch of {len(probe)} ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); a torch.export "
+                         f"{first_line(e, empty='')}); a torch.export "
                          "program must be exported with a dynamic batch dimension") from e
     return any(not torch.equal(a, b) for a, b in zip(before, _running_means(trial), strict=False))
 
@@ -373,14 +374,28 @@ def prune_by_magnitude(model: nn.Module, ratio: float) -> nn.Module:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, points: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Softmax probabilities of `model` on canonical points, as float32 [N, K]."""
-    set_mode(model, False)
+def forward_batched(model: nn.Module, points: np.ndarray, batch_size: int = 512,
+                    fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """`fn` of `model`'s float32 outputs (the outputs themselves when None) on canonical points,
+    batch by batch without gradients, as one numpy array; [0, 0] for no points. The model's mode
+    is left as it is."""
     out = []
     for start in range(0, len(points), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(points[start : start + batch_size], dtype=np.float32))
-        out.append(F.softmax(model(x).float(), dim=1).numpy())
+        y = model(x).float()
+        out.append((y if fn is None else fn(y)).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Probabilities over the classes (dim 1), for `forward_batched`."""
+    return F.softmax(logits, dim=1)
+
+
+def predict(model: nn.Module, points: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Softmax probabilities of `model` on canonical points, as float32 [N, K]."""
+    set_mode(model, False)
+    return forward_batched(model, points, batch_size, softmax)
 
 
 def accuracy(model: nn.Module, points: np.ndarray, labels: np.ndarray) -> float:
@@ -391,7 +406,6 @@ def export_onnx(model: nn.Module, path: Path, point_shape: tuple[int, int, int])
     """Export `model` to ONNX (opset 17, dynamic batch), written atomically to `path`."""
     model = clone(model)
     set_mode(model, False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.onnx.export(model, (torch.zeros(1, *point_shape),), str(tmp), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.onnx.export(
+        model, (torch.zeros(1, *point_shape),), str(tmp), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False), by_name=True)

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from deepcore_auditor.adapters.errors import InputError, SignatureError
+from deepcore_auditor.adapters.errors import InputError, SignatureError, first_line
 
 HMAC_SCHEME = "hmac-sha256"
 ED25519_SCHEME = "ed25519"
@@ -169,7 +169,7 @@ def load_ed25519_key(path: Path) -> Ed25519Key:
             if isinstance(pub, ed25519.Ed25519PublicKey):
                 return Ed25519Key(public=pub)
     except (ValueError, TypeError) as e:
-        raise InputError(f"{path} is not a readable PEM key (an encrypted key is not supported): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise InputError(f"{path} is not a readable PEM key (an encrypted key is not supported): {first_line(e)}") from None
     raise InputError(f"{path} holds a key of another type: an Ed25519 key is needed")
 
 

@@ -1,0 +1,56 @@
+"""Whole-file writes that are all or nothing: a reader sees the old file or the new one, never half."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def atomic_write(path: str | os.PathLike[str], content: bytes | Callable[[Any], Any], *, by_name: bool = False,
+                 suffix: str = "", mode: int = 0o644) -> None:
+    """Write `path` all or nothing: a temp file beside it, fsynced, renamed over it, and the
+    directory fsynced; the file gets `mode` (readable by all by default, not mkstemp's 0600: what
+    is written here is meant to be read, published or reused).
+
+    `content` is the bytes to write, or a function that writes them: called with the temp file
+    open for binary writing, or, with `by_name`, with the temp file's path (for tools that write
+    only to a file name). `suffix` ends the temp file's name (for tools that go by extension).
+    On any failure the temp file is removed and the target left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=suffix, dir=path.parent)
+    try:
+        if by_name:
+            os.close(fd)
+            content(Path(tmp))  # type: ignore[operator]
+            os.chmod(tmp, mode)  # the tool may have made the file afresh
+            _fsync_path(tmp)
+        else:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as f:
+                _write(f, content)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+
+
+def _write(f: BinaryIO, content: bytes | Callable[[Any], Any]) -> None:
+    if callable(content):
+        content(f)
+    else:
+        f.write(content)
+
+
+def _fsync_path(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
