@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError, first_line
 
 
 class Access(str, enum.Enum):
@@ -70,12 +70,7 @@ class InputConvention:
 
     def apply(self, points: np.ndarray) -> np.ndarray:
         """Canonical [N, C, H, W] points -> the model's input tensor."""
-        channels = points.shape[1]
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if len(values) not in (1, channels):
-                raise IncompatibleSuspect(
-                    f"input convention has {len(values)} {name} values but the points have {channels} channels"
-                )
+        check_channels(self, points.shape[1])
         # One fresh float32 copy, then in-place steps (no temporaries). Steps that are exact
         # identities in IEEE arithmetic (x * 1, x - (+0.0), x / 1) are skipped: same bits.
         x = points.astype(np.float32)
@@ -206,7 +201,7 @@ def check_answer(answer: np.ndarray, n: int, access: Access, num_classes: int | 
     try:
         a = np.asarray(answer)
     except (ValueError, TypeError) as e:  # ragged or otherwise not an array
-        raise OracleError(f"suspect returned an answer that is not an array ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise OracleError(f"suspect returned an answer that is not an array ({first_line(e)})") from None
     if access is Access.LABELS:
         if a.shape != (n,):
             raise OracleError(f"suspect returned labels of shape {a.shape}, expected ({n},)")
@@ -262,11 +257,40 @@ def to_probabilities(outputs: np.ndarray, force_logits: bool = False) -> tuple[n
     return e / e.sum(axis=1, keepdims=True), "logits"
 
 
-class LabelsOnly(Oracle):
-    """Shows only top-1 labels of any oracle: a local stand-in for a label-only public API."""
+class OracleWrapper(Oracle):
+    """An oracle around another: `info` and `close` delegate to the inner oracle.
+
+    Answers are checked once, where they enter: the backend's own `query` checks its output
+    (`check_answer`), so a wrapper checks only what it changes — the access it offers (its
+    `info` may narrow it), the points' rank — and passes the inner oracle's answer on unchecked.
+    A wrapper that adds knowledge the backend lacks (`WithClassCount`) checks that knowledge.
+    """
 
     def __init__(self, inner: Oracle) -> None:
         self.inner = inner
+
+    @property
+    def info(self) -> OracleInfo:
+        return self.inner.info
+
+    def query(self, points: np.ndarray, access: Access) -> np.ndarray:
+        info = self.info
+        if access not in info.access:
+            raise IncompatibleSuspect(
+                f"this suspect answers {'/'.join(a.value for a in info.access)} only, not {access.value}"
+            )
+        if points.ndim != 4:
+            raise InputError(f"points must be [N, C, H, W], got shape {points.shape}")
+        if len(points) == 0:
+            return np.zeros((0,), np.int64) if access is Access.LABELS else np.zeros((0, info.num_classes or 0))
+        return self._answer(points, access)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class LabelsOnly(OracleWrapper):
+    """Shows only top-1 labels of any oracle: a local stand-in for a label-only public API."""
 
     @property
     def info(self) -> OracleInfo:
@@ -276,16 +300,14 @@ class LabelsOnly(Oracle):
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
         return self.inner.query(points, Access.LABELS)
 
-    def close(self) -> None:
-        self.inner.close()
 
-
-class WithClassCount(Oracle):
+class WithClassCount(OracleWrapper):
     """Any oracle, its answers checked against a known class count (the fingerprint's) even when
     the backend cannot say how many classes its model has."""
 
     def __init__(self, inner: Oracle, num_classes: int) -> None:
-        self.inner, self.num_classes = inner, num_classes
+        super().__init__(inner)
+        self.num_classes = num_classes
 
     @property
     def info(self) -> OracleInfo:
@@ -293,7 +315,7 @@ class WithClassCount(Oracle):
         return OracleInfo(i.kind, i.identity, i.access, self.num_classes if i.num_classes is None else i.num_classes, i.details)
 
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
-        return self.inner.query(points, access)
-
-    def close(self) -> None:
-        self.inner.close()
+        answer = self.inner.query(points, access)
+        if self.inner.info.num_classes is None:  # the backend checked without a class count: check with ours
+            answer = check_answer(answer, len(points), access, self.num_classes)
+        return answer

@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from deepcore_auditor.adapters.base import Access, Oracle, WithClassCount
+from deepcore_auditor import tool_version
+from deepcore_auditor.adapters.base import Access, Oracle
 from deepcore_auditor.adapters.errors import BudgetExceeded, IncompatibleSuspect, InputError
-from deepcore_auditor.auditor.budget import Budgeted, QueryLedger, Recorded, Retrying, point_digest
+from deepcore_auditor.auditor.channel import QueryChannel
+from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
 from deepcore_auditor.fingerprints.calibration import MODES, Rates, rates
 from deepcore_auditor.fingerprints.format import Fingerprint
 from deepcore_auditor.fingerprints.stats import SequentialTest, expected_queries, log_likelihood_ratios
@@ -296,15 +298,6 @@ def ledger_header(fp: Fingerprint, suspect: Oracle, config: AuditConfig, plan: P
     return header
 
 
-def tool_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"deepcore-auditor {version('deepcore-auditor')}"
-    except PackageNotFoundError:
-        return "deepcore-auditor (not installed)"
-
-
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -321,7 +314,7 @@ def audit(
 ) -> AuditResult:
     """Ask `suspect` the core points batch by batch until the sequential test decides.
 
-    Queries go through Recorded(Retrying(Budgeted(WithClassCount(suspect)))): answers already in
+    Queries go through one `QueryChannel` (Recorded(Retrying(Budgeted(WithClassCount(suspect))))): answers already in
     `ledger` are replayed without asking (resume), and the hard budget counts every attempt. Before an
     `independent` verdict, `config.repeat_checks` points are asked again: a suspect that answers
     the same point differently (a randomized defence) gets `inconclusive` instead.
@@ -331,18 +324,15 @@ def audit(
     plan = Plan.make(fp, config, r)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
-    # Answers are checked against the fingerprint's classes below the ledger (a suspect need not
-    # declare its own), so a malformed batch is never recorded.
-    budgeted = Budgeted(WithClassCount(suspect, fp.num_classes), max(0, config.budget - prior), on_charge=ledger.charge)
-    retrying = Retrying(budgeted, attempts=retries, backoff_s=retry_backoff_s)
-    recorded = Recorded(retrying, ledger)
-    check_compatible(fp, recorded, config)
+    channel = QueryChannel(suspect, fp.num_classes, ledger, max(0, config.budget - prior), retries=retries,
+                           retry_backoff_s=retry_backoff_s)
+    check_compatible(fp, channel.oracle, config)
     start = time.perf_counter()
     notes = list(r.summary.get("notes", []))  # type: ignore[arg-type]
     indices = np.asarray(plan.indices)
 
     def ask(pos: np.ndarray) -> np.ndarray:
-        return recorded.query(fp.points[indices[pos]], config.access)
+        return channel.ask(fp.points[indices[pos]], config.access)
 
     out = run_test(plan, ask, config.budget, progress)
     if out.stop_note:
@@ -354,14 +344,14 @@ def audit(
         notes.append(f"the budget ran out after {out.asked} queries before the test decided")
     repeat: dict[str, int] = {}
     if decision == "independent" and plan.repeat_checks > 0:
-        decision, repeat = _repeat_check(fp, plan, recorded, budgeted, out.asked, notes)
-    if retrying.retried:  # after the repeat check, whose failed attempts are charged too
-        notes.append(f"{retrying.retried} failed attempts were retried; each was charged to the budget")
+        decision, repeat = _repeat_check(fp, plan, channel, out.asked, notes)
+    if channel.retried:  # after the repeat check, whose failed attempts are charged too
+        notes.append(f"{channel.retried} failed attempts were retried; each was charged to the budget")
     p0, p1 = float(r.p0.mean()), float(r.p1.mean())
     test = SequentialTest(config.alpha, config.beta)
     return AuditResult(
         verdict=decision or "inconclusive",
-        queries_used=prior + budgeted.spent,
+        queries_used=prior + channel.spent,
         budget=config.budget,
         alpha=config.alpha,
         beta=config.beta,
@@ -376,9 +366,9 @@ def audit(
         trajectory=out.trajectory,
         elapsed_s=round(time.perf_counter() - start, 4),
         fingerprint_sha256=fp.digest,
-        suspect=recorded.info.to_dict(),
+        suspect=channel.info.to_dict(),
         calibration=r.summary,
-        replayed_from_ledger=recorded.replayed,
+        replayed_from_ledger=channel.replayed,
         notes=notes,
         answered=out.asked,
         repeat_check=repeat,
@@ -397,22 +387,22 @@ def judge_repeats(plan: Plan, asked: int, entries: dict[str, Any], repeats: dict
 
 
 def _repeat_check(
-    fp: Fingerprint, plan: Plan, recorded: Recorded, budgeted: Budgeted, asked: int, notes: list[str]
+    fp: Fingerprint, plan: Plan, channel: QueryChannel, asked: int, notes: list[str]
 ) -> tuple[str, dict[str, int]]:
     """Ask some answered points again before saying `independent`. A suspect that randomizes its
     answers can push its agreement down to look independent: a changed answer, or a check the
     budget left no room for, makes the verdict `inconclusive`."""
     pos = repeat_positions(plan, asked)
-    ledger = recorded.ledger
+    ledger = channel.ledger
     todo = [i for i in pos if plan.digests[i] not in ledger.repeats]
-    if len(todo) > budgeted.remaining:
+    if len(todo) > channel.remaining:
         notes.append(
             f"the budget left no room to ask {len(pos)} points again (repeat check): an independent verdict needs it; "
             "raise --budget, or pass --repeat-checks 0 to skip the check"
         )
     else:
         try:
-            recorded.query_again(fp.points[np.asarray(plan.indices)[pos]], Access(plan.access))
+            channel.ask_again(fp.points[np.asarray(plan.indices)[pos]], Access(plan.access))
         except BudgetExceeded as e:
             notes.append(f"repeat check not made ({e}): an independent verdict needs it")
     verdict, summary = judge_repeats(plan, asked, ledger.entries, ledger.repeats)

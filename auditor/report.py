@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from deepcore_auditor import tool_version
 from deepcore_auditor.adapters.base import Access
 from deepcore_auditor.adapters.errors import ReportError
 from deepcore_auditor.auditor.audit import (
@@ -31,9 +32,8 @@ from deepcore_auditor.auditor.audit import (
     judge_repeats,
     repeat_positions,
     run_test,
-    tool_version,
 )
-from deepcore_auditor.auditor.budget import QueryLedger
+from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.fingerprints.format import Document, load_fingerprint, read_document, write_document
 from deepcore_auditor.fingerprints.signing import Key
 from deepcore_auditor.fingerprints.stats import SequentialTest

@@ -14,7 +14,7 @@ from typing import Any
 from deepcore_auditor.adapters.base import Access, InputConvention
 from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
-from deepcore_auditor.auditor.budget import QueryLedger
+from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
 from deepcore_auditor.fingerprints.format import (
     Fingerprint,

@@ -12,7 +12,7 @@ from deepcore_auditor.adapters.base import Access, LabelsOnly
 from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError
 from deepcore_auditor.adapters.onnx import OnnxOracle
 from deepcore_auditor.auditor.audit import AuditConfig, audit
-from deepcore_auditor.auditor.budget import QueryLedger
+from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.fingerprints.calibration import rates
 from deepcore_auditor.fingerprints.format import load_fingerprint
 
@@ -141,7 +141,7 @@ def test_failed_attempts_of_an_interrupted_audit_count_against_the_budget_on_res
     earlier runs spent and the budget holds across runs (it once counted only answers)."""
     from deepcore_auditor.adapters.errors import TransientOracleError
     from deepcore_auditor.auditor.audit import ledger_header
-    from tests.test_budget import Flaky
+    from tests.test_channel import Flaky
 
     fp, suspect = _open(world, world.independent_onnx)
     cfg = AuditConfig(budget=30, batch_size=5, alpha=1e-300, beta=1e-300, repeat_checks=0)

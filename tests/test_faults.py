@@ -36,7 +36,7 @@ from deepcore_auditor.benchmarks.fault_proxy import Counters, Fault, ledger_answ
 PROTOCOLS = ("http", "grpc")
 BATCH = 5  # audit_args' --batch-size
 BUDGET = 60  # audit_args' --budget
-BACKOFF_S = 0.5  # auditor.budget.Retrying's first delay; it doubles per retry
+BACKOFF_S = 0.5  # auditor.channel.Retrying's first delay; it doubles per retry
 TIMEOUT_S = 1.0  # --request-timeout of the stall tests
 # What each protocol says about each fault, as the one-line error shows it.
 CAUSE = {
@@ -61,8 +61,8 @@ def run(*args: object) -> Any:
 
 
 def retry_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
-    """The backoff delays the auditor announced (auditor.budget.Retrying's warnings)."""
-    messages = [r.getMessage() for r in caplog.records if r.name == "deepcore_auditor.auditor.budget"]
+    """The backoff delays the auditor announced (auditor.channel.Retrying's warnings)."""
+    messages = [r.getMessage() for r in caplog.records if r.name == "deepcore_auditor.auditor.channel"]
     return [float(m.rsplit(" in ", 1)[1].rstrip("s")) for m in messages if "; retry " in m]
 
 
@@ -126,7 +126,7 @@ def test_faults_within_the_retries_cost_budget_not_answers(
 ) -> None:
     expected = clean("pirate")
     ledger = tmp_path / "ledger.jsonl"
-    caplog.set_level(logging.INFO, logger="deepcore_auditor.auditor.budget")
+    caplog.set_level(logging.INFO, logger="deepcore_auditor.auditor.channel")
     with proxy_for(protocol, served) as proxy:
         proxy.add(Fault(kind, count=2, after=1, retry_after_s=1, stall_s=3 * TIMEOUT_S))  # batch 2 answered on its 3rd attempt
         start = time.monotonic()
@@ -155,7 +155,7 @@ def test_a_rate_limited_endpoint_gets_the_backoff_asked_for(
     world: Any, served: TritonServer, clean: Callable[..., Clean], tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     expected = clean("pirate")
-    caplog.set_level(logging.INFO, logger="deepcore_auditor.auditor.budget")
+    caplog.set_level(logging.INFO, logger="deepcore_auditor.auditor.channel")
     with proxy_for("http", served) as proxy:
         proxy.add(Fault("429", count=2, after=1))
         r = run(*audit_args(world, proxy.url("pirate"), "--json", "--ledger", tmp_path / "l.jsonl", "--retry-backoff", "0.8"))

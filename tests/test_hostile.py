@@ -41,8 +41,8 @@ from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo
 from deepcore_auditor.adapters.errors import DeepCoreError, OracleError
 from deepcore_auditor.adapters.onnx import OnnxOracle
 from deepcore_auditor.auditor.audit import AuditConfig, audit, ledger_header
-from deepcore_auditor.auditor.budget import QueryLedger
 from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
 
 K = 10  # the world's classes (Fashion-MNIST)

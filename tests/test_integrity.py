@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo
 from deepcore_auditor.adapters.errors import DeepCoreError, InputError, SignatureError
 from deepcore_auditor.adapters.onnx import OnnxOracle
 from deepcore_auditor.auditor.audit import AuditConfig, audit, ledger_header
-from deepcore_auditor.auditor.budget import QueryLedger
 from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import verify_report
 from deepcore_auditor.fingerprints.format import (
     canonical_digest,
@@ -157,6 +158,11 @@ def test_report_stands_on_its_own_and_verify_report_recomputes_it(world: Any, si
     c = doc["content"]
     assert doc["signature"]["scheme"] == "ed25519"
     assert c["tool"].startswith("deepcore-auditor") and c["started_utc"] <= c["finished_utc"]
+    # the version and the source commit: this checkout's HEAD (dirty or not), never a guess
+    import deepcore_auditor
+    head = subprocess.run(["git", "-C", str(Path(deepcore_auditor.__file__).parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert c["tool"].startswith(f"deepcore-auditor {deepcore_auditor.__version__} (commit {head}"), c["tool"]
     assert c["fingerprint"]["signature_verified"] and c["fingerprint"]["commitment"]["content"]["fingerprint_sha256"] == c["fingerprint"]["sha256"]
     assert c["suspect"]["identity"]["sha256"] and c["test"]["alpha"] == 0.01
     records = [x for x in c["ledger"]["records"] if "answer" in x]
@@ -371,7 +377,7 @@ class CoreEvader(Oracle):
         return self.copy.info
 
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
-        from deepcore_auditor.auditor.budget import point_digest
+        from deepcore_auditor.auditor.ledger import point_digest
 
         core = np.array([point_digest(p) in self.core for p in points])
         return np.where(core, self.other.query(points, access), self.copy.query(points, access))
@@ -382,7 +388,7 @@ def test_a_suspect_that_agrees_on_natural_data_but_not_on_core_points_is_not_acc
     accuse such a suspect. (The flip side, stated in the README: a pirate that could recognise
     the secret core points would pass as independent; keeping the points secret until the audit,
     and publishing only their digest, is what stands against that.)"""
-    from deepcore_auditor.auditor.budget import point_digest
+    from deepcore_auditor.auditor.ledger import point_digest
 
     fp = load_fingerprint(world.fingerprint)
     owner = _suspect(world, world.owner_onnx)

@@ -1,9 +1,8 @@
-"""Wrappers that compose around any oracle: a hard query budget, retries, and a ledger.
+"""The ledger of an audit: every point asked and every answer, and the wrapper that replays it.
 
-The usual stack is `Recorded(Retrying(Budgeted(backend)))`: answers already in the ledger are
-never asked again (resume), every attempt — retries included, since the server may have
-answered — is charged to the budget, and the budget refuses a batch before sending it if it
-would go past the limit.
+`QueryLedger` holds what was asked and answered (in memory, optionally mirrored to a JSONL file
+with a lock, so a killed audit resumes where it stopped); `Recorded` answers from it when it can
+and asks its inner oracle only for the rest, so a resumed audit never asks a point twice.
 """
 
 from __future__ import annotations
@@ -15,15 +14,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo
-from deepcore_auditor.adapters.errors import BudgetExceeded, InputError, TransientOracleError
+from deepcore_auditor.adapters.base import Access, Oracle, OracleWrapper, check_answer
+from deepcore_auditor.adapters.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -31,69 +29,6 @@ logger = logging.getLogger(__name__)
 def point_digest(point: np.ndarray) -> str:
     """sha256 of one canonical point's float32 bytes: how the ledger names a query."""
     return hashlib.sha256(np.ascontiguousarray(point, dtype="<f4").tobytes()).hexdigest()
-
-
-class Budgeted(Oracle):
-    """Counts every sample sent and never lets one past `budget`, not even on a retry."""
-
-    def __init__(self, inner: Oracle, budget: int, on_charge: Callable[[int], None] | None = None) -> None:
-        if budget < 0:
-            raise InputError(f"budget must be >= 0, got {budget}")
-        self.inner, self.budget, self.spent = inner, int(budget), 0
-        self._on_charge = on_charge  # e.g. QueryLedger.charge: the charge is on disk before the send
-
-    @property
-    def info(self) -> OracleInfo:
-        return self.inner.info
-
-    @property
-    def remaining(self) -> int:
-        return self.budget - self.spent
-
-    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
-        if len(points) > self.remaining:
-            raise BudgetExceeded(f"{len(points)} queries would exceed the budget ({self.spent} of {self.budget} used)")
-        if self._on_charge is not None:
-            self._on_charge(len(points))
-        self.spent += len(points)  # charged before sending: a failed send may still have been answered
-        return self.inner.query(points, access)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class Retrying(Oracle):
-    """Retries failures the backend marks as transient, with exponential backoff."""
-
-    def __init__(
-        self,
-        inner: Oracle,
-        attempts: int = 3,
-        backoff_s: float = 0.5,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.inner, self.attempts, self.backoff_s, self._sleep = inner, max(1, attempts), backoff_s, sleep
-        self.retried = 0  # failed attempts that were retried
-
-    @property
-    def info(self) -> OracleInfo:
-        return self.inner.info
-
-    def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
-        for attempt in range(self.attempts):
-            try:
-                return self.inner.query(points, access)
-            except TransientOracleError as e:
-                if attempt == self.attempts - 1:
-                    raise
-                delay = self.backoff_s * 2**attempt
-                self.retried += 1
-                logger.info("transient suspect error (%s); retry %d in %.1fs", e, attempt + 1, delay)
-                self._sleep(delay)
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass
@@ -327,16 +262,13 @@ def _differing(old: Any, new: Any) -> str:
     return f" (differs in: {', '.join(map(str, keys))})" if keys else ""
 
 
-class Recorded(Oracle):
+class Recorded(OracleWrapper):
     """Answers from the ledger when it has them; asks the rest and records every answer once."""
 
     def __init__(self, inner: Oracle, ledger: QueryLedger) -> None:
-        self.inner, self.ledger = inner, ledger
+        super().__init__(inner)
+        self.ledger = ledger
         self.replayed = 0
-
-    @property
-    def info(self) -> OracleInfo:
-        return self.inner.info
 
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
         return self._ask(points, access, repeat=False)
@@ -355,7 +287,7 @@ class Recorded(Oracle):
             self.ledger.record([digests[i] for i in missing], fresh, repeat=repeat)
         self.replayed += len(points) - len(missing)
         dtype = np.int64 if access is Access.LABELS else np.float64
-        return np.asarray([table[d] for d in digests], dtype=dtype)
-
-    def close(self) -> None:
-        self.inner.close()
+        answer = np.asarray([table[d] for d in digests], dtype=dtype)
+        if len(missing) < len(points):  # answers from the file: the ledger is a boundary too
+            answer = check_answer(answer, len(points), access, self.info.num_classes)
+        return answer
