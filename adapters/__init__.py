@@ -1,14 +1,12 @@
 """Access to models: the oracle interface every backend implements, and the backends.
 
-Backends (ONNX Runtime, PyTorch) are imported lazily by `adapters.open` so the interface loads
+Backends (ONNX Runtime, PyTorch, Triton) are imported lazily by `adapters.open` so the interface loads
 without every framework installed.
 """
 
 from deepcore_auditor.adapters.base import Access, InputConvention, LabelsOnly, Oracle, OracleInfo
 from deepcore_auditor.adapters.errors import (
-    BudgetExceeded,
     DeepCoreError,
-    FingerprintError,
     IncompatibleSuspect,
     InputError,
     OracleError,
@@ -17,9 +15,7 @@ from deepcore_auditor.adapters.errors import (
 
 __all__ = [
     "Access",
-    "BudgetExceeded",
     "DeepCoreError",
-    "FingerprintError",
     "IncompatibleSuspect",
     "InputConvention",
     "InputError",

@@ -2,13 +2,16 @@
 
     DeepCoreError                 root: the CLI catches only this, prints one line, exits 2
     ├── InputError                a file, name or option the user gave is missing or malformed
-    │   ├── FingerprintError      a fingerprint file is corrupt, tampered with or of an unknown version
-    │   ├── ReportError           an audit report or its ledger is corrupt, tampered with or inconsistent
-    │   └── SignatureError        a signature is missing, malformed, or not made by the key given
+    │   ├── FingerprintError      a fingerprint file is corrupt, tampered with or of an unknown version  (fingerprints.errors)
+    │   ├── SignatureError        a signature is missing, malformed, or not made by the key given        (fingerprints.errors)
+    │   └── ReportError           an audit report or its ledger is corrupt, tampered with or inconsistent (auditor.errors)
     ├── IncompatibleSuspect       the suspect cannot answer this fingerprint (shape, classes, access)
     ├── OracleError               the suspect failed while answering (runtime error, bad output)
     │   └── TransientOracleError  a failure that is safe to retry (timeout, 429, unavailable)
-    └── BudgetExceeded            a query would go past the hard budget
+    └── BudgetExceeded            a query would go past the hard budget                                   (auditor.errors)
+
+The root and the leaves every layer raises live here, in the lowest layer; each package above
+owns the leaves only it raises (`fingerprints/errors.py`, `auditor/errors.py`).
 """
 
 from __future__ import annotations
@@ -20,18 +23,6 @@ class DeepCoreError(Exception):
 
 class InputError(DeepCoreError):
     """A user-supplied file, name or option is missing or malformed."""
-
-
-class FingerprintError(InputError):
-    """A fingerprint file cannot be trusted: corrupt, modified, or of an unknown format."""
-
-
-class ReportError(InputError):
-    """An audit report (or the ledger beside it) cannot be trusted: corrupt, modified, inconsistent."""
-
-
-class SignatureError(InputError):
-    """A document is unsigned when a key was given, or its signature does not verify with that key."""
 
 
 class IncompatibleSuspect(DeepCoreError):
@@ -47,10 +38,6 @@ class TransientOracleError(OracleError):
 
     Retrying is the auditor's policy, not the adapter's: a retry goes back through the budget.
     """
-
-
-class BudgetExceeded(DeepCoreError):
-    """Sending the query would exceed the hard query budget; nothing was sent."""
 
 
 def first_line(e: BaseException, *, empty: str | None = None, whole: bool = False) -> str:

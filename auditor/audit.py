@@ -15,8 +15,9 @@ import numpy as np
 
 from deepcore_auditor import tool_version
 from deepcore_auditor.adapters.base import Access, Oracle
-from deepcore_auditor.adapters.errors import BudgetExceeded, IncompatibleSuspect, InputError
+from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError
 from deepcore_auditor.auditor.channel import QueryChannel
+from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
 from deepcore_auditor.fingerprints.calibration import MODES, Rates, rates
 from deepcore_auditor.fingerprints.format import Fingerprint

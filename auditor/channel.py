@@ -17,7 +17,8 @@ from collections.abc import Callable
 import numpy as np
 
 from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo, OracleWrapper, WithClassCount
-from deepcore_auditor.adapters.errors import BudgetExceeded, InputError, TransientOracleError
+from deepcore_auditor.adapters.errors import InputError, TransientOracleError
+from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, Recorded
 
 logger = logging.getLogger(__name__)

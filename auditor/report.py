@@ -23,7 +23,6 @@ import numpy as np
 
 from deepcore_auditor import tool_version
 from deepcore_auditor.adapters.base import Access
-from deepcore_auditor.adapters.errors import ReportError
 from deepcore_auditor.auditor.audit import (
     LOCATION_KEYS,
     AuditConfig,
@@ -33,6 +32,7 @@ from deepcore_auditor.auditor.audit import (
     repeat_positions,
     run_test,
 )
+from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.fingerprints.format import Document, load_fingerprint, read_document, write_document
 from deepcore_auditor.fingerprints.signing import Key

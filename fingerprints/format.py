@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from deepcore_auditor.adapters.base import InputConvention
-from deepcore_auditor.adapters.errors import FingerprintError, InputError
+from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.adapters.files import atomic_write
+from deepcore_auditor.fingerprints.errors import FingerprintError
 from deepcore_auditor.fingerprints.signing import Key
 
 FORMAT_NAME = "deepcore-fingerprint"

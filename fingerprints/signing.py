@@ -26,7 +26,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from deepcore_auditor.adapters.errors import InputError, SignatureError, first_line
+from deepcore_auditor.adapters.errors import InputError, first_line
+from deepcore_auditor.fingerprints.errors import SignatureError
 
 HMAC_SCHEME = "hmac-sha256"
 ED25519_SCHEME = "ed25519"

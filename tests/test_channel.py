@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo
-from deepcore_auditor.adapters.errors import BudgetExceeded, InputError, OracleError, TransientOracleError
+from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError
 from deepcore_auditor.adapters.onnx import OnnxOracle
 from deepcore_auditor.auditor.channel import Budgeted, Retrying
+from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, Recorded, point_digest
 from deepcore_auditor.fingerprints.models import build_architecture, export_onnx
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepcore_auditor.adapters.base import InputConvention
-from deepcore_auditor.adapters.errors import FingerprintError, InputError
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.fingerprints.errors import FingerprintError
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
 
 

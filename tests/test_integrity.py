@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 from test_format import make
 
 from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo
-from deepcore_auditor.adapters.errors import DeepCoreError, InputError, SignatureError
+from deepcore_auditor.adapters.errors import DeepCoreError, InputError
 from deepcore_auditor.adapters.onnx import OnnxOracle
 from deepcore_auditor.auditor.audit import AuditConfig, audit, ledger_header
 from deepcore_auditor.auditor.cli import cli
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import verify_report
+from deepcore_auditor.fingerprints.errors import SignatureError
 from deepcore_auditor.fingerprints.format import (
     canonical_digest,
     decode_array,
