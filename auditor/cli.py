@@ -6,6 +6,7 @@ an internal error: no failure ever exits with a verdict's status).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -18,9 +19,12 @@ import click
 
 from deepcore_auditor.adapters.base import Access
 from deepcore_auditor.adapters.errors import DeepCoreError, first_line
+from deepcore_auditor.auditor.audit import AuditConfig
+from deepcore_auditor.fingerprints.calibration import MODES
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
 EXIT_ERROR = 2
+_AUDIT_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AuditConfig))  # the options that make the test
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -98,13 +102,13 @@ def fingerprint(**o: Any) -> None:
 @cli.command()
 @click.option("--fingerprint", "fingerprint_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--suspect", required=True, help="Suspect: .onnx, TorchScript/.pt2, or triton+http(s)/grpc(s)://HOST:PORT/MODEL[/VERSION].")
-@click.option("--access", type=click.Choice([a.value for a in Access]), default="labels", show_default=True)
-@click.option("--mode", type=click.Choice(["agreement", "similarity", "clustering"]), default="agreement", show_default=True)
-@click.option("--budget", type=int, default=200, show_default=True, help="Hard limit on queries sent.")
-@click.option("--batch-size", type=int, default=10, show_default=True, help="Queries per sequential step.")
-@click.option("--alpha", type=float, default=0.01, show_default=True, help="False identification rate.")
-@click.option("--beta", type=float, default=0.01, show_default=True, help="Missed identification rate.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Order in which points are asked.")
+@click.option("--access", type=click.Choice([a.value for a in Access]), default=AuditConfig.access.value, show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default=AuditConfig.mode, show_default=True)
+@click.option("--budget", type=int, default=AuditConfig.budget, show_default=True, help="Hard limit on queries sent.")
+@click.option("--batch-size", type=int, default=AuditConfig.batch_size, show_default=True, help="Queries per sequential step.")
+@click.option("--alpha", type=float, default=AuditConfig.alpha, show_default=True, help="False identification rate.")
+@click.option("--beta", type=float, default=AuditConfig.beta, show_default=True, help="Missed identification rate.")
+@click.option("--seed", type=int, default=AuditConfig.seed, show_default=True, help="Order in which points are asked.")
 @click.option("--suspect-layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), help="Suspect input layout (default: owner's).")
 @click.option("--suspect-scale", type=float, help="Suspect input scale (default: owner's).")
 @click.option("--suspect-mean", help="Suspect per-channel mean (default: owner's).")
@@ -125,7 +129,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--ssl-root-certificates", type=click.Path(dir_okay=False, path_type=Path), help="Triton TLS: PEM file of the certificates to trust.")
 @click.option("--ssl-insecure", is_flag=True, help="Triton HTTPS: skip certificate verification (trials only).")
 @click.option("--labels-via", type=click.Choice(["auto", "classification", "argmax"]), help="Triton --access labels: top-1 from the classification extension or argmax of the output [default: auto].")
-@click.option("--repeat-checks", type=int, default=10, show_default=True, help="Points asked again before an independent verdict; a suspect that answers differently gets inconclusive (0: off).")
+@click.option("--repeat-checks", type=int, default=AuditConfig.repeat_checks, show_default=True, help="Points asked again before an independent verdict; a suspect that answers differently gets inconclusive (0: off).")
 @click.option("--commitment", type=click.Path(dir_okay=False, path_type=Path), help="The owner's published commitment: refuse any other fingerprint, and record it in the report.")
 @_key_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -137,7 +141,8 @@ def audit(**o: Any) -> None:
     as_json = o.pop("as_json")
     progress = None if as_json else (lambda s: click.echo(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}", err=True))
     o["headers"] = tuple(o["headers"])
-    result = run_audit_request(AuditRequest(**o), progress=progress)
+    config = AuditConfig(access=Access(o.pop("access")), **{k: o.pop(k) for k in _AUDIT_CONFIG_FIELDS if k != "access"})
+    result = run_audit_request(AuditRequest(config=config, **o), progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

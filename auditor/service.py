@@ -7,11 +7,11 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepcore_auditor.adapters.base import Access, InputConvention
+from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
 from deepcore_auditor.auditor.ledger import QueryLedger
@@ -144,15 +144,12 @@ def probe_owner(owner: Any, points: Any, num_classes: int) -> None:
 
 @dataclass(frozen=True)
 class AuditRequest:
+    """An audit as the CLI asks for it: the test itself (`config`, whose defaults are the only
+    ones), and where the fingerprint, suspect, ledger, report and keys are."""
+
     fingerprint_path: Path
     suspect: str
-    access: str = "labels"
-    mode: str = "agreement"
-    budget: int = 200
-    batch_size: int = 10
-    alpha: float = 0.01
-    beta: float = 0.01
-    seed: int = 0
+    config: AuditConfig = field(default_factory=AuditConfig)
     suspect_layout: str | None = None
     suspect_scale: float | None = None
     suspect_mean: str | None = None
@@ -164,7 +161,6 @@ class AuditRequest:
     no_report: bool = False
     retries: int = 3
     retry_backoff: float = 0.5  # seconds before the first retry; doubles each time
-    repeat_checks: int = 10
     key_file: Path | None = None  # Ed25519 PEM: verifies the fingerprint; a private key also signs the report
     hmac_key_env: str | None = None  # HMAC key in this environment variable: verifies and signs
     commitment: Path | None = None  # the owner's published commitment: the fingerprint must match it
@@ -259,8 +255,7 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
             key.verify(commitment.signature, "commitment", commitment.digest, str(req.commitment))
         if commitment.content["fingerprint_sha256"] != fp.digest:
             raise InputError(f"fingerprint {req.fingerprint_path} is not the one committed to in {req.commitment} (sha256 differs)")
-    config = AuditConfig(access=Access(req.access), mode=req.mode, budget=req.budget, batch_size=req.batch_size,
-                         alpha=req.alpha, beta=req.beta, seed=req.seed, repeat_checks=req.repeat_checks)
+    config = req.config
     config.validate()
     started = utc_now()
     with open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
