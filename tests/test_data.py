@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 
 from deepcore_auditor.adapters.errors import InputError
-from deepcore_auditor.fingerprints import data
-from deepcore_auditor.fingerprints.data import Dataset, DataSplits, channel_stats, default_cache_dir, load_data
+from deepcore_auditor.fingerprints.data import Dataset, DataSplits, channel_stats, default_cache_dir, images, load_data
 
 CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -462,13 +461,13 @@ def test_archive_path_tricks_and_links_are_skipped(tmp_path, caplog):
 
 def _count_decodes(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = data._decode_all
+    real = images._decode_all
 
     def counting(keys, read, where):
         calls.append(len(keys))
         return real(keys, read, where)
 
-    monkeypatch.setattr(data, "_decode_all", counting)
+    monkeypatch.setattr(images, "_decode_all", counting)
     return calls
 
 
