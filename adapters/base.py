@@ -156,6 +156,14 @@ class Oracle(ABC):
 
     def query(self, points: np.ndarray, access: Access) -> np.ndarray:
         """Ask about `points` ([N, C, H, W] float32 in [0, 1]); labels [N] or probs [N, K]."""
+        empty = self._check_request(points, access)
+        if empty is not None:
+            return empty
+        return check_answer(self._answer(points, access), len(points), access, self.info.num_classes)
+
+    def _check_request(self, points: np.ndarray, access: Access) -> np.ndarray | None:
+        """Refuse an access this oracle does not offer, or points of the wrong rank; for no points,
+        the empty answer (nothing is sent)."""
         info = self.info
         if access not in info.access:
             raise IncompatibleSuspect(
@@ -165,8 +173,7 @@ class Oracle(ABC):
             raise InputError(f"points must be [N, C, H, W], got shape {points.shape}")
         if len(points) == 0:
             return np.zeros((0,), np.int64) if access is Access.LABELS else np.zeros((0, info.num_classes or 0))
-        answer = self._answer(points, access)
-        return check_answer(answer, len(points), access, info.num_classes)
+        return None
 
     def close(self) -> None:  # noqa: B027 -- a no-op by default: an oracle without resources needs no close
         """Release sessions and connections; idempotent."""
@@ -274,16 +281,8 @@ class OracleWrapper(Oracle):
         return self.inner.info
 
     def query(self, points: np.ndarray, access: Access) -> np.ndarray:
-        info = self.info
-        if access not in info.access:
-            raise IncompatibleSuspect(
-                f"this suspect answers {'/'.join(a.value for a in info.access)} only, not {access.value}"
-            )
-        if points.ndim != 4:
-            raise InputError(f"points must be [N, C, H, W], got shape {points.shape}")
-        if len(points) == 0:
-            return np.zeros((0,), np.int64) if access is Access.LABELS else np.zeros((0, info.num_classes or 0))
-        return self._answer(points, access)
+        empty = self._check_request(points, access)
+        return empty if empty is not None else self._answer(points, access)
 
     def close(self) -> None:
         self.inner.close()
