@@ -39,6 +39,7 @@ from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.adapters.onnx import file_sha256
 from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit, plan_order
+from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bernoulli
 from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
@@ -46,7 +47,7 @@ from deepcore_auditor.fingerprints.calibration import rate_bound, rates
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
-from deepcore_auditor.fingerprints.stats import binom_cdf, log_likelihood_ratios
+from deepcore_auditor.fingerprints.stats import log_likelihood_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -94,37 +95,6 @@ class BenchConfig:
             raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
         if self.zoo.members < 1 or self.zoo.epochs < 1 or self.zoo.calibration_references < 2:
             raise InputError("the zoo needs at least 1 member a family, 1 epoch and 2 calibration references")
-
-
-def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
-    if not pos or not neg:
-        return math.nan
-    p, n = np.asarray(pos, float)[:, None], np.asarray(neg, float)[None, :]
-    return float(((p > n) + 0.5 * (p == n)).mean())
-
-
-def roc_curve(pos: Sequence[float], neg: Sequence[float]) -> tuple[list[float], list[float]]:
-    """(false positive rates, true positive rates) over every threshold."""
-    ts = sorted(set(pos) | set(neg), reverse=True)
-    fpr, tpr = [0.0], [0.0]
-    for t in ts:
-        fpr.append(float(np.mean(np.asarray(neg) >= t)))
-        tpr.append(float(np.mean(np.asarray(pos) >= t)))
-    return fpr, tpr
-
-
-def binomial_threshold(p0: float, n: int, alpha: float) -> float:
-    """The smallest agreement k/n with P(Binomial(n, p0) >= k) <= alpha (above 1 if none)."""
-    for k in range(n + 1):
-        if 1.0 - (binom_cdf(k - 1, n, p0) if k > 0 else 0.0) <= alpha:
-            return k / n
-    return (n + 1) / n
-
-
-def kl_bernoulli(p: float, q: float) -> float:
-    p, q = min(max(p, 1e-9), 1 - 1e-9), min(max(q, 1e-9), 1 - 1e-9)
-    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
 
 
 @dataclass

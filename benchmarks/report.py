@@ -127,7 +127,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deepcore_auditor.benchmarks.piracy import roc_curve
+    from deepcore_auditor.benchmarks.metrics import roc_curve
 
     methods = r["methods"]
     name = Path(str(r["data"]["spec"])).name

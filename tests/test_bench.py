@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from conftest import one_line_error
 
 from deepcore_auditor.auditor.cli import cli
-from deepcore_auditor.benchmarks.piracy import SCORES, auc, binomial_threshold, kl_bernoulli, roc_curve
+from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bernoulli, roc_curve
+from deepcore_auditor.benchmarks.piracy import SCORES
 from deepcore_auditor.fingerprints.stats import binom_cdf
 
 # One suspect a family, a small owner (about 0.77 test accuracy), 20-point fingerprints.
