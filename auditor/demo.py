@@ -27,27 +27,18 @@ from torch import nn
 
 from deepcore_auditor.adapters.base import Access, InputConvention
 from deepcore_auditor.adapters.errors import InputError
-from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit
+from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
 from deepcore_auditor.fingerprints.data import channel_stats, default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
-from deepcore_auditor.fingerprints.models import (
-    Normalized,
-    TrainConfig,
-    accuracy,
-    build_architecture,
-    clone,
-    export_onnx,
-    predict,
-    prune_by_magnitude,
-    train,
-)
+from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, accuracy, build_architecture, clone, export_onnx, train
+from deepcore_auditor.fingerprints.recipes import quantize_int8
 
 logger = logging.getLogger(__name__)
 
-RECIPE = "demo-v5"  # bump when the recipe below changes: the cache is keyed by it
+RECIPE = "demo-v5"  # bump when the recipe below or in fingerprints.recipes changes: the cache is keyed by it
 OWNER_ARCH = "cnn"
 
 
@@ -74,31 +65,18 @@ SUSPECTS: tuple[SuspectRecipe, ...] = (
 )
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    def write(tmp: Path) -> None:
-        logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
-        try:
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-        finally:
-            logging.disable(logging.NOTSET)
-
-    atomic_write(dst, write, by_name=True, suffix=".onnx")
-
-
 def _make_suspect(r: SuspectRecipe, owner: Normalized, halves: dict[str, tuple[np.ndarray, np.ndarray]], shape: tuple[int, int, int], k: int) -> nn.Module:
     x, y = halves[r.data]
     torch.manual_seed(r.seed)
     if r.how == "fine-tune":
-        return train(clone(owner), x, y, TrainConfig(epochs=1, lr=3e-4, seed=r.seed))
+        return recipes.fine_tune(owner, x, y, TrainConfig(epochs=1, lr=3e-4, seed=r.seed))
     if r.how == "prune":
-        return train(prune_by_magnitude(owner, 0.6), x, y, TrainConfig(epochs=1, lr=3e-4, seed=r.seed))
+        return recipes.prune(owner, x, y, 0.6, TrainConfig(epochs=1, lr=3e-4, seed=r.seed))
     fresh = Normalized(build_architecture(r.arch, shape, k), owner.convention)
     if r.how == "distill":
-        return train(fresh, x, predict(owner, x), TrainConfig(epochs=3, seed=r.seed))
+        return recipes.distill(owner, x, fresh, TrainConfig(epochs=3, seed=r.seed))
     if r.how == "extract":
-        return train(fresh, x, predict(owner, x).argmax(1), TrainConfig(epochs=3, seed=r.seed))
+        return recipes.extract(owner, x, fresh, TrainConfig(epochs=3, seed=r.seed))
     return train(fresh, x, y, TrainConfig(epochs=3, seed=r.seed))
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.data import Dataset, DataSplits, channel_stats
-from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, clone, export_onnx, predict, train
+from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, clone, export_onnx, train
 
 # Small enough for the suite, large enough that the verdicts mean something.
 TINY = ["--points", "100", "--candidates", "300", "--steps", "60", "--train-samples", "6000", "--epochs", "3"]
@@ -60,8 +61,8 @@ def build_world(root: Path, fmnist: DataSplits, say: Callable[[str], None] = lam
     owner = train(fresh(1), x[a], y[a], TrainConfig(epochs=3, seed=1))
     models = {
         "owner": owner,
-        "pirate": train(clone(owner), x[b], y[b], TrainConfig(epochs=1, lr=3e-4, seed=2)),
-        "distilled": train(fresh(3), x[b], predict(owner, x[b]), TrainConfig(epochs=3, seed=3)),
+        "pirate": recipes.fine_tune(owner, x[b], y[b], TrainConfig(epochs=1, lr=3e-4, seed=2)),
+        "distilled": recipes.distill(owner, x[b], fresh(3), TrainConfig(epochs=3, seed=3)),
         "independent": train(fresh(4), x[b], y[b], TrainConfig(epochs=3, seed=4)),
     }
     owner_ts = root / "owner.pt"

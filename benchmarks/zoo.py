@@ -18,7 +18,8 @@ piracy (derived from the owner)           homologous (trained independently)
 Besides the evaluated suspects, the zoo trains *calibration references* (independent models,
 disjoint from the evaluated ones, that set every method's threshold) and the owner-side models
 CAE needs (surrogates derived from the owner on A, references trained on A). Everything is
-cached under one directory keyed by the recipe, so a second run only audits.
+cached under one directory keyed by the recipe, so a second run only audits. The piracy recipes
+themselves are fingerprints.recipes; this module says which member is made by which, with what.
 """
 
 from __future__ import annotations
@@ -37,26 +38,14 @@ import torch
 from torch import nn
 
 from deepcore_auditor.adapters.base import InputConvention
-from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.adapters.files import atomic_write
-from deepcore_auditor.auditor.demo import quantize_int8
+from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.data import DataSplits, channel_stats
-from deepcore_auditor.fingerprints.models import (
-    Normalized,
-    TrainConfig,
-    accuracy,
-    adversarial_fine_tune,
-    build_architecture,
-    clone,
-    export_onnx,
-    predict,
-    prune_by_magnitude,
-    train,
-)
+from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, accuracy, build_architecture, clone, export_onnx, train
 
 logger = logging.getLogger(__name__)
 
-RECIPE = "zoo-v1"  # bump when a recipe below changes: the cache is keyed by it
+RECIPE = "zoo-v1"  # bump when a recipe below or in fingerprints.recipes changes: the cache is keyed by it
 OTHER_ARCHS = ("lenet", "mlp", "cnn-wide", "lenet", "mlp")
 
 
@@ -168,37 +157,6 @@ def plan_members(config: ZooConfig) -> list[Member]:
     return out
 
 
-def _last_linear(net: nn.Module) -> tuple[nn.Module, str]:
-    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise InputError("transfer needs a model whose head is a Linear layer")
-    *parents, last = names[-1].split(".")
-    parent = net.get_submodule(".".join(parents)) if parents else net
-    return parent, last
-
-
-def transfer(owner: Normalized, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> nn.Module:
-    """The owner's body, frozen, with a new head trained on the attacker's data."""
-    model = clone(owner)
-    assert isinstance(model, Normalized)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    parent, name = _last_linear(model.net)
-    old = getattr(parent, name)
-    torch.manual_seed(config.seed)
-    setattr(parent, name, nn.Linear(old.in_features, old.out_features))
-    return train(model, x, y, config)
-
-
-def convert_fp16(src: Path, dst: Path) -> None:
-    """The whole graph in float16, input and output included (as a converted deployment has it)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    atomic_write(dst, lambda tmp: onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), str(tmp)),
-                 by_name=True, suffix=".onnx")
-
-
 def _fresh(arch: str, owner: Normalized, shape: tuple[int, int, int], k: int, seed: int) -> Normalized:
     torch.manual_seed(seed)
     return Normalized(build_architecture(arch, shape, k), owner.convention)
@@ -212,18 +170,18 @@ def train_member(m: Member, owner: Normalized, halves: dict[str, tuple[np.ndarra
     full = TrainConfig(epochs=config.epochs, seed=m.seed)
     short = TrainConfig(epochs=config.finetune_epochs, lr=m.param or 3e-4, seed=m.seed)
     if m.recipe == "fine-tune":
-        return train(clone(owner), x, y, short)
+        return recipes.fine_tune(owner, x, y, short)
     if m.recipe == "prune":
-        return train(prune_by_magnitude(owner, m.param), x, y, TrainConfig(epochs=config.finetune_epochs, lr=3e-4, seed=m.seed))
+        return recipes.prune(owner, x, y, m.param, TrainConfig(epochs=config.finetune_epochs, lr=3e-4, seed=m.seed))
     if m.recipe == "adv":
-        return adversarial_fine_tune(clone(owner), x, y, m.param, TrainConfig(epochs=config.finetune_epochs, lr=3e-4, seed=m.seed))
+        return recipes.adv_fine_tune(owner, x, y, m.param, TrainConfig(epochs=config.finetune_epochs, lr=3e-4, seed=m.seed))
     if m.recipe == "transfer":
-        return transfer(owner, x, y, TrainConfig(epochs=config.finetune_epochs, lr=1e-3, seed=m.seed))
+        return recipes.transfer(owner, x, y, TrainConfig(epochs=config.finetune_epochs, lr=1e-3, seed=m.seed))
     fresh = _fresh(m.arch, owner, shape, k, m.seed)  # type: ignore[arg-type]
     if m.recipe == "distill":
-        return train(fresh, x, predict(owner, x), full)
+        return recipes.distill(owner, x, fresh, full)
     if m.recipe == "extract":
-        return train(fresh, x, predict(owner, x).argmax(1), full)
+        return recipes.extract(owner, x, fresh, full)
     if m.recipe == "other-task":
         return train(fresh, x, (y + int(m.param)) % k, full)
     if m.recipe == "independent":
@@ -296,7 +254,7 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
         t0 = time.perf_counter()
         info: dict[str, Any] = {"kind": m.kind, "family": m.family, "role": m.role, "arch": m.arch, "data": m.data}
         if m.recipe in ("int8", "fp16"):
-            (quantize_int8 if m.recipe == "int8" else convert_fp16)(paths[m.base], path)
+            recipes.RECIPES[m.recipe](paths[m.base], path)  # int8 / fp16: fingerprints.recipes
             info["base"] = m.base
         else:
             model = train_member(m, owner, halves, config, k)

@@ -26,20 +26,11 @@ from torch import nn
 
 from deepcore_auditor.adapters.base import Access, Oracle
 from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.calibration import rates
 from deepcore_auditor.fingerprints.core import CoreConfig, build_core_points, choose_epsilon
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
-from deepcore_auditor.fingerprints.models import (
-    Normalized,
-    TrainConfig,
-    adversarial_fine_tune,
-    build_architecture,
-    clone,
-    predict,
-    prune_by_magnitude,
-    reinitialize,
-    train,
-)
+from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, predict, reinitialize, train
 from deepcore_auditor.fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
 
 logger = logging.getLogger(__name__)
@@ -166,14 +157,13 @@ def train_known_model(
     subset = rng.choice(len(points), size=min(config.train_samples, len(points)), replace=False)
     x = points[subset]
     if spec.family == "fine-tune":
-        return train(clone(owner), x, labels[subset], TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed))
+        return recipes.fine_tune(owner, x, labels[subset], TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed))
     if spec.family == "prune":
-        return train(prune_by_magnitude(owner, config.prune_ratio), x, labels[subset],
-                     TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed))
+        return recipes.prune(owner, x, labels[subset], config.prune_ratio, TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed))
     if spec.family == "adv-fine-tune":
         # A pirate hardening its copy against perturbations: half the core points' radius.
         assert config.core.epsilon is not None, "epsilon is resolved before the zoo is trained"
-        return adversarial_fine_tune(clone(owner), x, labels[subset], config.core.epsilon / 2,
+        return recipes.adv_fine_tune(owner, x, labels[subset], config.core.epsilon / 2,
                                      TrainConfig(epochs=1, lr=3e-4 * lr_factor, seed=seed))
     if spec.arch == "owner":
         student: nn.Module = reinitialize(owner, seed)
@@ -194,9 +184,9 @@ def train_known_model(
 
     tc = _recipe(config, seed, retry, int(points.shape[2]))
     if spec.family == "distill":
-        return train(student, x, predict(owner, x), tc, until=until)
+        return recipes.distill(owner, x, student, tc, until=until)
     if spec.family == "extract":
-        return train(student, x, predict(owner, x).argmax(1), tc, until=until)
+        return recipes.extract(owner, x, student, tc, until=until)
     return train(student, x, labels[subset], tc, until=until)  # independent: the true labels
 
 

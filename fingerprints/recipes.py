@@ -1,0 +1,126 @@
+"""The piracy recipes, in one table: how a pirate derives a model from the owner's.
+
+Weight copies take the owner (a `Normalized` model) and are trained further from its weights:
+fine-tuning, magnitude pruning then fine-tuning, adversarial (FGSM) fine-tuning, transfer (the
+body frozen, a new head). Functional copies train a fresh `student` (the caller makes it, in
+whatever architecture and from whatever seed it chooses) on the owner's answers: distillation
+from its probabilities, label extraction from its top-1. The ONNX post-processing recipes take
+the path of the owner's exported file and write the converted one: int8 quantization, fp16.
+
+Every training recipe takes a `TrainConfig` (seed, epochs, learning rate...) and the recipe's own
+parameter (prune ratio, epsilon), and its callers pass their own values: the fingerprint
+builder's simulated zoo (fingerprints.build), the demo's suspects (auditor.demo), the benchmark
+zoo (benchmarks.zoo) and the test suite's small world (benchmarks.small_world). The recipes are
+shared, the parameters are not. Changing what a recipe does changes the models all of them
+train: the demo and the benchmark zoo cache theirs keyed by their RECIPE (bump it), and the
+suite's verdicts are asserted on models the small world trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.files import atomic_write
+from deepcore_auditor.fingerprints.models import (
+    Normalized,
+    TrainConfig,
+    adversarial_fine_tune,
+    clone,
+    predict,
+    prune_by_magnitude,
+    train,
+)
+
+
+def fine_tune(owner: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> nn.Module:
+    """A copy of the owner trained further on (`x`, `y`): its own data or the attacker's."""
+    return train(clone(owner), x, y, config)
+
+
+def prune(owner: nn.Module, x: np.ndarray, y: np.ndarray, ratio: float, config: TrainConfig) -> nn.Module:
+    """A copy of the owner with the smallest `ratio` of each weight matrix/kernel set to zero, then fine-tuned."""
+    return train(prune_by_magnitude(owner, ratio), x, y, config)
+
+
+def adv_fine_tune(owner: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig) -> nn.Module:
+    """A copy of the owner fine-tuned on a half-clean, half-FGSM mixture of L-inf radius `epsilon`
+    (canonical [0, 1] space): a pirate hardening its copy against perturbations."""
+    return adversarial_fine_tune(clone(owner), x, y, epsilon, config)
+
+
+def _last_linear(net: nn.Module) -> tuple[nn.Module, str]:
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise InputError("transfer needs a model whose head is a Linear layer")
+    *parents, last = names[-1].split(".")
+    parent = net.get_submodule(".".join(parents)) if parents else net
+    return parent, last
+
+
+def transfer(owner: Normalized, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> nn.Module:
+    """The owner's body, frozen, with a new head trained on the attacker's data."""
+    model = clone(owner)
+    assert isinstance(model, Normalized)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    parent, name = _last_linear(model.net)
+    old = getattr(parent, name)
+    torch.manual_seed(config.seed)
+    setattr(parent, name, nn.Linear(old.in_features, old.out_features))
+    return train(model, x, y, config)
+
+
+def distill(owner: nn.Module, x: np.ndarray, student: nn.Module, config: TrainConfig, *,
+            until: Callable[[nn.Module], bool] | None = None) -> nn.Module:
+    """`student` trained on the owner's probabilities on `x` (`until` as in `train`)."""
+    return train(student, x, predict(owner, x), config, until=until)
+
+
+def extract(owner: nn.Module, x: np.ndarray, student: nn.Module, config: TrainConfig, *,
+            until: Callable[[nn.Module], bool] | None = None) -> nn.Module:
+    """`student` trained on the owner's top-1 labels on `x`: label-only model extraction (`until` as in `train`)."""
+    return train(student, x, predict(owner, x).argmax(1), config, until=until)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """The ONNX file `src` with its weights dynamically quantized to int8, written atomically to `dst`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def write(tmp: Path) -> None:
+        logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
+        try:
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+
+    atomic_write(dst, write, by_name=True, suffix=".onnx")
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """The whole graph in float16, input and output included (as a converted deployment has it)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    atomic_write(dst, lambda tmp: onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), str(tmp)),
+                 by_name=True, suffix=".onnx")
+
+
+# Every recipe by name. Training recipes: (owner, x, y, [ratio | epsilon], config) for weight
+# copies, (owner, x, student, config, until=None) for functional copies; ONNX ones: (src, dst).
+RECIPES: Mapping[str, Callable[..., object]] = {
+    "fine-tune": fine_tune,
+    "prune": prune,
+    "adv-fine-tune": adv_fine_tune,
+    "transfer": transfer,
+    "distill": distill,
+    "extract": extract,
+    "int8": quantize_int8,
+    "fp16": convert_fp16,
+}
