@@ -21,9 +21,12 @@ from deepcore_auditor.adapters.base import Access
 from deepcore_auditor.adapters.errors import DeepCoreError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.fingerprints.calibration import MODES
+from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
 EXIT_ERROR = 2
+_BUILD_OPTIONS = ("n_points", "candidates", "epsilon", "steps", "min_confidence", "reference_weight", "train_samples",
+                  "epochs", "max_epochs", "seed")  # build_config's arguments
 _AUDIT_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AuditConfig))  # the options that make the test
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,24 +81,25 @@ def cli(verbose: int) -> None:
 @click.option("--mean", help="Per-channel mean, comma-separated (default: the data's own).")
 @click.option("--std", help="Per-channel std, comma-separated (default: the data's own).")
 @click.option("--reference", "references", multiple=True, help="An independent model you own (any suspect format); held out for calibration. Repeatable.")
-@click.option("--points", "n_points", type=int, default=200, show_default=True, help="Core points kept.")
-@click.option("--candidates", type=int, default=600, show_default=True, help="Candidate points optimized.")
-@click.option("--epsilon", type=float, default=None, help="L-inf radius around each seed, in [0,1] pixel units (default: 3x the radius at which the owner flips, measured).")
-@click.option("--steps", type=int, default=60, show_default=True, help="Optimization steps per point.")
-@click.option("--min-confidence", type=float, default=0.9, show_default=True, help="Owner confidence a core point must reach.")
-@click.option("--reference-weight", type=float, default=1.0, show_default=True, help="Weight of pushing references away.")
-@click.option("--train-samples", type=int, default=50000, show_default=True, help="Owner-data samples for each simulation/reference (train them as well as the owner: weak references understate p0).")
-@click.option("--epochs", type=int, default=3, show_default=True, help="Least training epochs of simulations and references.")
-@click.option("--max-epochs", type=int, default=0, show_default=True, help="Most epochs for a model still below the owner's accuracy (0: 4 x --epochs).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--points", "n_points", type=int, default=CoreConfig.n_points, show_default=True, help="Core points kept.")
+@click.option("--candidates", type=int, default=CoreConfig.n_candidates, show_default=True, help="Candidate points optimized.")
+@click.option("--epsilon", type=float, default=CoreConfig.epsilon, help="L-inf radius around each seed, in [0,1] pixel units (default: 3x the radius at which the owner flips, measured).")
+@click.option("--steps", type=int, default=CoreConfig.steps, show_default=True, help="Optimization steps per point.")
+@click.option("--min-confidence", type=float, default=CoreConfig.min_confidence, show_default=True, help="Owner confidence a core point must reach.")
+@click.option("--reference-weight", type=float, default=CoreConfig.reference_weight, show_default=True, help="Weight of pushing references away.")
+@click.option("--train-samples", type=int, default=BuildConfig.train_samples, show_default=True, help="Owner-data samples for each simulation/reference (train them as well as the owner: weak references understate p0).")
+@click.option("--epochs", type=int, default=BuildConfig.epochs, show_default=True, help="Least training epochs of simulations and references.")
+@click.option("--max-epochs", type=int, default=BuildConfig.max_epochs, show_default=True, help="Most epochs for a model still below the owner's accuracy (0: 4 x --epochs).")
+@click.option("--seed", type=int, default=BuildConfig.seed, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where decoded data is cached.")
 @_key_options
 @_guarded
 def fingerprint(**o: Any) -> None:
     """Build a DeepCore fingerprint from the owner's model and data."""
-    from deepcore_auditor.auditor.service import FingerprintRequest, make_fingerprint
+    from deepcore_auditor.auditor.commands import FingerprintRequest, build_config, make_fingerprint
 
-    fp, digest = make_fingerprint(FingerprintRequest(**o), progress=lambda m: click.echo(m, err=True))
+    build = build_config(**{k: o.pop(k) for k in _BUILD_OPTIONS})
+    fp, digest = make_fingerprint(FingerprintRequest(build=build, **o), progress=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {o['out']}: {len(fp)} core points, sha256 {digest}")
 
 
@@ -136,7 +140,7 @@ def fingerprint(**o: Any) -> None:
 @_guarded
 def audit(**o: Any) -> None:
     """Audit a suspect model against a fingerprint; exit 0 independent, 1 piracy, 3 inconclusive."""
-    from deepcore_auditor.auditor.service import AuditRequest, run_audit_request
+    from deepcore_auditor.auditor.commands import AuditRequest, run_audit_request
 
     as_json = o.pop("as_json")
     progress = None if as_json else (lambda s: click.echo(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}", err=True))
@@ -164,7 +168,7 @@ def audit(**o: Any) -> None:
 @_guarded
 def inspect(fingerprint_path: Path, as_json: bool, key_file: Path | None, hmac_key_env: str | None) -> None:
     """Verify a fingerprint file (its digest; its signature with a key) and summarize it."""
-    from deepcore_auditor.auditor.service import describe_fingerprint
+    from deepcore_auditor.auditor.commands import describe_fingerprint
 
     d = describe_fingerprint(fingerprint_path, key_file, hmac_key_env)
     click.echo(json.dumps(d) if as_json else "\n".join(f"{k}: {v}" for k, v in d.items()))
@@ -177,7 +181,7 @@ def inspect(fingerprint_path: Path, as_json: bool, key_file: Path | None, hmac_k
 @_guarded
 def sign(fingerprint_path: Path, out: Path | None, key_file: Path | None, hmac_key_env: str | None) -> None:
     """Sign a fingerprint with an Ed25519 private key or an HMAC key (its digest is unchanged)."""
-    from deepcore_auditor.auditor.service import sign_fingerprint_file
+    from deepcore_auditor.auditor.commands import sign_fingerprint_file
 
     digest = sign_fingerprint_file(fingerprint_path, key_file, hmac_key_env, out)
     click.echo(f"signed {out or fingerprint_path}: sha256 {digest}")
@@ -190,7 +194,7 @@ def sign(fingerprint_path: Path, out: Path | None, key_file: Path | None, hmac_k
 @_guarded
 def commit(fingerprint_path: Path, out: Path, key_file: Path | None, hmac_key_env: str | None) -> None:
     """Write the commitment to publish before auditing; prints the fingerprint digest it fixes."""
-    from deepcore_auditor.auditor.service import commit_fingerprint
+    from deepcore_auditor.auditor.commands import commit_fingerprint
 
     fp_digest, _ = commit_fingerprint(fingerprint_path, out, key_file, hmac_key_env)
     click.echo(f"wrote {out}: publish this digest before auditing: sha256 {fp_digest}")
@@ -221,7 +225,7 @@ def verify_report(report_path: Path, ledger: Path | None, fingerprint_path: Path
 
     Exit 0 when everything verifies; 2, with the first failed check, when it does not.
     """
-    from deepcore_auditor.auditor.service import verify_report_file
+    from deepcore_auditor.auditor.commands import verify_report_file
 
     v = verify_report_file(report_path, key_file, hmac_key_env, ledger, fingerprint_path)
     if as_json:
@@ -246,7 +250,7 @@ def serve_triton(models: tuple[Path, ...], names: tuple[str, ...], repository: P
     Prints each model's triton+http:// and triton+grpc:// URL on stdout, one per line, then
     serves until Ctrl-C or SIGTERM; the server is always stopped. Needs nvidia-pytriton.
     """
-    from deepcore_auditor.auditor.serving import Served, ServeRequest, serve_until_stopped
+    from deepcore_auditor.auditor.trial_server import Served, ServeRequest, serve_until_stopped
 
     def ready(served: Served) -> None:
         for urls in served.urls.values():
@@ -304,7 +308,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--budgets", default="10,20,50,100,200,400", show_default=True, help="Query budgets, comma-separated.")
 @click.option("--methods", default="", help="Methods to compare, comma-separated (default: all).")
 @click.option("--alpha", type=float, default=0.01, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=BuildConfig.seed, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the zoo is cached (default ~/.cache/deepcore).")
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,

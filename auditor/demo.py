@@ -154,7 +154,7 @@ def run_demo(
     with ExitStack() as stack:
         specs: dict[tuple[str, str], str] = {(r.name, "onnx"): str(paths[r.name]) for r in SUSPECTS}
         if any(t != "onnx" for t in transports):
-            from deepcore_auditor.auditor.serving import ServeRequest, serving, unique_model_names
+            from deepcore_auditor.auditor.trial_server import ServeRequest, serving, unique_model_names
 
             names = unique_model_names(r.name for r in SUSPECTS)
             say(f"serving the {len(SUSPECTS)} suspects from a local Triton server")

@@ -38,7 +38,7 @@ NAMES = ("owner", "pirate", "distilled", "independent")
 
 def build_world(root: Path, fmnist: DataSplits, say: Callable[[str], None] = lambda m: None) -> World:
     """Train and fingerprint the world under `root`, or reopen it if `root` already holds one."""
-    from deepcore_auditor.auditor.service import FingerprintRequest, make_fingerprint
+    from deepcore_auditor.auditor.commands import FingerprintRequest, build_config, make_fingerprint
 
     tr = fmnist.train
     mean, std = channel_stats(tr)
@@ -73,9 +73,9 @@ def build_world(root: Path, fmnist: DataSplits, say: Callable[[str], None] = lam
     np.savez(data, x=tr.x[:6000], y=tr.y[:6000], x_test=fmnist.test.x[:2000], y_test=fmnist.test.y[:2000])
     say("building the fingerprint")
     args = dict(zip(TINY[::2], TINY[1::2], strict=False))
+    build = build_config(n_points=int(args["--points"]), candidates=int(args["--candidates"]), steps=int(args["--steps"]),
+                         train_samples=int(args["--train-samples"]), epochs=int(args["--epochs"]))
     make_fingerprint(FingerprintRequest(
-        owner=str(owner_ts), data=str(data), out=fp, mean=",".join(map(str, mean)), std=",".join(map(str, std)),
-        n_points=int(args["--points"]), candidates=int(args["--candidates"]), steps=int(args["--steps"]),
-        train_samples=int(args["--train-samples"]), epochs=int(args["--epochs"]),
+        owner=str(owner_ts), data=str(data), out=fp, mean=",".join(map(str, mean)), std=",".join(map(str, std)), build=build,
     ))
     return World(root, owner_ts, *paths.values(), conv, fp, fmnist.test)

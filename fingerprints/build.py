@@ -18,7 +18,7 @@ import datetime as _dt
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,69 +28,13 @@ from deepcore_auditor.adapters.base import Access, Oracle
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.calibration import rates
-from deepcore_auditor.fingerprints.core import CoreConfig, build_core_points, choose_epsilon
+from deepcore_auditor.fingerprints.config import BuildConfig, KnownModelSpec
+from deepcore_auditor.fingerprints.core import build_core_points, choose_epsilon
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
 from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, predict, reinitialize, train
 from deepcore_auditor.fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KnownModelSpec:
-    """One simulated pirate or reference to train: family, architecture, role, seed offset."""
-
-    name: str
-    kind: str  # piracy | independent
-    family: str  # fine-tune | prune | adv-fine-tune | distill | extract | same-arch | other-arch
-    role: str  # selection | calibration
-    arch: str = "owner"  # "owner" = the owner's own architecture (re-initialized)
-
-
-DEFAULT_ZOO: tuple[KnownModelSpec, ...] = (
-    # Simulated pirates that shape the points: weight copies and functional copies, the latter
-    # in the owner's and in other architectures, so that following the owner is what counts.
-    KnownModelSpec("sim-fine-tune", "piracy", "fine-tune", "selection"),
-    KnownModelSpec("sim-prune", "piracy", "prune", "selection"),
-    # An adversarially fine-tuned copy resists exactly the perturbations core points are made of;
-    # unless it is simulated, the points sit where such a copy reverts to the seed's class.
-    KnownModelSpec("sim-adv-fine-tune", "piracy", "adv-fine-tune", "selection"),
-    KnownModelSpec("sim-distill", "piracy", "distill", "selection"),
-    KnownModelSpec("sim-extract", "piracy", "extract", "selection"),
-    KnownModelSpec("sim-extract-lenet", "piracy", "extract", "selection", "lenet"),
-    KnownModelSpec("sim-extract-mlp", "piracy", "extract", "selection", "mlp"),
-    # References the points are pushed away from, in the same architectures as the students.
-    KnownModelSpec("ref-same-arch-1", "independent", "same-arch", "selection"),
-    KnownModelSpec("ref-same-arch-2", "independent", "same-arch", "selection"),
-    KnownModelSpec("ref-lenet", "independent", "other-arch", "selection", "lenet"),
-    KnownModelSpec("ref-mlp", "independent", "other-arch", "selection", "mlp"),
-    # Held out: they only calibrate the test (p0 from references, p1 from pirates).
-    KnownModelSpec("cal-distill", "piracy", "distill", "calibration"),
-    KnownModelSpec("cal-extract-lenet", "piracy", "extract", "calibration", "lenet"),
-    KnownModelSpec("cal-same-arch-1", "independent", "same-arch", "calibration"),
-    KnownModelSpec("cal-same-arch-2", "independent", "same-arch", "calibration"),
-    KnownModelSpec("cal-lenet", "independent", "other-arch", "calibration", "lenet"),
-    KnownModelSpec("cal-mlp", "independent", "other-arch", "calibration", "mlp"),
-    KnownModelSpec("cal-wide-cnn", "independent", "other-arch", "calibration", "cnn-wide"),
-)
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """How to build a fingerprint: core-point parameters and the simulated zoo's training."""
-
-    core: CoreConfig = field(default_factory=CoreConfig)
-    zoo: tuple[KnownModelSpec, ...] = DEFAULT_ZOO
-    train_samples: int = 50000
-    epochs: int = 3  # every model trained from scratch trains at least this long...
-    max_epochs: int = 0  # ...and, below its target accuracy, up to this long (0: 4 x epochs)
-    prune_ratio: float = 0.5
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["zoo"] = [asdict(z) for z in self.zoo]
-        return d
 
 
 @dataclass

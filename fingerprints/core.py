@@ -16,36 +16,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepcore_auditor.fingerprints.config import CoreConfig
 from deepcore_auditor.fingerprints.models import forward_batched, set_mode, softmax
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CoreConfig:
-    """Parameters of core-point construction; every one has a CLI flag."""
-
-    n_candidates: int = 600
-    n_points: int = 200
-    # L-inf radius in canonical [0, 1] units; None: chosen from the owner's own robustness
-    # (`choose_epsilon`) and recorded, resolved, in the fingerprint.
-    epsilon: float | None = None
-    steps: int = 60
-    min_confidence: float = 0.9
-    reference_weight: float = 1.0
-    owner_weight: float = 5.0
-    batch_size: int = 200
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
 
 
 # The automatic radius: RADIUS_FACTOR times the owner's flip radius, within these bounds.

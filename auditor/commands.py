@@ -16,6 +16,7 @@ from deepcore_auditor.adapters.errors import InputError, OracleError, TransientO
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
+from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig, KnownModelSpec
 from deepcore_auditor.fingerprints.format import (
     Fingerprint,
     canonical_digest,
@@ -32,28 +33,33 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FingerprintRequest:
+    """A fingerprint build as the CLI asks for it: how to build (`build`, holding the core-point
+    parameters; their defaults are the only ones), and where the owner, data, output and keys are."""
+
     owner: str
     data: str
     out: Path
+    build: BuildConfig = field(default_factory=BuildConfig)
     owner_weights: str | None = None
     layout: str = "NCHW"
     scale: float = 1.0
     mean: str | None = None
     std: str | None = None
     references: tuple[str, ...] = ()
-    n_points: int = 200
-    candidates: int = 600
-    epsilon: float | None = None  # None: from the owner's measured robustness
-    steps: int = 60
-    min_confidence: float = 0.9
-    reference_weight: float = 1.0
-    train_samples: int = 50000
-    epochs: int = 3
-    max_epochs: int = 0
-    seed: int = 0
     cache_dir: Path | None = None
     key_file: Path | None = None  # sign the fingerprint with this Ed25519 private key (PEM)
     hmac_key_env: str | None = None  # or with the HMAC key held in this environment variable
+
+
+def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreConfig.n_candidates,
+                 epsilon: float | None = CoreConfig.epsilon, steps: int = CoreConfig.steps,
+                 min_confidence: float = CoreConfig.min_confidence, reference_weight: float = CoreConfig.reference_weight,
+                 train_samples: int = BuildConfig.train_samples, epochs: int = BuildConfig.epochs,
+                 max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed) -> BuildConfig:
+    """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo."""
+    core = CoreConfig(n_candidates=candidates, n_points=n_points, epsilon=epsilon, steps=steps,
+                      min_confidence=min_confidence, reference_weight=reference_weight, seed=seed)
+    return BuildConfig(core=core, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs, seed=seed)
 
 
 def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -75,21 +81,20 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     """Load owner and data, build the fingerprint, write it atomically; returns it and its digest."""
     from deepcore_auditor.adapters.open import open_suspect
     from deepcore_auditor.adapters.torch import load_torch_model
-    from deepcore_auditor.fingerprints.build import BuildConfig, KnownModelSpec, build_fingerprint
-    from deepcore_auditor.fingerprints.core import CoreConfig
+    from deepcore_auditor.fingerprints.build import build_fingerprint
     from deepcore_auditor.fingerprints.data import channel_stats, load_data
     from deepcore_auditor.fingerprints.models import Normalized, accuracy
 
-    _check_positive(points=req.n_points, candidates=req.candidates, steps=req.steps,
-                    train_samples=req.train_samples, epochs=req.epochs)
-    if req.epsilon is not None:
-        _check_positive(epsilon=req.epsilon)
-    if req.max_epochs and req.max_epochs < req.epochs:
-        raise InputError(f"--max-epochs ({req.max_epochs}) cannot be below --epochs ({req.epochs})")
-    if req.n_points > req.candidates:
-        raise InputError(f"--points ({req.n_points}) cannot exceed --candidates ({req.candidates})")
-    if not 0 < req.min_confidence < 1:
-        raise InputError(f"--min-confidence must lie in (0, 1), got {req.min_confidence}")
+    b, c = req.build, req.build.core
+    _check_positive(points=c.n_points, candidates=c.n_candidates, steps=c.steps, train_samples=b.train_samples, epochs=b.epochs)
+    if c.epsilon is not None:
+        _check_positive(epsilon=c.epsilon)
+    if b.max_epochs and b.max_epochs < b.epochs:
+        raise InputError(f"--max-epochs ({b.max_epochs}) cannot be below --epochs ({b.epochs})")
+    if c.n_points > c.n_candidates:
+        raise InputError(f"--points ({c.n_points}) cannot exceed --candidates ({c.n_candidates})")
+    if not 0 < c.min_confidence < 1:
+        raise InputError(f"--min-confidence must lie in (0, 1), got {c.min_confidence}")
     if not Path(req.out).parent.is_dir():
         raise InputError(f"cannot write fingerprint: directory {Path(req.out).parent} does not exist")
     key = resolve_key(req.key_file, req.hmac_key_env)  # before the long build: a bad key fails now
@@ -115,11 +120,7 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     for i, ref in enumerate(req.references):
         oracle = open_suspect(ref, convention=convention, point_shape=data.train.shape, num_classes=data.train.num_classes)
         extra.append((KnownModelSpec(f"user-ref-{i + 1}:{Path(ref).name}", "independent", "user", "calibration", "supplied"), oracle))
-    config = BuildConfig(
-        core=CoreConfig(n_candidates=req.candidates, n_points=req.n_points, epsilon=req.epsilon, steps=req.steps,
-                        min_confidence=req.min_confidence, reference_weight=req.reference_weight, seed=req.seed),
-        train_samples=req.train_samples, epochs=req.epochs, max_epochs=req.max_epochs, seed=req.seed,
-    )
+    config = req.build
     holdout = (data.test.points(), data.test.y) if len(data.test) else None
     fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, holdout=holdout,
                            extra_references=extra, progress=say)
