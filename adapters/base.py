@@ -27,7 +27,7 @@ class Access(str, enum.Enum):
     PROBS = "probs"
 
 
-_LAYOUTS = ("NCHW", "NHWC")
+LAYOUTS = ("NCHW", "NHWC")
 _DTYPES = ("float32", "float16", "uint8")
 
 
@@ -55,8 +55,8 @@ class InputConvention:
             object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         except (TypeError, ValueError) as e:
             raise InputError(f"input convention needs numbers for scale, mean and std: {e}") from None
-        if self.layout not in _LAYOUTS:
-            raise InputError(f"unknown layout {self.layout!r}: use one of {', '.join(_LAYOUTS)}")
+        if self.layout not in LAYOUTS:
+            raise InputError(f"unknown layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
         if self.dtype not in _DTYPES:
             raise InputError(f"unknown input dtype {self.dtype!r}: use one of {', '.join(_DTYPES)}")
         if not (math.isfinite(self.scale) and self.scale > 0):

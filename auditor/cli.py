@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from deepcore_auditor.adapters.base import Access
+from deepcore_auditor.adapters.base import LAYOUTS, Access
 from deepcore_auditor.adapters.errors import DeepCoreError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.fingerprints.calibration import MODES
@@ -76,7 +76,7 @@ def cli(verbose: int) -> None:
 @click.option("--owner-weights", help="Weights for a factory owner: .safetensors or a state dict.")
 @click.option("--data", required=True, help="fashion-mnist, an .npz (x, y), an ImageFolder dir or a .tar.gz of one.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Fingerprint file to write.")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), default="NCHW", show_default=True, help="Owner input layout.")
+@click.option("--layout", type=click.Choice(LAYOUTS, case_sensitive=False), default="NCHW", show_default=True, help="Owner input layout.")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Owner input = (x*scale - mean)/std, x in [0,1].")
 @click.option("--mean", help="Per-channel mean, comma-separated (default: the data's own).")
 @click.option("--std", help="Per-channel std, comma-separated (default: the data's own).")
@@ -113,7 +113,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--alpha", type=float, default=AuditConfig.alpha, show_default=True, help="False identification rate.")
 @click.option("--beta", type=float, default=AuditConfig.beta, show_default=True, help="Missed identification rate.")
 @click.option("--seed", type=int, default=AuditConfig.seed, show_default=True, help="Order in which points are asked.")
-@click.option("--suspect-layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), help="Suspect input layout (default: owner's).")
+@click.option("--suspect-layout", type=click.Choice(LAYOUTS, case_sensitive=False), help="Suspect input layout (default: owner's).")
 @click.option("--suspect-scale", type=float, help="Suspect input scale (default: owner's).")
 @click.option("--suspect-mean", help="Suspect per-channel mean (default: owner's).")
 @click.option("--suspect-std", help="Suspect per-channel std (default: owner's).")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepcore_auditor.adapters.base import Access, Oracle, OracleInfo, to_probabilities
+from deepcore_auditor.adapters.base import Access, Oracle, OracleWrapper, to_probabilities
 from deepcore_auditor.adapters.onnx import OnnxOracle
 from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
@@ -91,18 +91,11 @@ TRANSFORMATIONS: tuple[Transformation, ...] = (
 )
 
 
-class _Wrapper(Oracle):
-    """An oracle holding a real one; `info` is the inner oracle's."""
+class _Wrapper(OracleWrapper):
+    """An oracle holding a real one; `info` is the inner oracle's. Its answers are new (degraded),
+    so they are checked as a backend's are."""
 
-    def __init__(self, inner: Oracle) -> None:
-        self.inner = inner
-
-    @property
-    def info(self) -> OracleInfo:
-        return self.inner.info
-
-    def close(self) -> None:
-        self.inner.close()
+    query = Oracle.query
 
 
 class NoisyInput(_Wrapper):

@@ -285,4 +285,4 @@ def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool
         figure = f" ({worst.name} agrees {float(np.mean(worst.labels == fp.owner_labels)):.3f})" if worst else ""
         raise InputError(f"independent references agree with the owner on the kept points up to p0 {p0:.3f}{figure}: "
                          f"even an exact copy would need {need} points to be identified and the fingerprint has "
-                         f"{len(fp)}; rebuild with a smaller --epsilon or more --points")
+                         f"{len(fp)}; rebuild with a larger --reference-weight (references pushed away harder), a smaller --epsilon or more --points")

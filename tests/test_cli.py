@@ -75,7 +75,8 @@ def test_inspect_shows_every_known_models_quality(world):
     i = run("inspect", str(world.fingerprint), "--json")
     assert i.exit_code == 0, i.output
     d = json.loads(i.stdout)
-    assert d["points"] == 100 and d["point_shape"] == [1, 28, 28] and d["owner"]["sha256"]
+    # up to --points 100: only candidates that reach the owner's confidence are kept
+    assert 50 <= d["points"] <= 100 and d["point_shape"] == [1, 28, 28] and d["owner"]["sha256"]
     assert 0.7 < d["owner_accuracy"] <= 1 and 0 < d["epsilon"] <= 0.15
     assert len(d["known_models"]) == 18
     for line in d["known_models"]:
