@@ -39,7 +39,8 @@ def fmnist():
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory, fmnist) -> World:
-    # DEEPCORE_TEST_WORLD=DIR keeps the world between runs while developing (CI never sets it).
+    # DEEPCORE_TEST_WORLD=DIR keeps the world between runs while developing; .ci/run sets it to a new
+    # directory so that its core-install job can audit the same world after the suite.
     keep = os.environ.get("DEEPCORE_TEST_WORLD")
     return build_world(Path(keep) if keep else tmp_path_factory.mktemp("world"), fmnist)
 
