@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from inspect import signature
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,8 +26,6 @@ from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
 EXIT_ERROR = 2
-_BUILD_OPTIONS = ("n_points", "candidates", "epsilon", "steps", "min_confidence", "reference_weight", "train_samples",
-                  "epochs", "max_epochs", "seed")  # build_config's arguments
 _AUDIT_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AuditConfig))  # the options that make the test
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,7 +97,7 @@ def fingerprint(**o: Any) -> None:
     """Build a DeepCore fingerprint from the owner's model and data."""
     from deepcore_auditor.auditor.commands import FingerprintRequest, build_config, make_fingerprint
 
-    build = build_config(**{k: o.pop(k) for k in _BUILD_OPTIONS})
+    build = build_config(**{k: o.pop(k) for k in signature(build_config).parameters})
     fp, digest = make_fingerprint(FingerprintRequest(build=build, **o), progress=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {o['out']}: {len(fp)} core points, sha256 {digest}")
 

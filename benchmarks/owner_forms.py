@@ -160,7 +160,7 @@ def build_world(data_spec: str, out: Path, *, epochs: int, dataset: str, seed: i
         if not (suspects / f"{name}.onnx").exists():
             export_onnx(net, suspects / f"{name}.onnx", data.train.shape)
     if not (suspects / "pirate-int8.onnx").exists():
-        from deepcore_auditor.auditor.demo import quantize_int8
+        from deepcore_auditor.fingerprints.recipes import quantize_int8
 
         quantize_int8(suspects / "pirate-copy.onnx", suspects / "pirate-int8.onnx")
     print(json.dumps(accs, indent=1, sort_keys=True))
