@@ -53,7 +53,7 @@ class FingerprintRequest:
 
 def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreConfig.n_candidates,
                  epsilon: float | None = CoreConfig.epsilon, steps: int = CoreConfig.steps,
-                 min_confidence: float = CoreConfig.min_confidence, reference_weight: float = CoreConfig.reference_weight,
+                 min_confidence: float = CoreConfig.min_confidence, reference_weight: float | None = CoreConfig.reference_weight,
                  train_samples: int = BuildConfig.train_samples, epochs: int = BuildConfig.epochs,
                  max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed) -> BuildConfig:
     """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo."""
@@ -89,6 +89,8 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     _check_positive(points=c.n_points, candidates=c.n_candidates, steps=c.steps, train_samples=b.train_samples, epochs=b.epochs)
     if c.epsilon is not None:
         _check_positive(epsilon=c.epsilon)
+    if c.reference_weight is not None:
+        _check_positive(reference_weight=c.reference_weight)
     if b.max_epochs and b.max_epochs < b.epochs:
         raise InputError(f"--max-epochs ({b.max_epochs}) cannot be below --epochs ({b.epochs})")
     if c.n_points > c.n_candidates:

@@ -28,7 +28,7 @@ from deepcore_auditor.adapters.base import Access, Oracle
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.calibration import rates
-from deepcore_auditor.fingerprints.config import BuildConfig, KnownModelSpec
+from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, KnownModelSpec
 from deepcore_auditor.fingerprints.core import build_core_points, choose_epsilon
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
 from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, predict, reinitialize, train
@@ -64,9 +64,16 @@ HOLDOUT_SAMPLES = 2000  # enough for a standard error of about 0.01 on an accura
 # model that stalled while overfitting the owner's data, as a label-extracted CIFAR-10 student
 # did at 0.71 against a floor of 0.75).
 RETRAIN_LR_FACTOR = 0.5
+SGD_LR = 0.05  # the one-cycle peak of the "sgd" recipe (batch 128)
 
 
-def _recipe(config: BuildConfig, seed: int, retry: bool, height: int) -> TrainConfig:
+def _recipe(config: BuildConfig, spec: KnownModelSpec, seed: int, retry: bool, height: int) -> TrainConfig:
+    if spec.recipe == "sgd":  # a fixed schedule, with random translations as such recipes have
+        fixed = (config.sgd_epochs or 2 * config.epochs + 2) * (2 if retry else 1)
+        return TrainConfig(epochs=fixed, lr=SGD_LR * (RETRAIN_LR_FACTOR if retry else 1.0), seed=seed,
+                           shift=max(1, height // 8), optimizer="sgd")
+    if spec.recipe != "adam":
+        raise InputError(f"known model {spec.name}: unknown training recipe {spec.recipe!r} (adam or sgd)")
     most = config.max_epochs or 4 * config.epochs
     if not retry:
         return TrainConfig(epochs=config.epochs, max_epochs=most, seed=seed)
@@ -116,7 +123,7 @@ def train_known_model(
         c, h, w = points.shape[1:]
         student = Normalized(build_architecture(spec.arch, (int(c), int(h), int(w)), num_classes), owner.convention)
     until = None
-    if holdout is not None and target_accuracy is not None:
+    if holdout is not None and target_accuracy is not None and spec.recipe != "sgd":
         history: list[float] = []
 
         def until(model: nn.Module) -> bool:
@@ -126,7 +133,7 @@ def train_known_model(
             logger.debug("%s: held-out accuracy %.4f after an epoch", spec.name, acc)
             return acc >= target_accuracy or (stalled and acc >= floor)
 
-    tc = _recipe(config, seed, retry, int(points.shape[2]))
+    tc = _recipe(config, spec, seed, retry, int(points.shape[2]))
     if spec.family == "distill":
         return recipes.distill(owner, x, student, tc, until=until)
     if spec.family == "extract":
@@ -231,21 +238,51 @@ def build_fingerprint(
         if problem:
             raise InputError(f"refusing a supplied reference: {problem}")
         known.append(km)
+    extra: dict[str, object] = {"owner_holdout_accuracy": round(owner_accuracy, 4)}
+    if robustness is not None:
+        extra["robustness"] = robustness.to_dict()
+    # The reference weight, when not given: the smallest on the ladder at which the held-out
+    # references leave an exact copy identifiable within a quarter of the points. This choice
+    # reads the calibration references (a few rungs, each harder on the selection references
+    # only); p0 is still their bound on the points finally kept.
+    weights = REFERENCE_WEIGHTS if config.core.reference_weight is None else (config.core.reference_weight,)
+    ladder: list[dict[str, float | int]] = []
+    best: Fingerprint | None = None
+    for weight in weights:
+        trial = dataclasses.replace(config, core=dataclasses.replace(config.core, reference_weight=weight))
+        fp = _grow(owner, known, points, labels, classes, owner_identity, trial, extra, say)
+        need = copy_needs(fp)
+        ladder.append({"reference_weight": weight, "points": len(fp), "p0": round(float(rates(fp, "agreement").p0.max()), 4),
+                       "exact_copy_needs": need if math.isfinite(need) else -1})
+        if best is None or need < copy_needs(best):
+            best = fp
+        if need <= max(1, len(fp) // 4):
+            break
+        if len(weights) > 1 and weight != weights[-1]:
+            say(f"reference weight {weight:g}: an exact copy would need {need} of {len(fp)} points; "
+                "pushing the references away harder")
+    assert best is not None
+    if len(weights) > 1:
+        best = dataclasses.replace(best, extra={**best.extra, "reference_weight_ladder": ladder})
+    check_separable(best, say, refuse=require_separable)
+    return best
+
+
+def _grow(owner: Normalized, known: Sequence[KnownModel], points: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+          owner_identity: dict[str, str], config: BuildConfig, extra: dict[str, object],
+          say: Callable[[str], None]) -> Fingerprint:
+    """Grow the core points against the selection models and record every known model's answers on them."""
     students = [k.model for k in known if k.spec.kind == "piracy" and k.spec.role == "selection" and k.model is not None]
     refs = [k.model for k in known if k.spec.kind == "independent" and k.spec.role == "selection" and k.model is not None]
-    say(f"growing {config.core.n_candidates} candidate core points against {len(students)} simulations and {len(refs)} references")
-    cp = build_core_points(owner, students, refs, points, labels, num_classes, config.core)
+    say(f"growing {config.core.n_candidates} candidate core points against {len(students)} simulations and "
+        f"{len(refs)} references (reference weight {config.core.reference_weight:g})")
+    cp = build_core_points(owner, students, refs, points, labels, len(classes), config.core)
     if len(cp.points) == 0:
         raise InputError("no candidate reached the owner confidence bound: lower --min-confidence or raise --epsilon")
     owner_probs = predict(owner, cp.points)
     answers = tuple(_answers(k.spec, k, cp.points, cp.targets) for k in known)
     say(f"kept {len(cp.points)} core points")
-    extra: dict[str, object] = {"seed_index": cp.seed_index.tolist(), "selection_score": cp.score.round(4).tolist(),
-                                "owner_confidence_min": float(cp.owner_confidence.min()),
-                                "owner_holdout_accuracy": round(owner_accuracy, 4)}
-    if robustness is not None:
-        extra["robustness"] = robustness.to_dict()
-    fp = Fingerprint(
+    return Fingerprint(
         points=cp.points,
         owner_labels=cp.targets,
         owner_probs=owner_probs,
@@ -255,13 +292,21 @@ def build_fingerprint(
         method={"name": "deepcore", "version": 1, "params": config.to_dict(), "seed": config.seed},
         known_models=answers,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        extra=extra,
+        extra={"seed_index": cp.seed_index.tolist(), "selection_score": cp.score.round(4).tolist(),
+               "owner_confidence_min": float(cp.owner_confidence.min()), **extra},
     )
-    check_separable(fp, say, refuse=require_separable)
-    return fp
 
 
 SEPARABLE_ALPHA = 0.01  # the audit's default alpha and beta
+
+
+def copy_needs(fp: Fingerprint) -> float:
+    """How many agreeing points an exact copy needs to reach Wald's piracy threshold at alpha =
+    beta = SEPARABLE_ALPHA under the fingerprint's agreement rates (inf: never)."""
+    r = rates(fp, "agreement")
+    p0, p1 = float(r.p0.max()), float(r.p1.min())
+    step = math.log(p1 / p0) if p1 > p0 else 0.0
+    return math.ceil(math.log((1 - SEPARABLE_ALPHA) / SEPARABLE_ALPHA) / step) if step > 0 else math.inf
 
 
 def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool = True) -> None:
@@ -274,8 +319,7 @@ def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool
         say(f"  held-out reference {m.name}: agreement {float(np.mean(m.labels == fp.owner_labels)):.3f} on the kept points")
     r = rates(fp, "agreement")
     p0, p1 = float(r.p0.max()), float(r.p1.min())
-    step = math.log(p1 / p0) if p1 > p0 else 0.0
-    need = math.ceil(math.log((1 - SEPARABLE_ALPHA) / SEPARABLE_ALPHA) / step) if step > 0 else math.inf
+    need = copy_needs(fp)
     say(f"p0 {p0:.3f} (upper bound for independent models), p1 {p1:.3f}: an exact copy is identified "
         f"after {need} of {len(fp)} points")
     if need > len(fp) and not refuse:

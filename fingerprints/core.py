@@ -124,6 +124,9 @@ def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Seque
               targets: np.ndarray, config: CoreConfig) -> np.ndarray:
     if config.epsilon is None:
         raise ValueError("CoreConfig.epsilon must be resolved (choose_epsilon) before optimizing points")
+    if references and config.reference_weight is None:
+        raise ValueError("CoreConfig.reference_weight must be resolved before optimizing points against references")
+    ref_weight = config.reference_weight or 0.0
     out = np.empty_like(seeds, dtype=np.float32)
     step = 2.5 * config.epsilon / config.steps
     owner_goal = -float(np.log(1 - (1 - config.min_confidence) / 2))
@@ -142,7 +145,7 @@ def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Seque
             if students:
                 loss = loss + torch.stack([_follow_loss(s(x), t) for s in students]).mean(0)
             if references:
-                loss = loss + config.reference_weight * torch.stack([_refuse_loss(r(x), t) for r in references]).mean(0)
+                loss = loss + ref_weight * torch.stack([_refuse_loss(r(x), t) for r in references]).mean(0)
             (grad,) = torch.autograd.grad(loss.sum(), delta)
             with torch.no_grad():
                 delta = (delta - step * grad.sign()).clamp(-config.epsilon, config.epsilon)
