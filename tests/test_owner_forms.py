@@ -173,3 +173,46 @@ def test_quality_round_trips_and_malformed_quality_is_refused(world, tmp_path):
     save_fingerprint(broken, path)
     with pytest.raises(FingerprintError, match="cal-mlp.*malformed quality"):
         load_fingerprint(path)
+
+
+def test_the_sgd_recipe_trains_a_healthy_reference_and_refuses_an_early_stop(small):
+    """The held-out references' second recipe (SGD, one-cycle, translations) learns the task from a
+    traced BatchNorm owner; its schedule has a fixed length, so an `until` test is refused."""
+    owner, conv, x, y, xt, yt = small
+    cfg = TrainConfig(epochs=2, lr=0.05, seed=3, shift=3, optimizer="sgd")
+    ref = train(reinitialize(Normalized(_form(owner.net, "traced"), conv), seed=3), x, y, cfg)
+    assert accuracy(ref, xt, yt) >= accuracy(owner, xt, yt) - 0.15
+    with pytest.raises(ValueError, match="no `until`"):
+        train(reinitialize(owner, seed=4), x[:64], y[:64], cfg, until=lambda m: True)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train(reinitialize(owner, seed=4), x[:64], y[:64], dataclasses.replace(cfg, optimizer="rmsprop"))
+
+
+def test_the_reference_weight_is_chosen_from_the_ladder_unless_given(small):
+    """Without --reference-weight the builder climbs REFERENCE_WEIGHTS until an exact copy is
+    identifiable within a quarter of the points, records every rung and the weight it kept; a
+    weight given is used as it is, with no ladder."""
+    from deepcore_auditor.fingerprints.build import build_fingerprint, copy_needs
+    from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, CoreConfig, KnownModelSpec
+
+    owner, conv, x, y, *_ = small
+    zoo = (KnownModelSpec("sim-fine-tune", "piracy", "fine-tune", "selection"),
+           KnownModelSpec("ref-same-arch-1", "independent", "same-arch", "selection"),
+           KnownModelSpec("cal-same-arch-1", "independent", "same-arch", "calibration", recipe="sgd"),
+           KnownModelSpec("cal-lenet", "independent", "other-arch", "calibration", "lenet"))
+    cfg = BuildConfig(core=CoreConfig(n_candidates=60, n_points=20, steps=10), zoo=zoo, epochs=1, train_samples=2000)
+    classes = [str(i) for i in range(10)]
+    auto = build_fingerprint(owner, x, y, classes, {"name": "o"}, cfg, require_separable=False)
+    ladder = auto.extra["reference_weight_ladder"]
+    chosen = auto.method["params"]["core"]["reference_weight"]
+    assert [r["reference_weight"] for r in ladder] == list(REFERENCE_WEIGHTS[: len(ladder)])
+    assert chosen in [r["reference_weight"] for r in ladder]
+    stopped_early = len(ladder) < len(REFERENCE_WEIGHTS)
+    assert not stopped_early or ladder[-1]["exact_copy_needs"] <= max(1, ladder[-1]["points"] // 4)
+    assert copy_needs(auto) == min(r["exact_copy_needs"] if r["exact_copy_needs"] >= 0 else float("inf") for r in ladder)
+    given = build_fingerprint(owner, x, y, classes, {"name": "o"},
+                              dataclasses.replace(cfg, core=dataclasses.replace(cfg.core, reference_weight=3.0)),
+                              require_separable=False)
+    assert given.method["params"]["core"]["reference_weight"] == 3.0
+    assert "reference_weight_ladder" not in given.extra
+    assert {m.name: m.quality["arch"] for m in given.known_models}["cal-same-arch-1"] == "owner"
