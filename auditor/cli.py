@@ -85,7 +85,7 @@ def cli(verbose: int) -> None:
 @click.option("--epsilon", type=float, default=CoreConfig.epsilon, help="L-inf radius around each seed, in [0,1] pixel units (default: 3x the radius at which the owner flips, measured).")
 @click.option("--steps", type=int, default=CoreConfig.steps, show_default=True, help="Optimization steps per point.")
 @click.option("--min-confidence", type=float, default=CoreConfig.min_confidence, show_default=True, help="Owner confidence a core point must reach.")
-@click.option("--reference-weight", type=float, default=CoreConfig.reference_weight, help="Weight of pushing references away (default: the smallest of 2, 4, 8, 16 on which held-out references leave an exact copy identifiable within a quarter of the points).")
+@click.option("--reference-weight", type=float, default=CoreConfig.reference_weight, show_default=True, help="Weight of pushing references away.")
 @click.option("--train-samples", type=int, default=BuildConfig.train_samples, show_default=True, help="Owner-data samples for each simulation/reference (train them as well as the owner: weak references understate p0).")
 @click.option("--epochs", type=int, default=BuildConfig.epochs, show_default=True, help="Least training epochs of simulations and references.")
 @click.option("--max-epochs", type=int, default=BuildConfig.max_epochs, show_default=True, help="Most epochs for a model still below the owner's accuracy (0: 4 x --epochs).")

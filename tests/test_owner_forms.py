@@ -189,7 +189,7 @@ def test_the_sgd_recipe_trains_a_healthy_reference_and_refuses_an_early_stop(sma
 
 
 def test_the_reference_weight_is_chosen_from_the_ladder_unless_given(small):
-    """Without --reference-weight the builder climbs REFERENCE_WEIGHTS until an exact copy is
+    """With reference_weight None the builder climbs REFERENCE_WEIGHTS until an exact copy is
     identifiable within a quarter of the points, records every rung and the weight it kept; a
     weight given is used as it is, with no ladder."""
     from deepcore_auditor.fingerprints.build import build_fingerprint, copy_needs
@@ -200,7 +200,8 @@ def test_the_reference_weight_is_chosen_from_the_ladder_unless_given(small):
            KnownModelSpec("ref-same-arch-1", "independent", "same-arch", "selection"),
            KnownModelSpec("cal-same-arch-1", "independent", "same-arch", "calibration", recipe="sgd"),
            KnownModelSpec("cal-lenet", "independent", "other-arch", "calibration", "lenet"))
-    cfg = BuildConfig(core=CoreConfig(n_candidates=60, n_points=20, steps=10), zoo=zoo, epochs=1, train_samples=2000)
+    cfg = BuildConfig(core=CoreConfig(n_candidates=60, n_points=20, steps=10, reference_weight=None), zoo=zoo, epochs=1,
+                      train_samples=2000)
     classes = [str(i) for i in range(10)]
     auto = build_fingerprint(owner, x, y, classes, {"name": "o"}, cfg, require_separable=False)
     ladder = auto.extra["reference_weight_ladder"]
