@@ -241,7 +241,7 @@ def build_fingerprint(
     extra: dict[str, object] = {"owner_holdout_accuracy": round(owner_accuracy, 4)}
     if robustness is not None:
         extra["robustness"] = robustness.to_dict()
-    # The reference weight, when not given: the smallest on the ladder at which the held-out
+    # The reference weight, when None (opt-in; the default is a fixed 1): the smallest on the ladder at which the held-out
     # references leave an exact copy identifiable within a quarter of the points. This choice
     # reads the calibration references (a few rungs, each harder on the selection references
     # only); p0 is still their bound on the points finally kept.
