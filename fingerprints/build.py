@@ -248,14 +248,16 @@ def build_fingerprint(
     weights = REFERENCE_WEIGHTS if config.core.reference_weight is None else (config.core.reference_weight,)
     ladder: list[dict[str, float | int]] = []
     best: Fingerprint | None = None
+    best_need = math.inf
     for weight in weights:
         trial = dataclasses.replace(config, core=dataclasses.replace(config.core, reference_weight=weight))
         fp = _grow(owner, known, points, labels, classes, owner_identity, trial, extra, say)
-        need = copy_needs(fp)
-        ladder.append({"reference_weight": weight, "points": len(fp), "p0": round(float(rates(fp, "agreement").p0.max()), 4),
+        p0, p1 = _p0_p1(fp)
+        need = copy_needs(p0, p1)
+        ladder.append({"reference_weight": weight, "points": len(fp), "p0": round(p0, 4),
                        "exact_copy_needs": need if math.isfinite(need) else -1})
-        if best is None or need < copy_needs(best):
-            best = fp
+        if best is None or need < best_need:
+            best, best_need = fp, need
         if need <= max(1, len(fp) // 4):
             break
         if len(weights) > 1 and weight != weights[-1]:
@@ -300,11 +302,15 @@ def _grow(owner: Normalized, known: Sequence[KnownModel], points: np.ndarray, la
 SEPARABLE_ALPHA = 0.01  # the audit's default alpha and beta
 
 
-def copy_needs(fp: Fingerprint) -> float:
-    """How many agreeing points an exact copy needs to reach Wald's piracy threshold at alpha =
-    beta = SEPARABLE_ALPHA under the fingerprint's agreement rates (inf: never)."""
+def _p0_p1(fp: Fingerprint) -> tuple[float, float]:
+    """The fingerprint's agreement-mode p0 (its largest) and p1 (its smallest)."""
     r = rates(fp, "agreement")
-    p0, p1 = float(r.p0.max()), float(r.p1.min())
+    return float(r.p0.max()), float(r.p1.min())
+
+
+def copy_needs(p0: float, p1: float) -> float:
+    """How many agreeing points an exact copy needs to reach Wald's piracy threshold at alpha =
+    beta = SEPARABLE_ALPHA under agreement rates p0/p1 (inf: never)."""
     step = math.log(p1 / p0) if p1 > p0 else 0.0
     return math.ceil(math.log((1 - SEPARABLE_ALPHA) / SEPARABLE_ALPHA) / step) if step > 0 else math.inf
 
@@ -317,9 +323,8 @@ def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool
     held = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
     for m in held:
         say(f"  held-out reference {m.name}: agreement {float(np.mean(m.labels == fp.owner_labels)):.3f} on the kept points")
-    r = rates(fp, "agreement")
-    p0, p1 = float(r.p0.max()), float(r.p1.min())
-    need = copy_needs(fp)
+    p0, p1 = _p0_p1(fp)
+    need = copy_needs(p0, p1)
     say(f"p0 {p0:.3f} (upper bound for independent models), p1 {p1:.3f}: an exact copy is identified "
         f"after {need} of {len(fp)} points")
     if need > len(fp) and not refuse:

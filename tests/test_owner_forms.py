@@ -192,7 +192,7 @@ def test_the_reference_weight_is_chosen_from_the_ladder_unless_given(small):
     """With reference_weight None the builder climbs REFERENCE_WEIGHTS until an exact copy is
     identifiable within a quarter of the points, records every rung and the weight it kept; a
     weight given is used as it is, with no ladder."""
-    from deepcore_auditor.fingerprints.build import build_fingerprint, copy_needs
+    from deepcore_auditor.fingerprints.build import _p0_p1, build_fingerprint, copy_needs
     from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, CoreConfig, KnownModelSpec
 
     owner, conv, x, y, *_ = small
@@ -210,7 +210,7 @@ def test_the_reference_weight_is_chosen_from_the_ladder_unless_given(small):
     assert chosen in [r["reference_weight"] for r in ladder]
     stopped_early = len(ladder) < len(REFERENCE_WEIGHTS)
     assert not stopped_early or ladder[-1]["exact_copy_needs"] <= max(1, ladder[-1]["points"] // 4)
-    assert copy_needs(auto) == min(r["exact_copy_needs"] if r["exact_copy_needs"] >= 0 else float("inf") for r in ladder)
+    assert copy_needs(*_p0_p1(auto)) == min(r["exact_copy_needs"] if r["exact_copy_needs"] >= 0 else float("inf") for r in ladder)
     given = build_fingerprint(owner, x, y, classes, {"name": "o"},
                               dataclasses.replace(cfg, core=dataclasses.replace(cfg.core, reference_weight=3.0)),
                               require_separable=False)
