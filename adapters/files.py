@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from deepcore_auditor.adapters.errors import InputError
+
 
 def atomic_write(path: str | os.PathLike[str], content: bytes | Callable[[Any], Any], *, by_name: bool = False,
                  suffix: str = "", mode: int = 0o644) -> None:
@@ -54,3 +56,27 @@ def _fsync_path(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file, however spelled: by inode when both exist (hard links,
+    symlinks, `./x` and `/abs/x`), else by resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_output(path: str | os.PathLike[str], option: str, inputs: dict[str, Any], *, force: bool = False) -> None:
+    """Refuse, in one line naming `option`, an output path that is one of the command's `inputs`
+    (option -> path, or a sequence of paths; None skipped) — never, even with `force` — or a file
+    that already exists, unless `force`. Called before any work, so nothing is half-done."""
+    for name, value in inputs.items():
+        for given in value if isinstance(value, (list, tuple)) else (value,):
+            if given is not None and Path(str(given)).exists() and same_file(path, str(given)):
+                raise InputError(f"{option} {path} is this command's {name} input: it would be destroyed; choose another path")
+    if os.path.lexists(path):
+        if Path(path).is_dir():
+            raise InputError(f"{option} {path} is a directory: give a file path")
+        if not force:
+            raise InputError(f"{option} {path} already exists: pass --force to replace it, or choose another path")

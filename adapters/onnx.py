@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,11 @@ _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 
 Dim = int | str | None
+# The longest one batch may take by default (--request-timeout): generous for a large model on a
+# small CPU, finite so that a suspect that never answers ends the audit instead of hanging it.
+RUN_TIMEOUT_S = 300.0
+_POLL_S = 0.05  # how often the waiting thread looks up (and lets a Ctrl-C in)
+_STOP_WAIT_S = 1.0  # how long a terminated run is given to end before the audit goes on without it
 
 
 def file_sha256(path: Path) -> str:
@@ -110,8 +118,12 @@ class OnnxOracle(Oracle):
         num_classes: int | None = None,
         device: str = "auto",
         max_batch: int = 256,
+        run_timeout_s: float | None = None,
     ) -> None:
         self._path = Path(path)
+        self._run_timeout_s = RUN_TIMEOUT_S if run_timeout_s is None else float(run_timeout_s)
+        if not (self._run_timeout_s > 0 and math.isfinite(self._run_timeout_s)):
+            raise InputError(f"option request_timeout_s must be a positive number, got {run_timeout_s!r}")
         if device not in _DEVICES:
             raise InputError(f"unknown device {device!r}: use one of {', '.join(_DEVICES)}")
         if max_batch < 1:
@@ -227,13 +239,59 @@ class OnnxOracle(Oracle):
         if self._session is None:
             raise OracleError("this ONNX oracle is closed")
         try:
-            out = self._session.run([self._output_name], {self._input_name: x})[0]
+            out = self._bounded_run(x)[0]
+        except (OracleError, KeyboardInterrupt):
+            raise
         except Exception as e:
             raise OracleError(f"ONNX Runtime failed on a batch of {len(x)}: {first_line(e)}") from e
         out = np.asarray(out)
         if out.ndim < 2 or out.shape[0] != len(x) or any(d != 1 for d in out.shape[1:-1]):
             raise OracleError(f"suspect returned outputs of shape {out.shape} for a batch of {len(x)}")
         return out.reshape(len(x), out.shape[-1])
+
+    def _bounded_run(self, x: np.ndarray) -> Any:
+        """One `session.run`, bounded in time and stoppable by Ctrl-C.
+
+        The run happens on a daemon thread while this one waits in short, interruptible steps:
+        a thread blocked inside ONNX Runtime would never see a SIGINT (the Python handler runs
+        only between bytecodes), and a hostile graph (a Loop of 2^40 iterations) never returns.
+        At the deadline, or on Ctrl-C, `RunOptions.terminate` asks ONNX Runtime to abandon the
+        run (it checks the flag between nodes and loop iterations); the thread is daemonic, so
+        even a run that ignored it cannot keep the process from exiting."""
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a terminated run is reported here, in one line, not by ONNX Runtime's log
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        session = self._session
+
+        def work() -> None:
+            try:
+                box["out"] = session.run([self._output_name], {self._input_name: x}, options)
+            except BaseException as e:  # handed to the waiting thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="onnx-run", daemon=True).start()
+        deadline = time.monotonic() + self._run_timeout_s
+        try:
+            while not done.wait(_POLL_S):
+                if time.monotonic() > deadline:
+                    options.terminate = True
+                    done.wait(_STOP_WAIT_S)
+                    raise OracleError(
+                        f"the suspect gave no answer to a batch of {len(x)} within {self._run_timeout_s:g} s "
+                        "(a model that never returns; raise --request-timeout for a slow one)"
+                    )
+        except KeyboardInterrupt:
+            options.terminate = True
+            done.wait(_STOP_WAIT_S)
+            raise
+        if "error" in box:
+            raise box["error"]
+        return box["out"]
 
     def _answer(self, points: np.ndarray, access: Access) -> np.ndarray:
         if tuple(points.shape[1:]) != self._point_shape:

@@ -35,9 +35,10 @@ def open_suspect(
     """Open the suspect named by `spec` as an oracle, checked against the fingerprint's points.
 
     `triton_options` go to `adapters.triton.open_triton` (unchanged, URL included with its
-    `triton+` prefix); a local suspect refuses any that are set.
+    `triton+` prefix); a local suspect refuses any that are set, but `request_timeout_s`, which
+    bounds each batch of an ONNX suspect as it bounds each request to a server.
     """
-    if spec.lower().startswith(TRITON_SCHEMES):
+    if spec.lower().startswith("triton+"):  # a Triton URL, or a malformed one: its parser names the fault
         try:
             from deepcore_auditor.adapters.triton import open_triton
         except ImportError as e:
@@ -47,6 +48,7 @@ def open_suspect(
             spec, convention=convention, point_shape=point_shape, num_classes=num_classes, **triton_options
         )
 
+    run_timeout = triton_options.pop("request_timeout_s", None)  # bounds a local model's batches too
     given = sorted(k for k, v in triton_options.items() if v is not None)
     if given:
         raise InputError(f"option(s) {', '.join(given)} apply to Triton suspects only, not to {spec}")
@@ -58,9 +60,12 @@ def open_suspect(
         from deepcore_auditor.adapters.onnx import OnnxOracle
 
         return OnnxOracle(
-            spec, convention=convention, point_shape=point_shape, num_classes=num_classes, device=device
+            spec, convention=convention, point_shape=point_shape, num_classes=num_classes, device=device,
+            run_timeout_s=run_timeout,
         )
     if suffix in TORCH_SUFFIXES:
+        if run_timeout is not None:
+            raise InputError(f"option request_timeout_s applies to Triton and ONNX suspects, not to {spec}")
         from deepcore_auditor.adapters.torch import TorchOracle, load_torch_model
 
         model, identity = load_torch_model(spec)

@@ -53,6 +53,8 @@ class AuditConfig:
             raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
         if not (0 < self.beta < 0.5):
             raise InputError(f"beta must lie in (0, 0.5), got {self.beta}")
+        if self.seed < 0:
+            raise InputError(f"--seed must be 0 or more, got {self.seed}")
         if self.repeat_checks < 0:
             raise InputError(f"repeat checks must be 0 or more, got {self.repeat_checks}")
         if self.mode == "similarity" and self.access is not Access.PROBS:
@@ -97,7 +99,7 @@ class Plan:
         config.validate()
         r = r if r is not None else rates(fp, config.mode)
         order = plan_order(len(fp), config.seed)
-        return cls(
+        plan = cls(
             mode=config.mode, access=config.access.value, alpha=config.alpha, beta=config.beta,
             batch_size=config.batch_size, seed=config.seed, repeat_checks=config.repeat_checks,
             indices=tuple(int(i) for i in order),
@@ -106,6 +108,28 @@ class Plan:
             p0=tuple(float(r.p0[i]) for i in order),
             p1=tuple(float(r.p1[i]) for i in order),
         )
+        problem = plan.problem()
+        if problem:  # the very check a verifier applies to the plan read back from the ledger
+            raise InputError(f"cannot audit with these settings: {problem}")
+        return plan
+
+    def problem(self) -> str | None:
+        """What makes this plan invalid, or None: one check for the plan an audit makes and the
+        plan `from_dict` reads back, so an audit can never write a report its verifier rejects."""
+        n = len(self.digests)
+        if n == 0 or any(len(x) != n for x in (self.indices, self.owner_labels, self.p0, self.p1)):
+            return "plan arrays differ in length"
+        if self.mode not in MODES or self.batch_size < 1 or not (0 < self.alpha < 0.5 and 0 < self.beta < 0.5):
+            return "unknown mode or out-of-range batch size, alpha or beta"
+        if self.seed < 0:
+            return f"the seed must be 0 or more, got {self.seed}"
+        if not 0 <= self.repeat_checks <= n:
+            return f"repeat checks must lie between 0 and the fingerprint's {n} points, got {self.repeat_checks}"
+        if any(not 0 <= v < 2**31 for v in self.owner_labels):
+            return "owner label out of range"
+        if any(not (math.isfinite(v) and 0 <= v <= 1) for v in self.p0 + self.p1):
+            return "rates outside [0, 1]"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,15 +148,9 @@ class Plan:
             )
         except (KeyError, TypeError, OverflowError) as e:
             raise ValueError(f"malformed plan ({type(e).__name__}: {e})") from e
-        n = len(plan.digests)
-        if n == 0 or any(len(x) != n for x in (plan.indices, plan.owner_labels, plan.p0, plan.p1)):
-            raise ValueError("plan arrays differ in length")
-        if plan.mode not in MODES or plan.batch_size < 1 or not (0 < plan.alpha < 0.5 and 0 < plan.beta < 0.5):
-            raise ValueError("plan has an unknown mode or out-of-range parameters")
-        if plan.seed < 0 or not 0 <= plan.repeat_checks <= n or any(not 0 <= v < 2**31 for v in plan.owner_labels):
-            raise ValueError("plan has an out-of-range seed, repeat count or owner label")
-        if any(not (math.isfinite(v) and 0 <= v <= 1) for v in plan.p0 + plan.p1):
-            raise ValueError("plan has rates outside [0, 1]")
+        problem = plan.problem()
+        if problem:
+            raise ValueError(f"malformed plan: {problem}")
         return plan
 
     def __len__(self) -> int:
@@ -275,7 +293,9 @@ def check_compatible(fp: Fingerprint, oracle: Oracle, config: AuditConfig) -> No
 # URL is kept in the ledger for the record ("suspect_location") but left out of what --resume
 # checks: the model name, its version, the server version and the digest of the model's config
 # still have to match, so a ledger is never continued against another model or configuration.
-LOCATION_KEYS = ("url",)
+# A local model file is what its content digest (sha256) says, wherever it lies: its path is a
+# location too, so the same file given by another spelling, or moved, resumes.
+LOCATION_KEYS = ("url", "path")
 
 
 def ledger_header(fp: Fingerprint, suspect: Oracle, config: AuditConfig, plan: Plan | None = None) -> dict[str, Any]:

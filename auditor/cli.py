@@ -1,7 +1,12 @@
 """The `deepcore` command: a thin layer over the library. It parses, calls, prints.
 
-Exit status: 0 independent, 1 piracy, 3 inconclusive, 2 error (bad input, unusable suspect, or
-an internal error: no failure ever exits with a verdict's status).
+Exit status: 0 independent, 1 piracy, 3 inconclusive, 2 error (bad input, unusable suspect, a
+usage error, an interrupt, an output that cannot be written, or an internal error: no failure
+ever exits with a verdict's status). Every way out passes through `DeepcoreGroup.main`: click's
+own standalone handlers would exit 1 — "piracy" — on a broken pipe or an abort. Progress lines
+on stderr are best-effort (an unwritable stderr does not stop an audit); the error line is too:
+when even it cannot be written, the status is still 2. A verdict's status is returned only once
+its line is written and flushed to stdout.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from inspect import signature
@@ -30,9 +36,73 @@ _AUDIT_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AuditConfig))  #
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _say(message: str) -> None:
+    """A progress or notice line on stderr, best-effort: a lost progress line loses no result."""
+    try:
+        click.echo(message, err=True)
+    except (OSError, ValueError):  # stderr closed, full or a broken pipe
+        pass
+
+
 def _fail(message: str) -> None:
-    click.echo(f"deepcore: error: {message}", err=True)
+    _say(f"deepcore: error: {message}")
     sys.exit(EXIT_ERROR)
+
+
+def _flush_or_error(code: int) -> int:
+    """Flush stdout and stderr; a verdict's (or success's) status holds only if its output got out.
+    Whatever could not be written is then discarded (stdout and stderr pointed at /dev/null), so
+    that Python's own flush at exit cannot fail again and exit 120."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        code = EXIT_ERROR
+        _discard(sys.stdout)
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        _discard(sys.stderr)
+    return code
+
+
+def _discard(stream: Any) -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test runner's buffer)
+        pass
+
+
+class DeepcoreGroup(click.Group):
+    """The command group whose `main` owns the exit status (see the module's docstring)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0  # an Exit (--help, --version) returns its code
+        except SystemExit as e:  # the commands' own sys.exit: verdicts and _fail
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else EXIT_ERROR
+        except click.exceptions.Abort:  # Ctrl-C or end of input while click parses or prompts
+            _say("deepcore: error: interrupted")
+            code = EXIT_ERROR
+        except click.ClickException as e:  # usage errors: one line, naming the option as typed
+            where = e.ctx.command_path if isinstance(e, click.UsageError) and e.ctx is not None else "deepcore"
+            _say(f"deepcore: error: {first_line(click.ClickException(e.format_message()), whole=True)} (see '{where} --help')")
+            code = EXIT_ERROR
+        except OSError as e:  # stdout gone while click itself wrote (help, version)
+            logging.getLogger(__name__).debug("output failed", exc_info=True)
+            _say(f"deepcore: error: cannot write output: {e.strerror or e}")
+            code = EXIT_ERROR
+        except Exception as e:  # a bug outside any command: still never a verdict's status
+            logging.getLogger(__name__).debug("internal error", exc_info=True)
+            _say(f"deepcore: error: internal error ({type(e).__name__}: {first_line(e, empty='')})")
+            code = EXIT_ERROR
+        code = _flush_or_error(code)
+        if not standalone_mode:
+            return code
+        sys.exit(code)
 
 
 def _guarded(fn: F) -> F:
@@ -55,13 +125,23 @@ def _guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _auto_or_float(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """`auto` (None: chosen by the builder) or a number; positivity is checked with the other values."""
+    if value is None or value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected auto or a number, got {value!r}") from None
+
+
 def _key_options(fn: F) -> F:
     """--key / --hmac-key-env: the key that signs or verifies (give at most one)."""
     fn = click.option("--hmac-key-env", metavar="NAME", help="Environment variable holding an HMAC-SHA256 key (16+ bytes; never shown).")(fn)
     return click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), help="Ed25519 key, PEM: a private key signs (and verifies), a public key verifies.")(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DeepcoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.version_option(package_name="deepcore-auditor")
 def cli(verbose: int) -> None:
@@ -85,20 +165,22 @@ def cli(verbose: int) -> None:
 @click.option("--epsilon", type=float, default=CoreConfig.epsilon, help="L-inf radius around each seed, in [0,1] pixel units (default: 3x the radius at which the owner flips, measured).")
 @click.option("--steps", type=int, default=CoreConfig.steps, show_default=True, help="Optimization steps per point.")
 @click.option("--min-confidence", type=float, default=CoreConfig.min_confidence, show_default=True, help="Owner confidence a core point must reach.")
-@click.option("--reference-weight", type=float, default=CoreConfig.reference_weight, show_default=True, help="Weight of pushing references away.")
+@click.option("--reference-weight", default="auto", show_default=True, callback=_auto_or_float,
+              help="Weight of pushing references away; auto: the smallest of 2, 4, 8, 16 on which an exact copy is identified within a quarter of the points.")
 @click.option("--train-samples", type=int, default=BuildConfig.train_samples, show_default=True, help="Owner-data samples for each simulation/reference (train them as well as the owner: weak references understate p0).")
 @click.option("--epochs", type=int, default=BuildConfig.epochs, show_default=True, help="Least training epochs of simulations and references.")
 @click.option("--max-epochs", type=int, default=BuildConfig.max_epochs, show_default=True, help="Most epochs for a model still below the owner's accuracy (0: 4 x --epochs).")
-@click.option("--seed", type=int, default=BuildConfig.seed, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=BuildConfig.seed, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where decoded data is cached.")
 @_key_options
+@click.option("--force", is_flag=True, help="Replace an existing output file (never one of the inputs or a key).")
 @_guarded
 def fingerprint(**o: Any) -> None:
     """Build a DeepCore fingerprint from the owner's model and data."""
     from deepcore_auditor.auditor.commands import FingerprintRequest, build_config, make_fingerprint
 
     build = build_config(**{k: o.pop(k) for k in signature(build_config).parameters})
-    fp, digest = make_fingerprint(FingerprintRequest(build=build, **o), progress=lambda m: click.echo(m, err=True))
+    fp, digest = make_fingerprint(FingerprintRequest(build=build, **o), progress=_say)
     click.echo(f"wrote {o['out']}: {len(fp)} core points, sha256 {digest}")
 
 
@@ -111,7 +193,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--batch-size", type=int, default=AuditConfig.batch_size, show_default=True, help="Queries per sequential step.")
 @click.option("--alpha", type=float, default=AuditConfig.alpha, show_default=True, help="False identification rate.")
 @click.option("--beta", type=float, default=AuditConfig.beta, show_default=True, help="Missed identification rate.")
-@click.option("--seed", type=int, default=AuditConfig.seed, show_default=True, help="Order in which points are asked.")
+@click.option("--seed", type=click.IntRange(min=0), default=AuditConfig.seed, show_default=True, help="Order in which points are asked.")
 @click.option("--suspect-layout", type=click.Choice(LAYOUTS, case_sensitive=False), help="Suspect input layout (default: owner's).")
 @click.option("--suspect-scale", type=float, help="Suspect input scale (default: owner's).")
 @click.option("--suspect-mean", help="Suspect per-channel mean (default: owner's).")
@@ -124,7 +206,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--retries", type=int, default=3, show_default=True, help="Attempts per batch when the suspect fails transiently (timeout, 503); each is charged to the budget.")
 @click.option("--retry-backoff", type=float, default=0.5, show_default=True, help="Seconds before the first retry, doubling after each (raise it for a rate-limited endpoint).")
 @click.option("--concurrency", type=int, help="Triton: requests in flight at once [default: 4].")
-@click.option("--request-timeout", type=float, help="Triton: seconds to wait for one request [default: 60].")
+@click.option("--request-timeout", type=float, help="Seconds to wait for one request (Triton) or one batch (ONNX) before the audit ends with an error [default: 60 Triton, 300 ONNX].")
 @click.option("--connect-timeout", type=float, help="Triton: seconds to wait for the server when opening [default: 10].")
 @click.option("--auth-token-env", metavar="NAME", help="Triton: environment variable holding a bearer token (sent as Authorization, never shown).")
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="Triton: extra request header; repeatable.")
@@ -135,6 +217,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--repeat-checks", type=int, default=AuditConfig.repeat_checks, show_default=True, help="Points asked again before an independent verdict; a suspect that answers differently gets inconclusive (0: off).")
 @click.option("--commitment", type=click.Path(dir_okay=False, path_type=Path), help="The owner's published commitment: refuse any other fingerprint, and record it in the report.")
 @_key_options
+@click.option("--force", is_flag=True, help="Replace an existing output file (never one of the inputs or a key).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_guarded
 def audit(**o: Any) -> None:
@@ -142,7 +225,7 @@ def audit(**o: Any) -> None:
     from deepcore_auditor.auditor.commands import AuditRequest, run_audit_request
 
     as_json = o.pop("as_json")
-    progress = None if as_json else (lambda s: click.echo(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}", err=True))
+    progress = None if as_json else (lambda s: _say(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}"))
     o["headers"] = tuple(o["headers"])
     config = AuditConfig(access=Access(o.pop("access")), **{k: o.pop(k) for k in _AUDIT_CONFIG_FIELDS if k != "access"})
     result = run_audit_request(AuditRequest(config=config, **o), progress=progress)
@@ -156,7 +239,7 @@ def audit(**o: Any) -> None:
         for note in result.notes:
             click.echo(f"note: {note}")
     if result.report:
-        click.echo(f"report: {result.report}", err=True)
+        _say(f"report: {result.report}")
     sys.exit(EXIT[result.verdict])
 
 
@@ -177,12 +260,13 @@ def inspect(fingerprint_path: Path, as_json: bool, key_file: Path | None, hmac_k
 @click.argument("fingerprint_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the signed copy here [default: sign in place].")
 @_key_options
+@click.option("--force", is_flag=True, help="Replace an existing output file (never one of the inputs or a key).")
 @_guarded
-def sign(fingerprint_path: Path, out: Path | None, key_file: Path | None, hmac_key_env: str | None) -> None:
+def sign(fingerprint_path: Path, out: Path | None, key_file: Path | None, hmac_key_env: str | None, force: bool) -> None:
     """Sign a fingerprint with an Ed25519 private key or an HMAC key (its digest is unchanged)."""
     from deepcore_auditor.auditor.commands import sign_fingerprint_file
 
-    digest = sign_fingerprint_file(fingerprint_path, key_file, hmac_key_env, out)
+    digest = sign_fingerprint_file(fingerprint_path, key_file, hmac_key_env, out, force)
     click.echo(f"signed {out or fingerprint_path}: sha256 {digest}")
 
 
@@ -190,12 +274,13 @@ def sign(fingerprint_path: Path, out: Path | None, key_file: Path | None, hmac_k
 @click.argument("fingerprint_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Commitment file to write.")
 @_key_options
+@click.option("--force", is_flag=True, help="Replace an existing output file (never one of the inputs or a key).")
 @_guarded
-def commit(fingerprint_path: Path, out: Path, key_file: Path | None, hmac_key_env: str | None) -> None:
+def commit(fingerprint_path: Path, out: Path, key_file: Path | None, hmac_key_env: str | None, force: bool) -> None:
     """Write the commitment to publish before auditing; prints the fingerprint digest it fixes."""
     from deepcore_auditor.auditor.commands import commit_fingerprint
 
-    fp_digest, _ = commit_fingerprint(fingerprint_path, out, key_file, hmac_key_env)
+    fp_digest, _ = commit_fingerprint(fingerprint_path, out, key_file, hmac_key_env, force)
     click.echo(f"wrote {out}: publish this digest before auditing: sha256 {fp_digest}")
 
 
@@ -256,10 +341,10 @@ def serve_triton(models: tuple[Path, ...], names: tuple[str, ...], repository: P
             click.echo(urls["http"])
             click.echo(urls["grpc"])
         sys.stdout.flush()
-        click.echo(f"tritonserver (pid {served.pid}) serves {len(served.urls)} model(s) from {served.repository}; stop it with Ctrl-C or SIGTERM", err=True)
+        _say(f"tritonserver (pid {served.pid}) serves {len(served.urls)} model(s) from {served.repository}; stop it with Ctrl-C or SIGTERM")
 
     why = serve_until_stopped(ServeRequest(models=models, names=names, repository=repository, max_batch_size=max_batch_size), ready)
-    click.echo(f"tritonserver stopped ({why})", err=True)
+    _say(f"tritonserver stopped ({why})")
 
 
 @cli.command()
@@ -274,7 +359,7 @@ def demo(as_json: bool, triton: bool, cache_dir: Path | None, budget: int, alpha
     from deepcore_auditor.auditor.demo import run_demo
 
     transports = ("http", "grpc") if triton else ("onnx",)
-    report = run_demo(cache_dir=cache_dir, budget=budget, alpha=alpha, transports=transports, progress=lambda m: click.echo(m, err=True))
+    report = run_demo(cache_dir=cache_dir, budget=budget, alpha=alpha, transports=transports, progress=_say)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -307,7 +392,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--budgets", default="10,20,50,100,200,400", show_default=True, help="Query budgets, comma-separated.")
 @click.option("--methods", default="", help="Methods to compare, comma-separated (default: all).")
 @click.option("--alpha", type=float, default=0.01, show_default=True)
-@click.option("--seed", type=int, default=BuildConfig.seed, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=BuildConfig.seed, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the zoo is cached (default ~/.cache/deepcore).")
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
@@ -320,7 +405,7 @@ def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, a
     zoo = ZooConfig(members=members, epochs=epochs, train_samples=train_samples, adv_epsilon=adv_epsilon, seed=seed)
     config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
                          candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed)
-    results = run_bench(config, out, cache_dir=cache_dir, progress=lambda m: click.echo(m, err=True))
+    results = run_bench(config, out, cache_dir=cache_dir, progress=_say)
     for mode, bar in results["bar"].items():
         for b in bar:
             click.echo(f"{mode}: {'met' if b['met'] else 'NOT MET':<8} {b['criterion']}: {b['measured']}")

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError, first_line
+from deepcore_auditor.adapters.files import check_output, same_file
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
@@ -49,6 +51,7 @@ class FingerprintRequest:
     cache_dir: Path | None = None
     key_file: Path | None = None  # sign the fingerprint with this Ed25519 private key (PEM)
     hmac_key_env: str | None = None  # or with the HMAC key held in this environment variable
+    force: bool = False  # replace an existing --out (never one of the inputs)
 
 
 def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreConfig.n_candidates,
@@ -99,6 +102,8 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
         raise InputError(f"--min-confidence must lie in (0, 1), got {c.min_confidence}")
     if not Path(req.out).parent.is_dir():
         raise InputError(f"cannot write fingerprint: directory {Path(req.out).parent} does not exist")
+    check_output(req.out, "--out", {"--owner": req.owner, "--owner-weights": req.owner_weights, "--data": req.data,
+                                    "--reference": list(req.references), "--key": req.key_file}, force=req.force)
     key = resolve_key(req.key_file, req.hmac_key_env)  # before the long build: a bad key fails now
     if key is not None and not key.can_sign:
         raise InputError(f"{req.key_file} is a public key: signing needs the private key")
@@ -178,6 +183,7 @@ class AuditRequest:
     ssl_root_certificates: Path | None = None
     ssl_insecure: bool = False
     labels_via: str | None = None
+    force: bool = False  # replace an existing --report (never one of the inputs)
 
 
 class AuditInterrupted(OracleError):
@@ -218,6 +224,27 @@ def triton_options(req: AuditRequest) -> dict[str, Any]:
     }
 
 
+# The Triton options' library names (adapters.triton) and the flags a user typed for them.
+_TRITON_FLAGS = {"request_timeout_s": "--request-timeout", "connect_timeout_s": "--connect-timeout",
+                 "auth_token_env": "--auth-token-env", "ssl_root_certificates": "--ssl-root-certificates",
+                 "ssl_insecure": "--ssl-insecure", "labels_via": "--labels-via", "concurrency": "--concurrency",
+                 "headers": "--header", "ssl": "--ssl"}
+
+
+def as_typed(message: str) -> str:
+    """An adapter's message with its option names as the user typed them on the command line.
+    Names with an underscore are replaced wherever they stand; the one-word ones (ssl, headers,
+    concurrency) only where the message says "option(s) ...", so no other word is touched."""
+    for name, flag in _TRITON_FLAGS.items():
+        if "_" in name:
+            message = re.sub(rf"\b{name}\b", flag, message)
+
+    def names(m: re.Match[str]) -> str:
+        return m.group(1) + re.sub(r"[a-z_]+", lambda w: _TRITON_FLAGS.get(w.group(0), w.group(0)), m.group(2))
+
+    return re.sub(r"(\boption(?:\(s\))?\s+)((?:[a-z_-]+(?:,\s*)?)+)", names, message)
+
+
 def suspect_convention(fp: Fingerprint, req: AuditRequest) -> InputConvention:
     """The owner's convention, with whatever the user declared about the suspect's input."""
     base = fp.convention
@@ -240,14 +267,16 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
         raise InputError(f"--retries counts attempts per batch and must be at least 1, got {req.retries}")
     if not (0 <= req.retry_backoff <= 3600):
         raise InputError(f"--retry-backoff must be between 0 and 3600 seconds, got {req.retry_backoff}")
+    if req.ledger is not None and not req.resume:  # before the report's check: its message says --resume
+        QueryLedger.check_new(req.ledger)
     if req.report is not None and req.no_report:
         raise InputError("--report and --no-report contradict each other: give one")
     if req.report is not None:
         if not Path(req.report).parent.is_dir():
             raise InputError(f"cannot write report: directory {Path(req.report).parent} does not exist")
-        inputs = [x for x in (req.fingerprint_path, req.ledger, req.commitment, req.key_file) if x is not None]
-        if any(Path(req.report).resolve() == Path(x).resolve() for x in inputs):
-            raise InputError(f"--report {req.report} would overwrite an input of the audit: choose another path")
+        check_output(req.report, "--report", {"--fingerprint": req.fingerprint_path, "--suspect": req.suspect, "--ledger": req.ledger,
+                                              "--commitment": req.commitment, "--key": req.key_file,
+                                              "--ssl-root-certificates": req.ssl_root_certificates}, force=req.force)
     options = triton_options(req)
     key = resolve_key(req.key_file, req.hmac_key_env)
     fp = load_fingerprint(req.fingerprint_path, key)
@@ -261,8 +290,12 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
     config = req.config
     config.validate()
     started = utc_now()
-    with open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
-                      num_classes=fp.num_classes, device=req.device, **options) as suspect:
+    try:
+        opened = open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
+                              num_classes=fp.num_classes, device=req.device, **options)
+    except InputError as e:  # translated once, here at the boundary: the flags as typed
+        raise InputError(as_typed(str(e))) from e
+    with opened as suspect:
         ledger = QueryLedger.open(req.ledger, ledger_header(fp, suspect, config), req.resume, lock=True)
         try:
             if ledger.spent > config.budget:
@@ -317,16 +350,24 @@ def default_reports_dir() -> Path:
     return (Path(data).expanduser() if data else Path.home() / ".local" / "share") / "deepcore" / "reports"
 
 
-def sign_fingerprint_file(path: Path, key_file: Path | None, hmac_key_env: str | None, out: Path | None = None) -> str:
-    """Sign a fingerprint (in place, or into `out`); returns its digest, unchanged by signing."""
+def sign_fingerprint_file(path: Path, key_file: Path | None, hmac_key_env: str | None, out: Path | None = None,
+                          force: bool = False) -> str:
+    """Sign a fingerprint (in place, or into `out`: never the key, nor an existing file unless
+    `force`); returns its digest, unchanged by signing."""
+    if out is not None and Path(path).exists() and same_file(out, path):
+        out = None  # --out naming the fingerprint itself: signing in place, as without --out
+    if out is not None:
+        check_output(out, "--out", {"--key": key_file}, force=force)
     key = resolve_key(key_file, hmac_key_env)
     if key is None:
         raise InputError("signing needs a key: --key (an Ed25519 private key PEM) or --hmac-key-env")
     return sign_fingerprint(path, key, out)
 
 
-def commit_fingerprint(path: Path, out: Path, key_file: Path | None = None, hmac_key_env: str | None = None) -> tuple[str, str]:
+def commit_fingerprint(path: Path, out: Path, key_file: Path | None = None, hmac_key_env: str | None = None,
+                       force: bool = False) -> tuple[str, str]:
     """Write the commitment to a verified fingerprint; returns (fingerprint digest, commitment digest)."""
+    check_output(out, "--out", {"fingerprint": path, "--key": key_file}, force=force)
     key = resolve_key(key_file, hmac_key_env)
     fp = load_fingerprint(path, key)
     return fp.digest, write_commitment(fp, out, utc_now(), key if key is not None and key.can_sign else None)

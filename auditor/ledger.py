@@ -72,6 +72,14 @@ class QueryLedger:
         """Digests of the first answers, in the order they were recorded."""
         return [r["digest"] for r in self.records if "digest" in r and not r.get("repeat")]
 
+    @staticmethod
+    def check_new(path: Path) -> None:
+        """Refuse a new ledger at `path` that already exists or has no directory to live in."""
+        if os.path.lexists(path):
+            raise InputError(f"ledger {path} already exists: pass --resume to continue it, or choose another path")
+        if not Path(path).parent.exists():
+            raise InputError(f"cannot write ledger: directory {Path(path).parent} does not exist")
+
     @classmethod
     def open(cls, path: Path | None, header: dict[str, Any], resume: bool, *, lock: bool = True) -> QueryLedger:
         """A fresh ledger, or (resume) the one at `path`, checked against `header`.
@@ -83,10 +91,7 @@ class QueryLedger:
             return cls(header)
         path = Path(path)
         if not resume:
-            if path.exists():
-                raise InputError(f"ledger {path} already exists: pass --resume to continue it, or choose another path")
-            if not path.parent.exists():
-                raise InputError(f"cannot write ledger: directory {path.parent} does not exist")
+            cls.check_new(path)
             f = open(path, "x")
             try:
                 if lock:
@@ -157,7 +162,7 @@ class QueryLedger:
                 ledger._remember(_parse_record(json.loads(line)))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
                 if n == len(lines):
-                    (logger.debug if quiet else logger.warning)("ignoring a torn last line in ledger %s", path)
+                    (logger.debug if quiet else logger.info)("ignoring a torn last line in ledger %s (a write cut short)", path)
                     break
                 raise InputError(f"ledger {path} is corrupt at line {n}") from None
         return ledger

@@ -151,8 +151,10 @@ def verify_report(
         v.checks.append(what)
 
     require(ledger.header.get("fingerprint_sha256") == fp_sha == res.get("fingerprint_sha256"), "ledger, report and result name the same fingerprint")
-    suspect = {k: val for k, val in identity.items() if k not in LOCATION_KEYS}
-    require(ledger.header.get("suspect") == suspect, "ledger and result name the same suspect")
+    def what(d: Any) -> Any:  # a suspect's identity less where it was reached (ledgers written before 2026-12-02 kept the path in it)
+        return {k: val for k, val in d.items() if k not in LOCATION_KEYS} if isinstance(d, dict) else d
+
+    require(what(ledger.header.get("suspect")) == what(identity), "ledger and result name the same suspect")
     require(len(set(plan.digests)) == len(plan), "plan lists each point once")
     if committed is not None:
         require(committed == fp_sha, "fingerprint matches the owner's commitment")

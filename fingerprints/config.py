@@ -21,11 +21,11 @@ class CoreConfig:
     epsilon: float | None = None
     steps: int = 60
     min_confidence: float = 0.9
-    # Weight of pushing selection references away; None: the smallest of REFERENCE_WEIGHTS on which
-    # the held-out references leave an exact copy identifiable within a quarter of the points
-    # (fingerprints.build), recorded, resolved, in the fingerprint. Not yet the default: on the
-    # benchmark's smoke world the higher rungs kept fewer points than its budgets (2026-12-02).
-    reference_weight: float | None = 1.0
+    # Weight of pushing selection references away; None (the default): the smallest of
+    # REFERENCE_WEIGHTS on which the held-out references leave an exact copy identifiable within a
+    # quarter of the points, never one that keeps fewer points than the first (fingerprints.build);
+    # recorded, resolved, in the fingerprint.
+    reference_weight: float | None = None
     owner_weight: float = 5.0
     batch_size: int = 200
     seed: int = 0

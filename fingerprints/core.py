@@ -105,8 +105,14 @@ def optimize_points(
     seeds: np.ndarray,
     targets: np.ndarray,
     config: CoreConfig,
+    *,
+    offset: int = 0,
 ) -> np.ndarray:
-    """Signed-gradient descent on the joint loss inside the epsilon ball; canonical points out."""
+    """Signed-gradient descent on the joint loss inside the epsilon ball; canonical points out.
+
+    Each batch starts from noise seeded by `config.seed` and its position (`offset` + its start):
+    candidates grown in two calls (a probe of the first ones, the rest at `offset`) are the
+    points one call would grow, as long as the probe is a whole number of batches."""
     models = (owner, *students, *references)
     frozen = [(p, p.requires_grad) for m in models for p in m.parameters()]
     for m in models:
@@ -114,14 +120,14 @@ def optimize_points(
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        return _optimize(owner, students, references, seeds, targets, config)
+        return _optimize(owner, students, references, seeds, targets, config, offset)
     finally:  # the models are the caller's: they leave as they came (the zoo trains the owner's copies later)
         for p, flag in frozen:
             p.requires_grad_(flag)
 
 
 def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Sequence[nn.Module], seeds: np.ndarray,
-              targets: np.ndarray, config: CoreConfig) -> np.ndarray:
+              targets: np.ndarray, config: CoreConfig, offset: int) -> np.ndarray:
     if config.epsilon is None:
         raise ValueError("CoreConfig.epsilon must be resolved (choose_epsilon) before optimizing points")
     if references and config.reference_weight is None:
@@ -133,7 +139,7 @@ def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Seque
     for start in range(0, len(seeds), config.batch_size):
         x0 = torch.from_numpy(np.ascontiguousarray(seeds[start : start + config.batch_size], dtype=np.float32))
         t = torch.from_numpy(targets[start : start + config.batch_size].astype(np.int64))
-        gen = torch.Generator().manual_seed(config.seed + start)
+        gen = torch.Generator().manual_seed(config.seed + offset + start)
         delta = (torch.rand(x0.shape, generator=gen) * 2 - 1) * config.epsilon * 0.5
         for _ in range(config.steps):
             delta.requires_grad_(True)
@@ -182,6 +188,42 @@ def choose_seeds(labels: np.ndarray, owner_probs: np.ndarray, n: int, seed: int)
     return picked, targets
 
 
+def plan_candidates(owner: nn.Module, data_points: np.ndarray, data_labels: np.ndarray,
+                    config: CoreConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The `n_candidates` seeds (indices into the data) and target classes core points grow from."""
+    return choose_seeds(data_labels, _probs(owner, data_points), config.n_candidates, config.seed)
+
+
+def select_core(
+    owner: nn.Module,
+    students: Sequence[nn.Module],
+    references: Sequence[nn.Module],
+    cand: np.ndarray,
+    seed_index: np.ndarray,
+    targets: np.ndarray,
+    n_points: int,
+    min_confidence: float,
+) -> CorePoints:
+    """Keep the `n_points` most discriminative candidates among the core points (owner confident
+    in the target): students following minus references following, ties by owner confidence."""
+    o_lab, o_conf = _labels(owner, cand)
+    follow = np.mean([_labels(s, cand)[0] == o_lab for s in students], axis=0) if students else np.ones(len(cand))
+    refuse = np.mean([_labels(r, cand)[0] == o_lab for r in references], axis=0) if references else np.zeros(len(cand))
+    score = follow - refuse
+    core = (o_lab == targets) & (o_conf >= min_confidence)
+    logger.info("%d of %d candidates are core points (owner confidence >= %.3f)", int(core.sum()), len(cand), min_confidence)
+    order = np.lexsort((-o_conf, -score))
+    keep = [i for i in order if core[i]][:n_points]
+    keep_arr = np.asarray(sorted(keep), dtype=np.int64)
+    return CorePoints(
+        points=cand[keep_arr],
+        targets=o_lab[keep_arr].astype(np.int64),
+        seed_index=seed_index[keep_arr].astype(np.int64),
+        score=score[keep_arr].astype(np.float64),
+        owner_confidence=o_conf[keep_arr],
+    )
+
+
 def build_core_points(
     owner: nn.Module,
     students: Sequence[nn.Module],
@@ -192,22 +234,7 @@ def build_core_points(
     config: CoreConfig,
 ) -> CorePoints:
     """Grow `n_candidates` points from seeds, keep the `n_points` most discriminative core points."""
-    seed_index, targets = choose_seeds(data_labels, _probs(owner, data_points), config.n_candidates, config.seed)
+    seed_index, targets = plan_candidates(owner, data_points, data_labels, config)
     logger.info("optimizing %d candidate points (%d students, %d references)", len(seed_index), len(students), len(references))
     cand = optimize_points(owner, students, references, data_points[seed_index], targets, config)
-    o_lab, o_conf = _labels(owner, cand)
-    follow = np.mean([_labels(s, cand)[0] == o_lab for s in students], axis=0) if students else np.ones(len(cand))
-    refuse = np.mean([_labels(r, cand)[0] == o_lab for r in references], axis=0) if references else np.zeros(len(cand))
-    score = follow - refuse
-    core = (o_lab == targets) & (o_conf >= config.min_confidence)
-    logger.info("%d of %d candidates are core points (owner confidence >= %.3f)", int(core.sum()), len(cand), config.min_confidence)
-    order = np.lexsort((-o_conf, -score))
-    keep = [i for i in order if core[i]][: config.n_points]
-    keep_arr = np.asarray(sorted(keep), dtype=np.int64)
-    return CorePoints(
-        points=cand[keep_arr],
-        targets=o_lab[keep_arr].astype(np.int64),
-        seed_index=seed_index[keep_arr].astype(np.int64),
-        score=score[keep_arr].astype(np.float64),
-        owner_confidence=o_conf[keep_arr],
-    )
+    return select_core(owner, students, references, cand, seed_index, targets, config.n_points, config.min_confidence)

@@ -167,6 +167,11 @@ class Document:
     signature: dict[str, Any] | None
 
 
+# The largest document read: 400 core points of a 3 x 224 x 224 input in float32, base64, are
+# some 320 MiB; anything larger is refused before it is read.
+MAX_DOCUMENT_BYTES = 512 * 2**20
+
+
 def read_document(
     path: Path, format_name: str, version: int, error: type[InputError], what: str, key: Key | None = None, kind: str = ""
 ) -> Document:
@@ -178,6 +183,9 @@ def read_document(
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_DOCUMENT_BYTES:  # refused before it is read: a hostile file must not take the memory first
+        raise error(f"{path} is {size / 2**20:.0f} MiB, more than the {MAX_DOCUMENT_BYTES // 2**20} MiB a {what} file may have")
     try:
         doc = json.loads(path.read_bytes(), object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
@@ -261,6 +269,12 @@ def _from_content(c: dict[str, Any], path: Path) -> Fingerprint:
         raise FingerprintError(f"{path}: a known model's answers do not cover the fingerprint points")
     if labels.min() < 0 or labels.max() >= probs.shape[1]:
         raise FingerprintError(f"{path}: owner labels outside the class range")
+    # Points are canonical inputs in [0, 1]: a NaN or an out-of-range value would be sent to the
+    # suspect and its failure blamed on it; the probabilities and rates are in [0, 1] too.
+    for name, values in (("points", fp.points), ("owner probabilities", probs),
+                         *((f"known model {m.name!r}'s owner probabilities", m.owner_prob) for m in known)):
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise FingerprintError(f"{path}: {name} must be finite and lie in [0, 1]")
     if len(np.unique(fp.points.reshape(n, -1), axis=0)) != n:
         raise FingerprintError(f"{path}: the fingerprint lists a point twice")
     # The identity of a fingerprint is the digest of its file's content; content that does not

@@ -48,7 +48,8 @@ def test_audit_writes_report_and_ledger_then_resumes(world, tmp_path):
     one_line_error(run(*args), "already exists", "--resume")
     last = len(args) - 1 - args[::-1].index("--budget")
     args[last + 1] = "20"
-    r = run(*args, "--resume")
+    one_line_error(run(*args, "--resume"), f"--report {report} already exists", "--force")
+    r = run(*args, "--resume", "--force")  # the first run's report replaced, as asked
     assert r.exit_code == 3, r.output
     d = json.loads(r.stdout)
     assert d["replayed_from_ledger"] == 10 and d["queries_used"] == 20

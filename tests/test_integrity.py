@@ -424,7 +424,7 @@ def test_resume_below_what_was_charged_and_a_report_over_an_input_are_refused(wo
     args[args.index("--budget") + 1] = str(charged - 5)
     one_line_error(run(*args), "already charged", str(charged))
     before = ledger.read_bytes()
-    one_line_error(run(*audit_args(world, world.pirate_onnx, "--ledger", str(ledger), "--resume", "--report", str(ledger))), "overwrite an input")
+    one_line_error(run(*audit_args(world, world.pirate_onnx, "--ledger", str(ledger), "--resume", "--report", str(ledger))), "--ledger input", "would be destroyed")
     assert ledger.read_bytes() == before
     one_line_error(run("inspect", str(world.fingerprint), "--hmac-key-env", ""), "empty name")
 

@@ -189,9 +189,10 @@ def test_the_sgd_recipe_trains_a_healthy_reference_and_refuses_an_early_stop(sma
 
 
 def test_the_reference_weight_is_chosen_from_the_ladder_unless_given(small):
-    """With reference_weight None the builder climbs REFERENCE_WEIGHTS until an exact copy is
-    identifiable within a quarter of the points, records every rung and the weight it kept; a
-    weight given is used as it is, with no ladder."""
+    """With reference_weight None (the default) the builder climbs REFERENCE_WEIGHTS until an exact
+    copy is identifiable within a quarter of the points or a rung keeps fewer points than the
+    first, records every rung and keeps the best rung that lost no points; a weight given is used
+    as it is, with no ladder."""
     from deepcore_auditor.fingerprints.build import _p0_p1, build_fingerprint, copy_needs
     from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, CoreConfig, KnownModelSpec
 
@@ -208,9 +209,13 @@ def test_the_reference_weight_is_chosen_from_the_ladder_unless_given(small):
     chosen = auto.method["params"]["core"]["reference_weight"]
     assert [r["reference_weight"] for r in ladder] == list(REFERENCE_WEIGHTS[: len(ladder)])
     assert chosen in [r["reference_weight"] for r in ladder]
+    eligible = [r for r in ladder if r["points"] >= ladder[0]["points"]]  # never fewer points than the first rung
+    assert ladder[1:-1] == eligible[1:len(ladder) - 1]  # only the last rung may have lost points (and ends the climb)
+    last = ladder[-1]
     stopped_early = len(ladder) < len(REFERENCE_WEIGHTS)
-    assert not stopped_early or ladder[-1]["exact_copy_needs"] <= max(1, ladder[-1]["points"] // 4)
-    assert copy_needs(*_p0_p1(auto)) == min(r["exact_copy_needs"] if r["exact_copy_needs"] >= 0 else float("inf") for r in ladder)
+    assert not stopped_early or last not in eligible or last["exact_copy_needs"] <= max(1, last["points"] // 4)
+    assert len(auto) >= ladder[0]["points"]
+    assert copy_needs(*_p0_p1(auto)) == min(r["exact_copy_needs"] if r["exact_copy_needs"] >= 0 else float("inf") for r in eligible)
     given = build_fingerprint(owner, x, y, classes, {"name": "o"},
                               dataclasses.replace(cfg, core=dataclasses.replace(cfg.core, reference_weight=3.0)),
                               require_separable=False)
