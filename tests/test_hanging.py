@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from conftest import audit_args
+from onnx import TensorProto, helper, numpy_helper
 
 NEVER = 2**40  # Loop iterations: a model that never returns
 
