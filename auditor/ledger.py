@@ -286,7 +286,11 @@ class Recorded(OracleWrapper):
     def _ask(self, points: np.ndarray, access: Access, repeat: bool) -> np.ndarray:
         table = self.ledger.repeats if repeat else self.ledger.entries
         digests = [point_digest(p) for p in points]
-        missing = [i for i, d in enumerate(digests) if d not in table]
+        missing, asked = [], set()  # each unknown point once, even when a batch holds it twice
+        for i, d in enumerate(digests):
+            if d not in table and d not in asked:
+                missing.append(i)
+                asked.add(d)
         if missing:
             fresh = self.inner.query(points[missing], access)
             self.ledger.record([digests[i] for i in missing], fresh, repeat=repeat)

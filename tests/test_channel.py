@@ -121,6 +121,17 @@ def test_recorded_answers_are_replayed_not_asked(suspect):
     assert np.array_equal(first, again) and b.spent == 6 and r.replayed == 6
 
 
+def test_a_point_twice_in_one_batch_is_asked_and_recorded_once(suspect):
+    ledger = QueryLedger({})
+    b = Budgeted(suspect, 100)
+    p = pts(3)
+    batch = p[[0, 1, 0, 2, 1]]
+    out = Recorded(b, ledger).query(batch, Access.LABELS)
+    assert b.spent == 3 and len(ledger.records) == 3
+    assert out[0] == out[2] and out[1] == out[4]
+    assert np.array_equal(out[[0, 1, 3]], suspect.query(p, Access.LABELS))
+
+
 def test_ledger_file_resume_checks_header_and_survives_a_torn_line(suspect, tmp_path):
     path = tmp_path / "l.jsonl"
     header = {"fingerprint_sha256": "f", "suspect": {"sha256": "s"}, "access": "labels"}
