@@ -153,6 +153,7 @@ def hmac_key_from_env(name: str) -> HmacKey:
 
 def load_ed25519_key(path: Path) -> Ed25519Key:
     """An Ed25519 key from a PEM file: a private key (signs and verifies) or a public key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -171,6 +172,8 @@ def load_ed25519_key(path: Path) -> Ed25519Key:
                 return Ed25519Key(public=pub)
     except (ValueError, TypeError) as e:
         raise InputError(f"{path} is not a readable PEM key (an encrypted key is not supported): {first_line(e)}") from None
+    except UnsupportedAlgorithm:  # a well-formed key of an algorithm cryptography does not know
+        pass
     raise InputError(f"{path} holds a key of another type: an Ed25519 key is needed")
 
 

@@ -114,6 +114,21 @@ def test_wrong_key_unsigned_file_and_bad_keys_are_refused(tmp_path: Path, keys: 
         load_ed25519_key(tmp_path / "junk.pem")
 
 
+@pytest.mark.parametrize("which", ["private", "public"])
+def test_a_key_of_an_unknown_algorithm_is_an_input_error(tmp_path: Path, keys: dict[str, Path], which: str) -> None:
+    # Found by the soak fuzzer: Ed25519's OID 1.3.101.112 changed to 1.3.100.112 made cryptography
+    # raise UnsupportedAlgorithm, which escaped as an internal error.
+    import base64
+
+    pem = keys[which].read_text().splitlines()
+    der = base64.b64decode("".join(pem[1:-1]))
+    assert der.count(b"\x06\x03\x2b\x65\x70") == 1
+    body = base64.encodebytes(der.replace(b"\x06\x03\x2b\x65\x70", b"\x06\x03\x2b\x64\x70")).decode()
+    (tmp_path / "odd.pem").write_text(f"{pem[0]}\n{body}{pem[-1]}\n")
+    with pytest.raises(InputError, match="odd.pem holds a key of another type"):
+        load_ed25519_key(tmp_path / "odd.pem")
+
+
 def test_cli_sign_inspect_and_key_errors(tmp_path: Path, keys: dict[str, Path]) -> None:
     path = tmp_path / "fp.json"
     save_fingerprint(make(), path)

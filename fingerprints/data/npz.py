@@ -82,7 +82,8 @@ def _load_npz(spec: str, path: Path) -> DataSplits:
                 f"{path}: refusing object arrays or pickled data in .npz (store plain arrays)"
             ) from e
         raise InputError(f"cannot read {path} as .npz: {first_line(e, whole=True)}") from e
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError) as e:
+        # NotImplementedError: zipfile's answer to a compression method or zip version it lacks
         raise InputError(f"cannot read {path} as .npz: {first_line(e, whole=True)}") from e
     for key in ("x", "y"):
         if key not in arrays:
