@@ -153,7 +153,7 @@ def hmac_key_from_env(name: str) -> HmacKey:
 
 def load_ed25519_key(path: Path) -> Ed25519Key:
     """An Ed25519 key from a PEM file: a private key (signs and verifies) or a public key."""
-    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.exceptions import InternalError, UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -170,7 +170,7 @@ def load_ed25519_key(path: Path) -> Ed25519Key:
             pub = serialization.load_pem_public_key(data)
             if isinstance(pub, ed25519.Ed25519PublicKey):
                 return Ed25519Key(public=pub)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, InternalError) as e:  # InternalError: OpenSSL refusing a key's bytes
         raise InputError(f"{path} is not a readable PEM key (an encrypted key is not supported): {first_line(e)}") from None
     except UnsupportedAlgorithm:  # a well-formed key of an algorithm cryptography does not know
         pass

@@ -253,19 +253,54 @@ def test_npz_object_array_is_refused_not_unpickled(tmp_path, key):
     assert not marker.exists()
 
 
-def test_npz_needing_a_newer_zip_version_is_an_input_error(tmp_path):
-    # Found by the soak fuzzer: a central directory asking for zip version 21.7 made zipfile raise
-    # NotImplementedError, which escaped as an internal error.
-    path = tmp_path / "new.npz"
+def _central_entries(raw: bytearray) -> list[int]:
+    at, found = raw.find(b"PK\x01\x02"), []
+    while at >= 0:
+        found.append(at)
+        at = raw.find(b"PK\x01\x02", at + 4)
+    assert found
+    return found
+
+
+def _npz_patched(path, patch) -> None:
     np.savez(path, x=np.zeros((6, 4, 4), np.uint8), y=np.zeros(6, np.int64))
     raw = bytearray(path.read_bytes())
-    at = raw.find(b"PK\x01\x02")
-    assert at > 0
-    while at >= 0:  # every central directory entry: "version needed to extract" at offset 6
-        raw[at + 6:at + 8] = (217).to_bytes(2, "little")
-        at = raw.find(b"PK\x01\x02", at + 4)
+    patch(raw)
     path.write_bytes(bytes(raw))
-    with pytest.raises(InputError, match=r"cannot read .*new\.npz as \.npz: zip file version 21\.7"):
+
+
+def _newer_version(raw: bytearray) -> None:  # "version needed to extract" 21.7
+    for at in _central_entries(raw):
+        raw[at + 6:at + 8] = (217).to_bytes(2, "little")
+
+
+def _encrypted(raw: bytearray) -> None:  # general-purpose flag bit 0: encrypted
+    for at in _central_entries(raw):
+        raw[at + 8] |= 1
+
+
+def _unclosed_header(raw: bytearray) -> None:  # x.npy's header with its shape tuple left open (CRC kept right)
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    members["x.npy"] = members["x.npy"].replace(b"'shape': (6, 4, 4), }", b"'shape': (6, 4, 4,  }")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    raw[:] = out.getvalue()
+
+
+# Found by the soak fuzzer (benchmarks/soak.py): each escaped as an internal error, from zipfile
+# (NotImplementedError, RuntimeError) or from numpy's header parser (tokenize.TokenError).
+@pytest.mark.parametrize("patch, words", [(_newer_version, "zip file version 21.7"), (_encrypted, "encrypted"),
+                                          (_unclosed_header, "EOF in multi-line statement")])
+def test_npz_broken_below_the_arrays_is_an_input_error(tmp_path, patch, words):
+    path = tmp_path / "odd.npz"
+    _npz_patched(path, patch)
+    with pytest.raises(InputError, match=rf"cannot read .*odd\.npz as \.npz: .*{words}"):
         load_data(str(path))
 
 

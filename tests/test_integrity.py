@@ -129,6 +129,16 @@ def test_a_key_of_an_unknown_algorithm_is_an_input_error(tmp_path: Path, keys: d
         load_ed25519_key(tmp_path / "odd.pem")
 
 
+def test_a_key_openssl_cannot_parse_is_an_input_error(tmp_path: Path) -> None:
+    # The soak fuzzer's input: an X448 private key (OID 1.3.101.111) of 32 bytes; cryptography
+    # raised InternalError ("Unknown OpenSSL error"), which escaped as an internal error.
+    (tmp_path / "x448.pem").write_text("-----BEGIN PRIVATE KEY-----\n"
+                                       "MC4CAQAwBQYDK2VvBCIEILZGjqlAnD6D0sDShoeVGzE9RmCi7qMP5zgcStkipps5\n"
+                                       "-----END PRIVATE KEY-----\n")
+    with pytest.raises(InputError, match="x448.pem is not a readable PEM key"):
+        load_ed25519_key(tmp_path / "x448.pem")
+
+
 def test_cli_sign_inspect_and_key_errors(tmp_path: Path, keys: dict[str, Path]) -> None:
     path = tmp_path / "fp.json"
     save_fingerprint(make(), path)

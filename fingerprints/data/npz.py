@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -82,8 +83,11 @@ def _load_npz(spec: str, path: Path) -> DataSplits:
                 f"{path}: refusing object arrays or pickled data in .npz (store plain arrays)"
             ) from e
         raise InputError(f"cannot read {path} as .npz: {first_line(e, whole=True)}") from e
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError) as e:
-        # NotImplementedError: zipfile's answer to a compression method or zip version it lacks
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError, RuntimeError,
+            tokenize.TokenError, SyntaxError) as e:
+        # zipfile raises NotImplementedError for a compression method or zip version it lacks and
+        # RuntimeError for an encrypted member; numpy's .npy header parser lets tokenize's and
+        # ast's errors through (all found by benchmarks/soak.py's fuzzer)
         raise InputError(f"cannot read {path} as .npz: {first_line(e, whole=True)}") from e
     for key in ("x", "y"):
         if key not in arrays:
