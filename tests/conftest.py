@@ -4,6 +4,8 @@ and independent suspects exported to ONNX, a scaled-down fingerprint) and CLI he
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from deepcore_auditor.benchmarks.small_world import TINY, World, build_world
 from deepcore_auditor.fingerprints.data import load_data
 
-__all__ = ["TINY", "World", "audit_args", "one_line_error"]
+__all__ = ["TINY", "World", "audit_args", "one_line_error", "process_error_line", "run_deepcore"]
 
 
 def audit_args(world: "World", suspect: object, *extra: str) -> list[str]:
@@ -29,6 +31,25 @@ def one_line_error(result: Any, *words: str) -> str:
     for w in words:
         assert w in lines[0], lines[0]
     assert "Traceback" not in result.output
+    return lines[0]
+
+
+def run_deepcore(*args: object, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """`python -m deepcore_auditor ARGS` as a process of its own: the exit status and streams a
+    user's shell sees (keyword arguments go to `subprocess.run`; both streams piped unless given)."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("timeout", 300)
+    return subprocess.run([sys.executable, "-m", "deepcore_auditor", *map(str, args)], text=True, **kw)
+
+
+def process_error_line(r: subprocess.CompletedProcess[str], *words: str) -> str:
+    """`one_line_error` for a `run_deepcore` process: exit 2, one line on stderr naming `words`."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("deepcore: error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
     return lines[0]
 
 

@@ -21,23 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import audit_args
+from conftest import process_error_line as error_line
+from conftest import run_deepcore as deepcore
 
 from deepcore_auditor.fingerprints.format import canonical_digest, decode_array, encode_array
-
-
-def deepcore(*args: object, cwd: Path | None = None, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE,
-             ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deepcore_auditor", *map(str, args)], stdout=stdout, stderr=stderr,
-                          text=True, cwd=cwd, timeout=300)
-
-
-def error_line(r: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("deepcore: error: "), r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def closed_stdout(*args: object) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -61,6 +62,22 @@ def test_other_versions_and_files_are_refused(tmp_path):
         load_fingerprint(tmp_path / "x.json")
     with pytest.raises(InputError, match="not found"):
         load_fingerprint(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d.__setitem__("note", "x"), "envelope field no fingerprint file carries (note)"),
+    (lambda d: d.__setitem__("signature", None), "signature: null"),
+    (lambda d: d.__setitem__("version", True), "format version True"),
+])
+def test_nothing_outside_the_digest_but_the_envelope_is_accepted(tmp_path, edit, words):
+    """Found by the soak fuzzer: a fingerprint with an extra top-level field loaded, though what
+    it said was covered by no digest; `true` passed for version 1 (True == 1 in Python)."""
+    save_fingerprint(make(), tmp_path / "f.json")
+    doc = json.loads((tmp_path / "f.json").read_text())
+    edit(doc)
+    (tmp_path / "f.json").write_text(json.dumps(doc))
+    with pytest.raises(FingerprintError, match=re.escape(words)):
+        load_fingerprint(tmp_path / "f.json")
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):

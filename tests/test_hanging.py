@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import onnx
 from conftest import audit_args
+from conftest import process_error_line as error_line
+from conftest import run_deepcore as deepcore
 from onnx import TensorProto, helper, numpy_helper
 
 NEVER = 2**40  # Loop iterations: a model that never returns
@@ -55,17 +57,6 @@ def suspect_graph(path: Path, *, loop: int = 0, noise: bool = False, shape: tupl
     return path
 
 
-def deepcore(*args: object, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deepcore_auditor", *map(str, args)], capture_output=True, text=True, **kw)
-
-
-def error_line(r: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("deepcore: error: "), r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def test_a_model_that_never_returns_ends_with_one_line_at_the_deadline(world: Any, tmp_path: Path) -> None:

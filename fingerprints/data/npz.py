@@ -75,6 +75,9 @@ def _load_npz(spec: str, path: Path) -> DataSplits:
             raise InputError(f"{path} is not an .npz archive (got a single array)")
         with loaded as z:
             arrays = {k: z[k] for k in wanted if k in z.files}
+        for k, a in arrays.items():  # numpy hands back a member that is not an .npy file as bytes
+            if not isinstance(a, np.ndarray):
+                raise InputError(f"{path}: {k} is not an .npy array inside the archive")
     except InputError:
         raise
     except ValueError as e:
