@@ -189,13 +189,15 @@ def run_form(world: Path, form: str, out: Path, extra: list[str]) -> dict[str, o
     t0 = time.time()
     result: dict[str, object] = {"form": form}
     if not fp.exists():
-        built = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        (out.with_suffix(".build.log")).write_text(built.stdout)
+        log = out.with_suffix(".build.log")
+        with log.open("w") as sink:  # written as the build goes: it takes an hour on 2 cores
+            built = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        text = log.read_text()
         result.update({"build_s": round(time.time() - t0), "build_rc": built.returncode,
-                       "build_tail": built.stdout.strip().splitlines()[-3:]})
+                       "build_tail": text.strip().splitlines()[-3:]})
         print(f"[{form}] fingerprint exit {built.returncode} in {result['build_s']} s", flush=True)
         if built.returncode != 0:
-            print(built.stdout[-2000:])
+            print(text[-2000:])
             return result
     insp = subprocess.run([sys.executable, "-m", "deepcore_auditor", "inspect", str(fp), "--json"], capture_output=True, text=True)
     result["inspect"] = json.loads(insp.stdout) if insp.returncode == 0 else insp.stderr.strip()
