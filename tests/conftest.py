@@ -4,6 +4,7 @@ and independent suspects exported to ONNX, a scaled-down fingerprint) and CLI he
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 from deepcore_auditor.benchmarks.small_world import TINY, World, build_world
 from deepcore_auditor.fingerprints.data import load_data
 
-__all__ = ["TINY", "World", "audit_args", "one_line_error", "process_error_line", "run_deepcore"]
+__all__ = ["TINY", "World", "audit_args", "one_line_error", "process_error_line", "run_deepcore", "sigint_as_in_a_terminal"]
 
 
 def audit_args(world: "World", suspect: object, *extra: str) -> list[str]:
@@ -41,6 +42,16 @@ def run_deepcore(*args: object, **kw: Any) -> subprocess.CompletedProcess[str]:
     kw.setdefault("stderr", subprocess.PIPE)
     kw.setdefault("timeout", 300)
     return subprocess.run([sys.executable, "-m", "deepcore_auditor", *map(str, args)], text=True, **kw)
+
+
+def sigint_as_in_a_terminal() -> None:
+    """For `preexec_fn`: in the child, before exec, SIGINT handled by default and not blocked,
+    whatever the test runner's state. A signal mask or an ignored SIGINT is inherited across exec
+    (a runner started in the background by a non-interactive shell ignores SIGINT, and Python then
+    installs no KeyboardInterrupt handler): tests that send Ctrl-C saw the audit run on as if it
+    never came."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def process_error_line(r: subprocess.CompletedProcess[str], *words: str) -> str:

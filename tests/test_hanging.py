@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from conftest import audit_args
+from conftest import audit_args, sigint_as_in_a_terminal
 from conftest import process_error_line as error_line
 from conftest import run_deepcore as deepcore
 from onnx import TensorProto, helper, numpy_helper
@@ -73,7 +73,7 @@ def test_ctrl_c_stops_an_audit_of_a_hanging_model_within_a_second_and_keeps_the_
     one line that says so and how to resume; the ledger file (its header) is kept."""
     bomb, ledger = suspect_graph(tmp_path / "bomb.onnx", loop=NEVER), tmp_path / "l.jsonl"
     cmd = [sys.executable, "-m", "deepcore_auditor", *audit_args(world, bomb, "--ledger", str(ledger), "--no-report", "--json")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while not (ledger.exists() and ledger.stat().st_size > 0) and time.monotonic() < deadline:
@@ -94,7 +94,7 @@ def test_ctrl_c_stops_an_audit_of_a_hanging_model_within_a_second_and_keeps_the_
 
 
 def test_a_slow_model_is_answered_within_its_deadline_and_refused_past_it(world: Any, tmp_path: Path) -> None:
-    slow = suspect_graph(tmp_path / "slow.onnx", loop=400_000)  # about a second a batch here
+    slow = suspect_graph(tmp_path / "slow.onnx", loop=4_000_000)  # well over 0.2 s a batch, loaded or idle
     args = audit_args(world, slow, "--no-report", "--json", "--repeat-checks", "0")
     args[args.index("--budget") + 1] = "10"
     r = deepcore(*args, timeout=300)

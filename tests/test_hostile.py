@@ -206,9 +206,12 @@ def test_hostile_answer_is_a_typed_error_and_never_reaches_the_ledger(world: Any
 
 
 def test_every_mode_refuses_the_bad_batch(world: Any, fp: Fingerprint, tmp_path: Path) -> None:
+    # The owner's own answers at alpha = beta = 1e-9: no mode can decide on the two good batches
+    # (an exact copy gains at most ln(0.999/0.02) < 4 a point in clustering mode, and Wald's
+    # bound is ln(1e9) > 20), so the corrupt third batch is always reached.
     for mode, access in MODES:
-        config = AuditConfig(access=access, mode=mode, budget=60, batch_size=BATCH)
-        suspect = Hostile(onnx_oracle(fp, world.independent_onnx), (lambda a, acc: a * np.nan if acc is Access.PROBS else a.astype(np.float64)))
+        config = AuditConfig(access=access, mode=mode, budget=60, batch_size=BATCH, alpha=1e-9, beta=1e-9)
+        suspect = Hostile(onnx_oracle(fp, world.owner_onnx), (lambda a, acc: a * np.nan if acc is Access.PROBS else a.astype(np.float64)))
         ledger = QueryLedger.open(tmp_path / f"{mode}.jsonl", ledger_header(fp, suspect, config), resume=False)
         with suspect, pytest.raises(OracleError):
             audit(fp, suspect, config, ledger=ledger)

@@ -313,11 +313,12 @@ def test_deterministic_independent_passes_the_repeat_check_and_report_replays_it
     r, report, ledger = _audit(world, world.fingerprint, world.independent_onnx, tmp_path)
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["repeat_check"] == {"asked": 10, "differing": 0} and d["queries_used"] == d["answered"] + 10
+    k = min(10, d["answered"])  # the repeat check asks again at most the points already answered
+    assert k >= 5 and d["repeat_check"] == {"asked": k, "differing": 0} and d["queries_used"] == d["answered"] + k
     lines = [json.loads(x) for x in ledger.read_text().splitlines()[1:]]
-    assert sum(1 for x in lines if x.get("repeat")) == 10
+    assert sum(1 for x in lines if x.get("repeat")) == k
     v = verify_report(report)
-    assert v.verdict == "independent" and any("0 of 10 repeated answers differ" in c for c in v.checks)
+    assert v.verdict == "independent" and any(f"0 of {k} repeated answers differ" in c for c in v.checks)
 
 
 # ---- fuzzing the parsers ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import audit_args, one_line_error
+from conftest import audit_args, one_line_error, sigint_as_in_a_terminal
 
 from deepcore_auditor.auditor.cli import cli
 from deepcore_auditor.benchmarks.fault_proxy import served_samples
@@ -93,14 +93,6 @@ def count_answered(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return max(0, sum('"charge"' not in line for line in lines) - 1)
-
-
-def _sigint_as_in_a_terminal() -> None:
-    """In the child, before exec: SIGINT handled by default and not blocked, whatever the test
-    runner's state (a signal mask or an ignored SIGINT is inherited across exec; in full-suite
-    runs the audit was seen to finish as if the signal never came)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -276,7 +268,7 @@ def test_ctrl_c_mid_audit_keeps_the_ledger_and_resume_finishes(world: Any, trial
     code, expected = local("independent", *one_by_one)
     ledger = tmp_path / "ledger.jsonl"
     cmd = [sys.executable, "-m", "deepcore_auditor", *audit_args(world, trial.server.url("slow", "http"), *one_by_one, "--json", "--ledger", str(ledger))]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
     try:
         wait_for(lambda: count_answered(ledger) >= 5 or p.poll() is not None, 60, "five answered queries")
         p.send_signal(signal.SIGINT)
@@ -344,11 +336,18 @@ def test_unusable_triton_suspects_are_one_line_errors(world: Any, trial: Trial) 
 
 @pytest.mark.parametrize(
     "option",
-    [["--concurrency", "2"], ["--request-timeout", "5"], ["--connect-timeout", "5"], ["--header", "X-A: b"],
+    [["--concurrency", "2"], ["--connect-timeout", "5"], ["--header", "X-A: b"],
      ["--labels-via", "argmax"], ["--ssl"], ["--auth-token-env", TOKEN_ENV]],
 )
 def test_triton_options_with_a_local_suspect_are_refused(world: Any, option: list[str]) -> None:
     one_line_error(run(*audit_args(world, world.pirate_onnx, *option)), "Triton suspects only")
+
+
+def test_request_timeout_bounds_an_onnx_suspect_and_is_refused_for_torchscript(world: Any) -> None:
+    """--request-timeout bounds each batch of an ONNX suspect too (tests/test_hanging.py); a
+    TorchScript suspect has no such bound, and says so naming the flag as typed."""
+    assert run(*audit_args(world, world.pirate_onnx, "--request-timeout", "60")).exit_code == 1
+    one_line_error(run(*audit_args(world, world.owner_ts, "--request-timeout", "60")), "--request-timeout", "Triton and ONNX")
 
 
 # ---------------------------------------------------------------------------------------------
