@@ -171,7 +171,9 @@ def cli(verbose: int) -> None:
 @click.option("--epochs", type=int, default=BuildConfig.epochs, show_default=True, help="Least training epochs of simulations and references.")
 @click.option("--max-epochs", type=int, default=BuildConfig.max_epochs, show_default=True, help="Most epochs for a model still below the owner's accuracy (0: 4 x --epochs).")
 @click.option("--seed", type=click.IntRange(min=0), default=BuildConfig.seed, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where decoded data is cached.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where decoded data and trained known models are cached, so a stopped or repeated build reuses them "
+                   "[default: $DEEPCORE_CACHE or ~/.cache/deepcore].")
 @_key_options
 @click.option("--force", is_flag=True, help="Replace an existing output file (never one of the inputs or a key).")
 @_guarded

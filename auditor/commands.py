@@ -85,7 +85,7 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     from deepcore_auditor.adapters.open import open_suspect
     from deepcore_auditor.adapters.torch import load_torch_model
     from deepcore_auditor.fingerprints.build import build_fingerprint
-    from deepcore_auditor.fingerprints.data import channel_stats, load_data
+    from deepcore_auditor.fingerprints.data import channel_stats, default_cache_dir, load_data
     from deepcore_auditor.fingerprints.models import Normalized, accuracy
 
     b, c = req.build, req.build.core
@@ -130,7 +130,8 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     config = req.build
     holdout = (data.test.points(), data.test.y) if len(data.test) else None
     fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, holdout=holdout,
-                           extra_references=extra, progress=say)
+                           extra_references=extra, progress=say,
+                           cache_dir=req.cache_dir if req.cache_dir is not None else default_cache_dir())
     fp = dataclasses.replace(fp, extra={**fp.extra, "owner_test_accuracy": None if math.isnan(test_acc) else round(test_acc, 4), "data": data.source})
     return fp, save_fingerprint(fp, req.out, key)
 

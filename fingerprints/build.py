@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from deepcore_auditor.fingerprints.calibration import rates
 from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, KnownModelSpec
 from deepcore_auditor.fingerprints.core import choose_epsilon, optimize_points, plan_candidates, select_core
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
-from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, predict, reinitialize, train
+from deepcore_auditor.fingerprints.model_cache import KnownModelCache
+from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, clone, predict, reinitialize, train
 from deepcore_auditor.fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
 
 logger = logging.getLogger(__name__)
@@ -168,19 +170,33 @@ def _labels_of(km: KnownModel, points: np.ndarray) -> np.ndarray:
     return km.oracle.query(points, Access.LABELS).astype(np.int64)
 
 
+def _skeleton(spec: KnownModelSpec, owner: Normalized, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """An untrained model of `spec`'s architecture, for a cached state to be loaded into."""
+    if spec.arch == "owner":
+        return clone(owner)
+    c, h, w = (int(v) for v in shape)
+    return Normalized(build_architecture(spec.arch, (c, h, w), num_classes), owner.convention)
+
+
 def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, points: np.ndarray, labels: np.ndarray,
                          num_classes: int, config: BuildConfig, index: int, holdout: Holdout, owner_accuracy: float,
-                         say: Callable[[str], None]) -> KnownModel:
-    """Train one known model, measure it, retrain once with the corrected recipe if it is below its
-    floor, and refuse the build (one line naming it) if it still is: never is a degenerate model
-    used for selection or calibration."""
+                         say: Callable[[str], None], cache: KnownModelCache | None = None) -> KnownModel:
+    """Train one known model (or reuse the one `cache` holds), measure it, retrain once with the
+    corrected recipe if it is below its floor, and refuse the build (one line naming it) if it
+    still is: never is a degenerate model used for selection or calibration. A cached model is
+    measured again like a fresh one."""
     floor = accuracy_floor(spec.family, spec.arch, owner_accuracy, num_classes)
     target = owner_accuracy - OWNER_ARCH_GAP / 2
     problem = ""
     for attempt in range(2):
         t0 = time.monotonic()
-        model = train_known_model(spec, owner, points, labels, num_classes, config, index, target_accuracy=target,
-                                  floor=floor, holdout=holdout, retry=attempt == 1)
+        retry = attempt == 1
+        model = cache.get(spec, index, retry, lambda: _skeleton(spec, owner, points.shape[1:], num_classes)) if cache else None
+        if model is None:
+            model = train_known_model(spec, owner, points, labels, num_classes, config, index, target_accuracy=target,
+                                      floor=floor, holdout=holdout, retry=retry)
+            if cache is not None:
+                cache.put(spec, index, retry, model)
         q = holdout.measure(predict(model, holdout.points).argmax(1))
         say(f"  {spec.name}: held-out accuracy {q.accuracy:.3f} (floor {floor:.3f}), agreement with the owner "
             f"{q.agreement:.3f} ({time.monotonic() - t0:.0f} s)")
@@ -207,13 +223,16 @@ def build_fingerprint(
     extra_references: Sequence[tuple[KnownModelSpec, Oracle | nn.Module]] = (),
     progress: Callable[[str], None] | None = None,
     require_separable: bool = True,
+    cache_dir: Path | None = None,
 ) -> Fingerprint:
     """Build a DeepCore fingerprint for `owner` from its training data (canonical points).
 
     `holdout` (natural samples never trained on; by default a seeded sixth of the data is set
     aside for it) measures the owner and every known model; see fingerprints.quality.
     `require_separable=False` only reports what `check_separable` would refuse: for benchmarks,
-    which measure fingerprints rather than ship them.
+    which measure fingerprints rather than ship them. With `cache_dir`, trained known models are
+    kept there and reused by a later build of the same owner, data and training parameters
+    (fingerprints.model_cache).
     """
     say = progress or logger.info
     num_classes = len(classes)
@@ -236,10 +255,11 @@ def build_fingerprint(
         config = dataclasses.replace(config, core=dataclasses.replace(config.core, epsilon=robustness.epsilon))
         say(f"owner flips at L-inf {robustness.flip_radius * 255:.1f}/255: core points get epsilon "
             f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255; {time.monotonic() - t0:.0f} s)")
+    cache = KnownModelCache(cache_dir, owner, points, labels, (hx, hy), config) if cache_dir is not None else None
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")
-        known.append(_trained_and_checked(spec, owner, points, labels, num_classes, config, i, held, owner_accuracy, say))
+        known.append(_trained_and_checked(spec, owner, points, labels, num_classes, config, i, held, owner_accuracy, say, cache))
     for spec, m in extra_references:
         km = KnownModel(spec, model=m) if isinstance(m, nn.Module) else KnownModel(spec, oracle=m)
         km.quality = held.measure(_labels_of(km, hx))

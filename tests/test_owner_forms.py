@@ -222,3 +222,45 @@ def test_the_reference_weight_is_chosen_from_the_ladder_unless_given(small):
     assert given.method["params"]["core"]["reference_weight"] == 3.0
     assert "reference_weight_ladder" not in given.extra
     assert {m.name: m.quality["arch"] for m in given.known_models}["cal-same-arch-1"] == "owner"
+
+
+def test_a_second_build_reuses_every_trained_model_and_a_bad_entry_is_trained_again(small, tmp_path, caplog):
+    """The known-model cache (fingerprints.model_cache): a second build of the same traced owner,
+    data and training parameters trains nothing and makes the same fingerprint; a corrupt entry
+    is a warning and that model is trained again; other training parameters share no entry."""
+    import logging
+
+    from deepcore_auditor.fingerprints.build import build_fingerprint
+    from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig, KnownModelSpec
+
+    owner, conv, x, y, *_ = small
+    traced = Normalized(_form(owner.net, "traced"), conv)
+    zoo = (KnownModelSpec("sim-fine-tune", "piracy", "fine-tune", "selection"),
+           KnownModelSpec("ref-same-arch-1", "independent", "same-arch", "selection"),
+           KnownModelSpec("cal-same-arch-1", "independent", "same-arch", "calibration"),
+           KnownModelSpec("cal-lenet", "independent", "other-arch", "calibration", "lenet"))
+    cfg = BuildConfig(core=CoreConfig(n_candidates=30, n_points=10, steps=20, reference_weight=2.0, epsilon=0.15,
+                                      min_confidence=0.6), zoo=zoo, epochs=1, train_samples=2000)
+    classes = [str(i) for i in range(10)]
+
+    def build(c: BuildConfig):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="deepcore_auditor.fingerprints.model_cache"):
+            fp = build_fingerprint(traced, x, y, classes, {"name": "o"}, c, require_separable=False, cache_dir=tmp_path)
+        return fp, sum("reusing the model trained before" in r.getMessage() for r in caplog.records)
+
+    first, reused = build(cfg)
+    entries = sorted((tmp_path / "known-models").glob("*.safetensors"))
+    assert reused == 0 and len(entries) == len(zoo)
+    second, reused = build(cfg)
+    assert reused == len(zoo)
+    assert np.array_equal(first.points, second.points) and np.array_equal(first.owner_labels, second.owner_labels)
+    for a, b in zip(first.known_models, second.known_models, strict=True):
+        assert a.name == b.name and a.quality == b.quality and np.array_equal(a.labels, b.labels)
+    bad = next(e for e in entries if e.name.startswith("ref-same-arch-1-"))
+    bad.write_bytes(b"not a safetensors file")
+    third, reused = build(cfg)
+    assert reused == len(zoo) - 1 and any("ignoring unusable cached model" in r.getMessage() for r in caplog.records)
+    assert [m.quality for m in third.known_models] == [m.quality for m in first.known_models]  # trained again, the same
+    _, reused = build(dataclasses.replace(cfg, train_samples=1900))
+    assert reused == 0
