@@ -1,15 +1,15 @@
 """Trained known models kept on disk, so a build that stops (a crash, Ctrl-C, a session that
 ends, a flag changed after the zoo) does not train them again.
 
-A known model is a function of what it was trained from: the owner's weights, the training and
-held-out data, the spec (family, architecture, recipe) and its index (its seed is derived from
-it), whether it is the corrected retry, and the training parameters of the `BuildConfig` —
-never of the core-point parameters, except the radius an adversarially fine-tuned copy is
-hardened at. The key is the sha256 of all of that plus `CACHE_VERSION`, which is bumped whenever a
+A known model is a function of what it was trained from: the owner's weights and input
+convention (mean/std, layout), the training and held-out data, the spec (family, architecture,
+recipe) and its index (its seed is derived from it), whether it is the corrected retry, and the
+training parameters of the `BuildConfig` — never of the core-point parameters, except the radius
+an adversarially fine-tuned copy is hardened at. The key is the sha256 of all of that plus `CACHE_VERSION`, which is bumped whenever a
 recipe or the training loop changes. Models are stored as safetensors state dicts (no pickle),
 written atomically; an unusable entry is a warning and the model is trained again, never an
 error. On a CIFAR-10 owner of 289 k parameters the default zoo trains for over an hour on 2
-cores and stores some 17 MB.
+cores.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class KnownModelCache:
         for name, value in sorted(owner.state_dict().items()):
             h.update(name.encode())
             _digest_arrays(h, value.detach().cpu().contiguous().numpy())
+        convention = getattr(owner, "convention", None)  # what every model here sees: not in the state dict
+        h.update(json.dumps(dataclasses.asdict(convention) if dataclasses.is_dataclass(convention) else None).encode())
         _digest_arrays(h, points, labels, *holdout)
         training = dataclasses.asdict(config)
         training.pop("zoo")
