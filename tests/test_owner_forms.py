@@ -264,3 +264,25 @@ def test_a_second_build_reuses_every_trained_model_and_a_bad_entry_is_trained_ag
     assert [m.quality for m in third.known_models] == [m.quality for m in first.known_models]  # trained again, the same
     _, reused = build(dataclasses.replace(cfg, train_samples=1900))
     assert reused == 0
+
+
+def test_the_cache_key_follows_everything_a_model_is_trained_from(small, tmp_path):
+    """Owner weights, input convention, data, training parameters, spec, retry: each changes the
+    entry; a core-point parameter other than the radius does not."""
+    from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig, KnownModelSpec
+    from deepcore_auditor.fingerprints.model_cache import KnownModelCache
+
+    owner, conv, x, y, xt, yt = small
+    spec = KnownModelSpec("ref-same-arch-1", "independent", "same-arch", "selection")
+    cfg = BuildConfig(core=CoreConfig(epsilon=0.1))
+
+    def key(o=owner, xs=x, c=cfg, s=spec, retry=False):
+        return KnownModelCache(tmp_path, o, xs[:500], y[:500], (xt[:100], yt[:100]), c)._path(s, 7, retry).name
+
+    base = key()
+    other_conv = Normalized(owner.net, dataclasses.replace(conv, mean=(0.3,)))
+    changed = [key(o=other_conv), key(o=reinitialize(owner, 1)), key(xs=x[1:]), key(c=dataclasses.replace(cfg, epochs=4)),
+               key(c=dataclasses.replace(cfg, core=CoreConfig(epsilon=0.2))), key(s=dataclasses.replace(spec, recipe="sgd")),
+               key(retry=True)]
+    assert base not in changed and len(set(changed)) == len(changed)
+    assert key(c=dataclasses.replace(cfg, core=CoreConfig(epsilon=0.1, n_points=50, reference_weight=8.0))) == base
