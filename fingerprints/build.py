@@ -89,6 +89,23 @@ def _recipe(config: BuildConfig, spec: KnownModelSpec, seed: int, retry: bool, h
                        shift=max(1, height // 8))
 
 
+def training_inputs(spec: KnownModelSpec, config: BuildConfig) -> dict[str, object]:
+    """The parameters of `config` that `train_known_model` reads for `spec`, and no others: what
+    the known-model cache keys an entry by (fingerprints.model_cache), so that a flag which does
+    not change a model (a radius for a reference, epochs for a weight copy) does not retrain it.
+    Keep it in step with `train_known_model` and `_recipe`."""
+    inputs: dict[str, object] = {"seed": config.seed, "train_samples": config.train_samples}
+    if spec.family == "prune":
+        inputs["prune_ratio"] = config.prune_ratio
+    elif spec.family == "adv-fine-tune":
+        inputs["epsilon"] = config.core.epsilon
+    elif spec.family != "fine-tune":  # trained from scratch
+        inputs["epochs"] = config.epochs
+        inputs["max_epochs" if spec.recipe != "sgd" else "sgd_epochs"] = (
+            config.max_epochs if spec.recipe != "sgd" else config.sgd_epochs)
+    return inputs
+
+
 def train_known_model(
     spec: KnownModelSpec,
     owner: Normalized,
@@ -191,12 +208,13 @@ def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, points: np.nda
     for attempt in range(2):
         t0 = time.monotonic()
         retry = attempt == 1
-        model = cache.get(spec, index, retry, lambda: _skeleton(spec, owner, points.shape[1:], num_classes)) if cache else None
+        inputs = training_inputs(spec, config)
+        model = cache.get(spec, index, retry, inputs, lambda: _skeleton(spec, owner, points.shape[1:], num_classes)) if cache else None
         if model is None:
             model = train_known_model(spec, owner, points, labels, num_classes, config, index, target_accuracy=target,
                                       floor=floor, holdout=holdout, retry=retry)
             if cache is not None:
-                cache.put(spec, index, retry, model)
+                cache.put(spec, index, retry, inputs, model)
         q = holdout.measure(predict(model, holdout.points).argmax(1))
         say(f"  {spec.name}: held-out accuracy {q.accuracy:.3f} (floor {floor:.3f}), agreement with the owner "
             f"{q.agreement:.3f} ({time.monotonic() - t0:.0f} s)")
@@ -255,7 +273,7 @@ def build_fingerprint(
         config = dataclasses.replace(config, core=dataclasses.replace(config.core, epsilon=robustness.epsilon))
         say(f"owner flips at L-inf {robustness.flip_radius * 255:.1f}/255: core points get epsilon "
             f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255; {time.monotonic() - t0:.0f} s)")
-    cache = KnownModelCache(cache_dir, owner, points, labels, (hx, hy), config) if cache_dir is not None else None
+    cache = KnownModelCache(cache_dir, owner, points, labels, held.points, held.labels, num_classes) if cache_dir is not None else None
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")

@@ -194,13 +194,13 @@ def read_document(
         raise error(f"{path} is not a {what} file (not valid JSON)") from e
     if not isinstance(doc, dict) or doc.get("format") != format_name:
         raise error(f"{path} is not a DeepCore {what} file")
+    if type(doc.get("version")) is not int or doc.get("version") != version:
+        raise error(f"{path} has {what} format version {doc.get('version')!r}; this tool reads version {version}")
     # Nothing outside the digest but the envelope itself: a key the writer never writes (or a
     # signature block of null) would be a second, unprotected content two readers could see differently.
     unknown = sorted(set(doc) - ENVELOPE_KEYS)
     if unknown or ("signature" in doc and doc["signature"] is None):
         raise error(f"{path} has an envelope field no {what} file carries ({', '.join(unknown) or 'signature: null'})")
-    if type(doc.get("version")) is not int or doc.get("version") != version:
-        raise error(f"{path} has {what} format version {doc.get('version')!r}; this tool reads version {version}")
     content = doc.get("content")
     if not isinstance(content, dict):
         raise error(f"{path} has no {what} content")

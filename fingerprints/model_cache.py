@@ -1,11 +1,13 @@
 """Trained known models kept on disk, so a build that stops (a crash, Ctrl-C, a session that
 ends, a flag changed after the zoo) does not train them again.
 
-A known model is a function of what it was trained from: the owner's weights and input
-convention (mean/std, layout), the training and held-out data, the spec (family, architecture,
-recipe) and its index (its seed is derived from it), whether it is the corrected retry, and the
-training parameters of the `BuildConfig` — never of the core-point parameters, except the radius
-an adversarially fine-tuned copy is hardened at. The key is the sha256 of all of that plus `CACHE_VERSION`, which is bumped whenever a
+A known model is a function of what it was trained from: the owner (its weights, its input
+convention, and its answers on the held-out points, which also catch a graph or forward code that
+computes something else from the same weights), the training and held-out data, the number of
+classes, the spec (family, architecture, recipe) and its index (its seed is derived from it),
+whether it is the corrected retry, and the parameters of the `BuildConfig` that its recipe reads
+(`build.training_inputs`: a radius for the adversarially fine-tuned copy only, epochs for models
+trained from scratch only, and so on). The key is the sha256 of all of that plus `CACHE_VERSION`, which is bumped whenever a
 recipe or the training loop changes. Models are stored as safetensors state dicts (no pickle),
 written atomically; an unusable entry is a warning and the model is trained again, never an
 error. On a CIFAR-10 owner of 289 k parameters the default zoo trains for over an hour on 2
@@ -26,7 +28,8 @@ from torch import nn
 
 from deepcore_auditor.adapters.errors import first_line
 from deepcore_auditor.adapters.files import atomic_write
-from deepcore_auditor.fingerprints.config import BuildConfig, KnownModelSpec
+from deepcore_auditor.fingerprints.config import KnownModelSpec
+from deepcore_auditor.fingerprints.models import predict
 
 logger = logging.getLogger(__name__)
 
@@ -44,34 +47,33 @@ class KnownModelCache:
     """`cache_dir/known-models/<key>.safetensors`, for one build (one owner, data and config)."""
 
     def __init__(self, root: Path, owner: nn.Module, points: np.ndarray, labels: np.ndarray,
-                 holdout: tuple[np.ndarray, np.ndarray], config: BuildConfig) -> None:
+                 held_points: np.ndarray, held_labels: np.ndarray, num_classes: int) -> None:
         self.dir = Path(root) / "known-models"
-        h = hashlib.sha256(f"deepcore-known-model:v{CACHE_VERSION}".encode())
+        h = hashlib.sha256(f"deepcore-known-model:v{CACHE_VERSION}:classes={num_classes}".encode())
         for name, value in sorted(owner.state_dict().items()):
             h.update(name.encode())
             _digest_arrays(h, value.detach().cpu().contiguous().numpy())
         convention = getattr(owner, "convention", None)  # what every model here sees: not in the state dict
         h.update(json.dumps(dataclasses.asdict(convention) if dataclasses.is_dataclass(convention) else None).encode())
-        _digest_arrays(h, points, labels, *holdout)
-        training = dataclasses.asdict(config)
-        training.pop("zoo")
-        training["core"] = {"epsilon": config.core.epsilon}  # the adversarial copy's radius
-        h.update(json.dumps(training, sort_keys=True).encode())
+        # The owner's answers, rounded past float noise: a graph that computes otherwise from the same tensors.
+        _digest_arrays(h, np.round(predict(owner, held_points).astype(np.float64), 4))
+        _digest_arrays(h, points, labels, held_points, held_labels)
         self._base = h.hexdigest()
 
-    def _path(self, spec: KnownModelSpec, index: int, retry: bool) -> Path:
-        what = json.dumps({"spec": dataclasses.asdict(spec), "index": index, "retry": retry}, sort_keys=True)
+    def _path(self, spec: KnownModelSpec, index: int, retry: bool, inputs: dict[str, object]) -> Path:
+        what = json.dumps({"spec": dataclasses.asdict(spec), "index": index, "retry": retry, "inputs": inputs}, sort_keys=True)
         key = hashlib.sha256(f"{self._base}:{what}".encode()).hexdigest()[:32]
         return self.dir / f"{spec.name}-{key}.safetensors"
 
-    def get(self, spec: KnownModelSpec, index: int, retry: bool, skeleton: Callable[[], nn.Module]) -> nn.Module | None:
+    def get(self, spec: KnownModelSpec, index: int, retry: bool, inputs: dict[str, object],
+            skeleton: Callable[[], nn.Module]) -> nn.Module | None:
         """The cached model, loaded into `skeleton()` (the same architecture), or None."""
-        path = self._path(spec, index, retry)
-        if not path.is_file():
-            return None
         from safetensors.torch import load_file
 
+        path = self._path(spec, index, retry, inputs)
         try:
+            if not path.is_file():
+                return None
             model = skeleton()
             state = load_file(str(path))
             missing = set(model.state_dict()) ^ set(state)
@@ -84,11 +86,11 @@ class KnownModelCache:
         logger.info("%s: reusing the model trained before (%s)", spec.name, path.name)
         return model
 
-    def put(self, spec: KnownModelSpec, index: int, retry: bool, model: nn.Module) -> None:
+    def put(self, spec: KnownModelSpec, index: int, retry: bool, inputs: dict[str, object], model: nn.Module) -> None:
         """Store a trained model; a failure to write costs only a warning."""
         from safetensors.torch import save
 
-        path = self._path(spec, index, retry)
+        path = self._path(spec, index, retry, inputs)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -78,6 +78,16 @@ def world(tmp_path_factory: pytest.TempPathFactory, fmnist) -> World:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Decoded data and trained known models go to a temporary cache, not the home: every run
+    trains its own models, so the suite's verdicts are asserted on models today's code trained."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPCORE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
 def reports_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Audits keep a report by default: the suite's go to a temporary directory, not the home."""
     path = tmp_path_factory.mktemp("reports")

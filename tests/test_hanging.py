@@ -57,8 +57,6 @@ def suspect_graph(path: Path, *, loop: int = 0, noise: bool = False, shape: tupl
     return path
 
 
-
-
 def test_a_model_that_never_returns_ends_with_one_line_at_the_deadline(world: Any, tmp_path: Path) -> None:
     bomb = suspect_graph(tmp_path / "bomb.onnx", loop=NEVER)
     t0 = time.monotonic()

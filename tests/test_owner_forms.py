@@ -267,22 +267,28 @@ def test_a_second_build_reuses_every_trained_model_and_a_bad_entry_is_trained_ag
 
 
 def test_the_cache_key_follows_everything_a_model_is_trained_from(small, tmp_path):
-    """Owner weights, input convention, data, training parameters, spec, retry: each changes the
-    entry; a core-point parameter other than the radius does not."""
+    """Owner weights, input convention, data, the parameters the model's recipe reads, spec,
+    retry: each changes the entry; a parameter its recipe does not read (a radius for a
+    reference, epochs for a weight copy, a core-point parameter) does not."""
+    from deepcore_auditor.fingerprints.build import training_inputs
     from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig, KnownModelSpec
     from deepcore_auditor.fingerprints.model_cache import KnownModelCache
 
     owner, conv, x, y, xt, yt = small
-    spec = KnownModelSpec("ref-same-arch-1", "independent", "same-arch", "selection")
+    ref = KnownModelSpec("ref-same-arch-1", "independent", "same-arch", "selection")
+    adv = KnownModelSpec("sim-adv-fine-tune", "piracy", "adv-fine-tune", "selection")
+    ft = KnownModelSpec("sim-fine-tune", "piracy", "fine-tune", "selection")
     cfg = BuildConfig(core=CoreConfig(epsilon=0.1))
 
-    def key(o=owner, xs=x, c=cfg, s=spec, retry=False):
-        return KnownModelCache(tmp_path, o, xs[:500], y[:500], (xt[:100], yt[:100]), c)._path(s, 7, retry).name
+    def key(o=owner, xs=x, c=cfg, s=ref, retry=False):
+        return KnownModelCache(tmp_path, o, xs[:500], y[:500], xt[:100], yt[:100], 10)._path(s, 7, retry, training_inputs(s, c)).name
 
     base = key()
     other_conv = Normalized(owner.net, dataclasses.replace(conv, mean=(0.3,)))
     changed = [key(o=other_conv), key(o=reinitialize(owner, 1)), key(xs=x[1:]), key(c=dataclasses.replace(cfg, epochs=4)),
-               key(c=dataclasses.replace(cfg, core=CoreConfig(epsilon=0.2))), key(s=dataclasses.replace(spec, recipe="sgd")),
+               key(c=dataclasses.replace(cfg, train_samples=100)), key(s=dataclasses.replace(ref, recipe="sgd")),
                key(retry=True)]
     assert base not in changed and len(set(changed)) == len(changed)
-    assert key(c=dataclasses.replace(cfg, core=CoreConfig(epsilon=0.1, n_points=50, reference_weight=8.0))) == base
+    wider = dataclasses.replace(cfg, core=CoreConfig(epsilon=0.2, n_points=50, reference_weight=8.0))
+    assert key(c=wider) == base and key(s=adv, c=wider) != key(s=adv)
+    assert key(s=ft, c=dataclasses.replace(cfg, epochs=4, max_epochs=9)) == key(s=ft)
