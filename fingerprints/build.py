@@ -145,8 +145,7 @@ def train_known_model(
         student: nn.Module = reinitialize(owner, seed)
     else:
         torch.manual_seed(seed)
-        c, h, w = points.shape[1:]
-        student = Normalized(build_architecture(spec.arch, (int(c), int(h), int(w)), num_classes), owner.convention)
+        student = _skeleton(spec, owner, points.shape[1:], num_classes)
     until = None
     if holdout is not None and target_accuracy is not None and spec.recipe != "sgd":
         history: list[float] = []
@@ -263,7 +262,8 @@ def build_fingerprint(
     hx, hy = holdout[0][:HOLDOUT_SAMPLES], holdout[1][:HOLDOUT_SAMPLES]
     if len(hy) == 0:
         raise InputError("no held-out samples to measure the known models on")
-    held = Holdout(hx, hy, predict(owner, hx).argmax(1))
+    owner_held = predict(owner, hx)
+    held = Holdout(hx, hy, owner_held.argmax(1))
     owner_accuracy = float(np.mean(held.owner_labels == hy))
     say(f"owner: held-out accuracy {owner_accuracy:.3f} on {len(hy)} samples")
     robustness = None
@@ -273,7 +273,7 @@ def build_fingerprint(
         config = dataclasses.replace(config, core=dataclasses.replace(config.core, epsilon=robustness.epsilon))
         say(f"owner flips at L-inf {robustness.flip_radius * 255:.1f}/255: core points get epsilon "
             f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255; {time.monotonic() - t0:.0f} s)")
-    cache = KnownModelCache(cache_dir, owner, points, labels, held.points, held.labels, num_classes) if cache_dir is not None else None
+    cache = KnownModelCache(cache_dir, owner, owner_held, points, labels, hx, hy, num_classes) if cache_dir is not None else None
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")

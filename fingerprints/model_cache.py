@@ -7,11 +7,11 @@ computes something else from the same weights), the training and held-out data, 
 classes, the spec (family, architecture, recipe) and its index (its seed is derived from it),
 whether it is the corrected retry, and the parameters of the `BuildConfig` that its recipe reads
 (`build.training_inputs`: a radius for the adversarially fine-tuned copy only, epochs for models
-trained from scratch only, and so on). The key is the sha256 of all of that plus `CACHE_VERSION`, which is bumped whenever a
-recipe or the training loop changes. Models are stored as safetensors state dicts (no pickle),
-written atomically; an unusable entry is a warning and the model is trained again, never an
-error. On a CIFAR-10 owner of 289 k parameters the default zoo trains for over an hour on 2
-cores.
+trained from scratch only, and so on). The key is the sha256 of all of that plus
+`CACHE_VERSION`, which is bumped whenever a recipe or the training loop changes. Models are
+stored as safetensors state dicts (no pickle), written atomically; an unusable entry is a warning
+and the model is trained again, never an error. On a CIFAR-10 owner of 289 k parameters the
+default zoo trains for over an hour on 2 cores.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from torch import nn
 from deepcore_auditor.adapters.errors import first_line
 from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.fingerprints.config import KnownModelSpec
-from deepcore_auditor.fingerprints.models import predict
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +45,9 @@ def _digest_arrays(h: "hashlib._Hash", *arrays: np.ndarray) -> None:
 class KnownModelCache:
     """`cache_dir/known-models/<key>.safetensors`, for one build (one owner, data and config)."""
 
-    def __init__(self, root: Path, owner: nn.Module, points: np.ndarray, labels: np.ndarray,
+    def __init__(self, root: Path, owner: nn.Module, owner_held: np.ndarray, points: np.ndarray, labels: np.ndarray,
                  held_points: np.ndarray, held_labels: np.ndarray, num_classes: int) -> None:
+        """`owner_held`: the owner's probabilities on `held_points`, as the build computed them."""
         self.dir = Path(root) / "known-models"
         h = hashlib.sha256(f"deepcore-known-model:v{CACHE_VERSION}:classes={num_classes}".encode())
         for name, value in sorted(owner.state_dict().items()):
@@ -56,7 +56,7 @@ class KnownModelCache:
         convention = getattr(owner, "convention", None)  # what every model here sees: not in the state dict
         h.update(json.dumps(dataclasses.asdict(convention) if dataclasses.is_dataclass(convention) else None).encode())
         # The owner's answers, rounded past float noise: a graph that computes otherwise from the same tensors.
-        _digest_arrays(h, np.round(predict(owner, held_points).astype(np.float64), 4))
+        _digest_arrays(h, np.round(owner_held.astype(np.float64), 4))
         _digest_arrays(h, points, labels, held_points, held_labels)
         self._base = h.hexdigest()
 

@@ -26,6 +26,7 @@ from deepcore_auditor.fingerprints.models import (
     accuracy,
     batchnorm_trains,
     clone,
+    predict,
     reinitialize,
     train,
 )
@@ -281,7 +282,8 @@ def test_the_cache_key_follows_everything_a_model_is_trained_from(small, tmp_pat
     cfg = BuildConfig(core=CoreConfig(epsilon=0.1))
 
     def key(o=owner, xs=x, c=cfg, s=ref, retry=False):
-        return KnownModelCache(tmp_path, o, xs[:500], y[:500], xt[:100], yt[:100], 10)._path(s, 7, retry, training_inputs(s, c)).name
+        return KnownModelCache(tmp_path, o, predict(o, xt[:100]), xs[:500], y[:500], xt[:100], yt[:100], 10)._path(
+            s, 7, retry, training_inputs(s, c)).name
 
     base = key()
     other_conv = Normalized(owner.net, dataclasses.replace(conv, mean=(0.3,)))
