@@ -1,4 +1,4 @@
-"""One entry point from a suspect spec (a file or a Triton URL) to an oracle.
+"""One entry point from a suspect spec (a file, or a Triton or v2 server URL) to an oracle.
 
 Backends are imported only when a spec needs them, so ONNX suspects work without torch
 loaded and local suspects without tritonclient installed.
@@ -16,10 +16,12 @@ from deepcore_auditor.adapters.errors import InputError
 log = logging.getLogger(__name__)
 
 TRITON_SCHEMES = ("triton+http://", "triton+https://", "triton+grpc://", "triton+grpcs://")
+V2_SCHEMES = ("v2+http://", "v2+https://", "v2+grpc://", "v2+grpcs://")
 TORCH_SUFFIXES = (".pt", ".ts", ".pt2", ".jit")
 ACCEPTED = (
     "a .onnx file, a TorchScript file (.pt, .ts, .jit), a torch.export program (.pt2), "
-    "or a triton+http://, triton+https://, triton+grpc:// or triton+grpcs:// URL"
+    "a triton+http(s):// or triton+grpc(s):// URL (Triton), or a v2+http(s):// or v2+grpc(s):// URL "
+    "(any Open Inference Protocol server: KServe, MLServer, ...)"
 )
 
 
@@ -35,15 +37,15 @@ def open_suspect(
     """Open the suspect named by `spec` as an oracle, checked against the fingerprint's points.
 
     `triton_options` go to `adapters.triton.open_triton` (unchanged, URL included with its
-    `triton+` prefix); a local suspect refuses any that are set, but `request_timeout_s`, which
+    `triton+` or `v2+` prefix), which serves both kinds of server; a local suspect refuses any that are set, but `request_timeout_s`, which
     bounds each batch of an ONNX suspect as it bounds each request to a server.
     """
-    if spec.lower().startswith("triton+"):  # a Triton URL, or a malformed one: its parser names the fault
+    if spec.lower().startswith(("triton+", "v2+")):  # a server URL, or a malformed one: its parser names the fault
         try:
             from deepcore_auditor.adapters.triton import open_triton
         except ImportError as e:
             log.debug("importing adapters.triton failed: %s", e)
-            raise InputError("Triton support needs tritonclient: pip install 'deepcore-auditor[triton]'") from e
+            raise InputError("Triton and v2 server support needs tritonclient: pip install 'deepcore-auditor[triton]'") from e
         return open_triton(
             spec, convention=convention, point_shape=point_shape, num_classes=num_classes, **triton_options
         )
@@ -51,7 +53,7 @@ def open_suspect(
     run_timeout = triton_options.pop("request_timeout_s", None)  # bounds a local model's batches too
     given = sorted(k for k, v in triton_options.items() if v is not None)
     if given:
-        raise InputError(f"option(s) {', '.join(given)} apply to Triton suspects only, not to {spec}")
+        raise InputError(f"option(s) {', '.join(given)} apply to Triton and v2 server suspects only, not to {spec}")
     suffix = Path(spec).suffix.lower()
     if suffix == ".onnx" or suffix in TORCH_SUFFIXES:
         if not Path(spec).is_file():
@@ -65,7 +67,7 @@ def open_suspect(
         )
     if suffix in TORCH_SUFFIXES:
         if run_timeout is not None:
-            raise InputError(f"option request_timeout_s applies to Triton and ONNX suspects, not to {spec}")
+            raise InputError(f"option request_timeout_s applies to server and ONNX suspects, not to {spec}")
         from deepcore_auditor.adapters.torch import TorchOracle, load_torch_model
 
         model, identity = load_torch_model(spec)

@@ -173,7 +173,7 @@ class AuditRequest:
     key_file: Path | None = None  # Ed25519 PEM: verifies the fingerprint; a private key also signs the report
     hmac_key_env: str | None = None  # HMAC key in this environment variable: verifies and signs
     commitment: Path | None = None  # the owner's published commitment: the fingerprint must match it
-    # Triton suspects only; None (or empty/False) = the adapter's default, and a local suspect
+    # Server (Triton and v2) suspects only; None (or empty/False) = the adapter's default, and a local suspect
     # refuses any that is set.
     concurrency: int | None = None
     request_timeout: float | None = None

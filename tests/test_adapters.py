@@ -545,9 +545,9 @@ def test_open_suspect_dispatches_local_files(tmp_path: Path) -> None:
     np.testing.assert_array_equal(onnx_oracle.query(pts, Access.LABELS), torch_oracle.query(pts, Access.LABELS))
     with pytest.raises(InputError, match="suspect file not found"):
         open_suspect(str(tmp_path / "gone.onnx"), **kw)
-    with pytest.raises(InputError, match=r"give a \.onnx file.*triton\+grpc://"):
+    with pytest.raises(InputError, match=r"give a \.onnx file.*triton\+grpc\(s\)://.*v2\+http"):
         open_suspect(str(tmp_path / "model.h5"), **kw)
-    with pytest.raises(InputError, match="timeout_s apply to Triton suspects only"):
+    with pytest.raises(InputError, match="timeout_s apply to Triton and v2 server suspects only"):
         open_suspect(str(onnx_path), **kw, timeout_s=3.0)
 
 

@@ -215,9 +215,9 @@ def test_an_oversized_fingerprint_is_refused_before_it_is_read(tmp_path: Path) -
 
 def test_triton_options_are_named_as_typed(world: Any) -> None:
     error_line(deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--connect-timeout", "5")),
-               "--connect-timeout apply to Triton suspects only")
+               "--connect-timeout apply to Triton and v2 server suspects only")
     line = error_line(deepcore(*audit_args(world, "triton+ftp://127.0.0.1:1/m", "--no-report", "--connect-timeout", "5")),
-                      "unsupported Triton URL scheme")
+                      "unsupported server URL scheme")
     assert "connect_timeout_s" not in line
     error_line(deepcore(*audit_args(world, "triton+http://127.0.0.1:1/m", "--no-report", "--connect-timeout", "-1")),
                "--connect-timeout")

@@ -99,11 +99,17 @@ def _read_executions(trial, model: str) -> int:
         ("triton+grpcs://h/m/3", ("grpc", True, "h", 443, "m", "3")),
         ("triton+grpc://10.0.0.1/m/", ("grpc", False, "10.0.0.1", 8001, "m", "")),
         ("TRITON+HTTPS://[::1]:8443/my%20model/12", ("http", True, "::1", 8443, "my model", "12")),
+        # Open Inference Protocol servers: KServe's and MLServer's ports, versions are strings
+        ("v2+http://h/m", ("http", False, "h", 8080, "m", "")),
+        ("v2+grpc://h/m", ("grpc", False, "h", 8081, "m", "")),
+        ("v2+https://h/m/v1.2", ("http", True, "h", 443, "m", "v1.2")),
+        ("V2+GRPCS://h:9443/m/007", ("grpc", True, "h", 9443, "m", "007")),
     ],
 )
 def test_parse_url(url: str, expected: tuple) -> None:
     e = parse_triton_url(url)
     assert (e.protocol, e.tls, e.host, e.port, e.model, e.version) == expected
+    assert e.flavour == url.split("+")[0].lower()
 
 
 @pytest.mark.parametrize(
@@ -120,6 +126,10 @@ def test_parse_url(url: str, expected: tuple) -> None:
         "triton+http://user:pw@h:8000/m",
         "triton+http://h:8000/m?x=1",
         "triton+http://:8000/m",
+        "v2+http://h/m/..",
+        "v2+http://h/m/a%2Fb",
+        "v2+udp://h/m",
+        "v2+http://u:p@h/m",
     ],
 )
 def test_bad_url_is_input_error(url: str) -> None:

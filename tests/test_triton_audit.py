@@ -198,6 +198,22 @@ def test_triton_audit_equals_local_audit(world: Any, trial: Trial, local: Callab
             assert {"authorization": f"Bearer {token}", "x-deepcore-trial": f"pirate-{protocol}"} in seen
 
 
+def test_triton_asked_as_a_plain_v2_server_gives_the_same_audit(world: Any, trial: Trial, local: Callable) -> None:
+    """A `v2+` URL uses the protocol's core alone (no config call, JSON tensors over HTTP, argmax
+    labels): Triton answered that way must give the audit that Triton's own extensions give."""
+    code, expected = local("pirate")
+    for protocol in ("http", "grpc"):
+        url = trial.server.url("pirate", protocol).replace("triton+", "v2+", 1)
+        r = run(*audit_args(world, url, "--json"))
+        assert r.exit_code == code, r.output
+        got = json.loads(r.stdout)
+        assert_same_audit(got, expected)
+        suspect = got["suspect"]
+        assert suspect["kind"] == "v2" and suspect["identity"]["server_name"] == "triton"
+        assert suspect["identity"]["version"] == "1" and suspect["details"]["labels_via"] == "argmax"
+        assert suspect["details"]["tensors"] == ("json" if protocol == "http" else "raw")
+
+
 def test_label_only_endpoints_give_the_same_audit(world: Any, trial: Trial, local: Callable) -> None:
     code, expected = local("pirate")
     cases = [
@@ -340,7 +356,7 @@ def test_unusable_triton_suspects_are_one_line_errors(world: Any, trial: Trial) 
      ["--labels-via", "argmax"], ["--ssl"], ["--auth-token-env", TOKEN_ENV]],
 )
 def test_triton_options_with_a_local_suspect_are_refused(world: Any, option: list[str]) -> None:
-    one_line_error(run(*audit_args(world, world.pirate_onnx, *option)), "Triton suspects only")
+    one_line_error(run(*audit_args(world, world.pirate_onnx, *option)), "Triton and v2 server suspects only")
 
 
 def test_request_timeout_bounds_an_onnx_suspect_and_is_refused_for_torchscript(world: Any) -> None:

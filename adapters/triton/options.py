@@ -1,4 +1,15 @@
-"""The Triton URL (``triton+http://HOST[:PORT]/MODEL[/VERSION]``) and the options of `open_triton`.
+"""The server URL and the options of `open_triton`.
+
+Two flavours of URL name a model on an inference server:
+- ``triton+http://HOST[:PORT]/MODEL[/VERSION]`` (and ``+https``, ``+grpc``, ``+grpcs``): a Triton
+  Inference Server, with everything Triton adds to the protocol (the model-config call, binary
+  tensors over HTTP, the classification extension). Default ports 8000 (HTTP) and 8001 (gRPC).
+- ``v2+http://HOST[:PORT]/MODEL[/VERSION]`` (and ``+https``, ``+grpc``, ``+grpcs``): any server
+  of the Open Inference Protocol (KServe v2: KServe, Seldon MLServer, Triton, ...), asked with
+  the protocol's core alone: shapes and types from the model metadata, JSON tensors over HTTP
+  (raw tensor contents over gRPC, which the protocol defines), labels as the argmax of the class
+  vector. Default ports 8080 (HTTP) and 8081 (gRPC), the ones KServe and MLServer listen on.
+With TLS the port defaults to 443.
 
 Credentials are not accepted in the URL: a bearer token comes through `auth_token_env`, and
 header values never appear in a repr().
@@ -6,6 +17,7 @@ header values never appear in a repr().
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import urllib.parse
@@ -16,13 +28,19 @@ from typing import Any
 
 from deepcore_auditor.adapters.errors import InputError
 
-_SCHEMES = {
-    "triton+http": ("http", False),
-    "triton+https": ("http", True),
-    "triton+grpc": ("grpc", False),
-    "triton+grpcs": ("grpc", True),
+FLAVOURS = ("triton", "v2")
+_SCHEMES = {  # scheme -> (flavour, protocol, TLS)
+    f"{flavour}+{protocol}{'s' if tls else ''}": (flavour, protocol, tls)
+    for flavour in FLAVOURS
+    for protocol in ("http", "grpc")
+    for tls in (False, True)
 }
-_DEFAULT_PORTS = {("http", False): 8000, ("grpc", False): 8001, ("http", True): 443, ("grpc", True): 443}
+_DEFAULT_PORTS = {
+    ("triton", "http"): 8000,
+    ("triton", "grpc"): 8001,
+    ("v2", "http"): 8080,  # KServe's and MLServer's
+    ("v2", "grpc"): 8081,
+}
 _LABELS_VIA = ("auto", "classification", "argmax")
 _OPTIONS = {
     "concurrency",
@@ -41,7 +59,8 @@ _OPTIONS = {
 
 @dataclass(frozen=True)
 class TritonEndpoint:
-    """A parsed ``triton+...://HOST:PORT/MODEL[/VERSION]`` URL (never holds credentials)."""
+    """A parsed ``triton+...://`` or ``v2+...://HOST:PORT/MODEL[/VERSION]`` URL (never holds
+    credentials)."""
 
     scheme: str
     protocol: str  # "http" or "grpc"
@@ -50,6 +69,12 @@ class TritonEndpoint:
     port: int
     model: str
     version: str  # "" = the server's choice (its latest ready version)
+    flavour: str = "triton"  # "triton" or "v2" (the Open Inference Protocol's core only)
+
+    @property
+    def server(self) -> str:
+        """What the server is called in messages."""
+        return "Triton" if self.flavour == "triton" else "v2 inference"
 
     @property
     def address(self) -> str:
@@ -63,43 +88,46 @@ class TritonEndpoint:
 
 
 def parse_triton_url(url: str) -> TritonEndpoint:
-    """Parse and validate a Triton URL; InputError when it is malformed."""
+    """Parse and validate a Triton or v2 server URL; InputError when it is malformed."""
     if not isinstance(url, str):
-        raise InputError(f"a Triton URL must be a string, got {type(url).__name__}")
+        raise InputError(f"a server URL must be a string, got {type(url).__name__}")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise InputError(f"malformed Triton URL {_redact_url(url)!r}: {e}") from e
+        raise InputError(f"malformed server URL {_redact_url(url)!r}: {e}") from e
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
-        raise InputError(f"unsupported Triton URL scheme {scheme!r}: use one of {', '.join(sorted(_SCHEMES))}")
+        raise InputError(f"unsupported server URL scheme {scheme!r}: use one of {', '.join(sorted(_SCHEMES))}")
     if parts.username is not None or parts.password is not None:
-        raise InputError("credentials are not accepted in a Triton URL: pass a bearer token with auth_token_env")
+        raise InputError("credentials are not accepted in a server URL: pass a bearer token with auth_token_env")
     if parts.query or parts.fragment:
-        raise InputError(f"a Triton URL takes no query or fragment: {_redact_url(url)!r}")
+        raise InputError(f"a server URL takes no query or fragment: {_redact_url(url)!r}")
     if not parts.hostname:
-        raise InputError(f"Triton URL {url!r} has no host")
-    protocol, tls = _SCHEMES[scheme]
+        raise InputError(f"server URL {url!r} has no host")
+    flavour, protocol, tls = _SCHEMES[scheme]
     segments = [urllib.parse.unquote(s) for s in parts.path.split("/")[1:]]
     if segments and segments[-1] == "":
         segments.pop()
     if not 1 <= len(segments) <= 2 or not segments[0]:
-        raise InputError(f"Triton URL {url!r} must name a model: {scheme}://HOST:PORT/MODEL[/VERSION]")
+        raise InputError(f"server URL {url!r} must name a model: {scheme}://HOST:PORT/MODEL[/VERSION]")
     model = segments[0]
     if any(c in model for c in "/\\") or model in (".", "..") or not model.isprintable():
-        raise InputError(f"Triton model name {model!r} is not valid")
+        raise InputError(f"model name {model!r} is not valid")
     version = segments[1] if len(segments) == 2 else ""
-    if version and not (version.isdigit() and int(version) > 0):
+    if flavour == "triton" and version and not (version.isdigit() and int(version) > 0):
         raise InputError(f"Triton model version must be a positive integer, got {version!r}")
+    if version and (version in (".", "..") or not version.isprintable() or any(c in version for c in "/\\")):
+        raise InputError(f"model version {version!r} is not valid")  # the protocol's versions are strings
     return TritonEndpoint(
         scheme=scheme,
         protocol=protocol,
         tls=tls,
         host=parts.hostname,
-        port=port if port is not None else _DEFAULT_PORTS[(protocol, tls)],
+        port=port if port is not None else 443 if tls else _DEFAULT_PORTS[(flavour, protocol)],
         model=model,
-        version=str(int(version)) if version else "",
+        version=str(int(version)) if version and flavour == "triton" else version,
+        flavour=flavour,
     )
 
 
@@ -177,15 +205,13 @@ def _transport(endpoint: TritonEndpoint, options: Mapping[str, Any]) -> _Transpo
     if ssl is False and endpoint.tls:
         raise InputError(f"option ssl=False contradicts the {endpoint.scheme} scheme")
     if ssl and not endpoint.tls:
-        endpoint = TritonEndpoint(
-            endpoint.scheme + "s", endpoint.protocol, True, endpoint.host, endpoint.port, endpoint.model, endpoint.version
-        )
+        endpoint = dataclasses.replace(endpoint, scheme=endpoint.scheme + "s", tls=True)
     roots = options.get("ssl_root_certificates")
     insecure = options.get("ssl_insecure", False)
     if not isinstance(insecure, bool):
         raise InputError(f"option ssl_insecure must be true or false, got {insecure!r}")
     if (roots is not None or insecure) and not endpoint.tls:
-        raise InputError("ssl_root_certificates / ssl_insecure need TLS: use triton+https or triton+grpcs")
+        raise InputError(f"ssl_root_certificates / ssl_insecure need TLS: use {endpoint.flavour}+https or {endpoint.flavour}+grpcs")
     if roots is not None:
         roots = str(roots)
         if not Path(roots).is_file():

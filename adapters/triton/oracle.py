@@ -1,4 +1,9 @@
-"""`TritonOracle`: a model served by Triton, asked over HTTP(S) or gRPC(S).
+"""`TritonOracle`: a model served by Triton or by any Open Inference Protocol (KServe v2) server,
+asked over HTTP(S) or gRPC(S).
+
+Over HTTP, a Triton model gets binary tensors (Triton's extension) and a v2 model JSON tensors
+(the protocol's core, which MLServer and KServe read): a float32 point is written as the decimal
+of its exact value and read back to the same bits, so the answers do not depend on the encoding.
 
 Up to `concurrency` requests are in flight at once, each worker thread owning its own client
 (tritonclient's HTTP client is not thread-safe); answers are reassembled in order.
@@ -51,7 +56,8 @@ def _parse_classification(values: np.ndarray, n: int) -> np.ndarray:
 
 
 class TritonOracle(Oracle):
-    """A model served by Triton, asked over HTTP(S) or gRPC(S). Open it with `open_triton`."""
+    """A model served by Triton or a v2 server, asked over HTTP(S) or gRPC(S). Open it with
+    `open_triton`."""
 
     def __init__(
         self,
@@ -86,7 +92,9 @@ class TritonOracle(Oracle):
         self._closed = False
         # Per-request constants, worked out once.
         self._module = _client_module(transport.endpoint.protocol)
-        self._what = f"Triton inference on {transport.endpoint.url(identity['version'])}"
+        self._what = f"{transport.endpoint.server} inference on {transport.endpoint.url(identity['version'])}"
+        # Binary tensors are Triton's HTTP extension; a v2 server is sent JSON (gRPC is binary in both).
+        self._binary = transport.endpoint.flavour == "triton" or transport.endpoint.protocol == "grpc"
         self._headers = transport.header_dict()  # copied per request: tritonclient's HTTP infer adds to it
         self._infer_kwargs: dict[str, Any] = {"model_version": identity["version"]}
         if transport.endpoint.protocol == "grpc":
@@ -99,7 +107,8 @@ class TritonOracle(Oracle):
         with self._lock:
             readings = sorted(self._readings)
         details["output_reading"] = None if not readings else readings[0] if len(readings) == 1 else "mixed"
-        return OracleInfo(kind="triton", identity=dict(self._identity), access=access, num_classes=self._plan.num_classes, details=details)
+        kind = self._transport.endpoint.flavour  # "triton" or "v2"
+        return OracleInfo(kind=kind, identity=dict(self._identity), access=access, num_classes=self._plan.num_classes, details=details)
 
     def __repr__(self) -> str:
         return f"TritonOracle({self._identity['url']}, server {self._identity['server_version']})"
@@ -157,7 +166,7 @@ class TritonOracle(Oracle):
                     except FutureTimeout as e:
                         if sum(answered) == before:  # no request answered for wait_s
                             raise TransientOracleError(
-                                f"Triton at {self._transport.endpoint.address} gave no answer within {wait_s:.0f} s"
+                                f"{self._transport.endpoint.server} server at {self._transport.endpoint.address} gave no answer within {wait_s:.0f} s"
                             ) from e
                     except BaseException as e:  # noqa: BLE001 - the worker's client could not be made
                         errors.setdefault(-1 - k, e)
@@ -195,8 +204,12 @@ class TritonOracle(Oracle):
 
         def request() -> Any:
             inp = module.InferInput(plan.input_name, list(data.shape), plan.input_datatype)
-            inp.set_data_from_numpy(data)
-            out = module.InferRequestedOutput(plan.output_name, class_count=1 if mode == "classification" else 0)
+            if self._binary:
+                inp.set_data_from_numpy(data)
+                out = module.InferRequestedOutput(plan.output_name, class_count=1 if mode == "classification" else 0)
+            else:  # HTTP, JSON tensors (gRPC's clients take no binary_data)
+                inp.set_data_from_numpy(data, binary_data=False)
+                out = module.InferRequestedOutput(plan.output_name, binary_data=False)
             headers = None if self._headers is None else dict(self._headers)
             result = client.infer(self._transport.endpoint.model, [inp], outputs=[out], headers=headers, **self._infer_kwargs)
             return result.as_numpy(plan.output_name)

@@ -1,7 +1,9 @@
 """`open_triton`: everything the audit depends on, checked when the oracle is opened, before any query.
 
 The server is live, the model (version) is ready, and its input and output fit the audit
-(`shapes._plan`); the audit is pinned to the version the server answers with.
+(`shapes._plan`); the audit is pinned to the version the server answers with. A ``v2+`` URL
+asks only what the Open Inference Protocol defines: no model-config call (Triton's own), so the
+batching is read from the metadata's input shape and the suspect is identified by its metadata.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, Or
 from deepcore_auditor.adapters.triton.client import _call, _gevent_timeout, _make_client, _translate
 from deepcore_auditor.adapters.triton.options import _LABELS_VIA, _OPTIONS, _positive, _Transport, _transport, parse_triton_url
 from deepcore_auditor.adapters.triton.oracle import TritonOracle
-from deepcore_auditor.adapters.triton.shapes import _canonical_config, _plan
+from deepcore_auditor.adapters.triton.shapes import _canonical_config, _canonical_metadata, _plan
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ def open_triton(
     num_classes: int | None,
     **options: Any,
 ) -> Oracle:
-    """Open a Triton-served suspect and check it can answer points of `point_shape`.
+    """Open a suspect served by Triton (``triton+`` URL) or by any Open Inference Protocol
+    server (``v2+`` URL) and check it can answer points of `point_shape`.
 
     Options: concurrency (4), labels_via ("auto" | "classification" | "argmax"), output (name of
     the output tensor when the model has several), batch_size (samples per request; default the
@@ -58,11 +61,13 @@ def open_triton(
         raise InputError(f"option output must name an output tensor, got {output_option!r}")
     transport = _transport(endpoint, options)
     endpoint = transport.endpoint
+    if endpoint.flavour == "v2" and labels_via == "classification":
+        raise InputError("labels_via='classification' is Triton's extension: use a triton+ URL, or argmax with v2+")
 
     client = _make_client(transport)
     try:
         probe = _Probe(client, transport)
-        server_version, extensions = probe.server()
+        server_name, server_version, extensions = probe.server()
         version, metadata, config = probe.model()
     finally:
         try:
@@ -81,16 +86,23 @@ def open_triton(
         labels_via=labels_via,
         batch_size=batch_size,
         output_option=output_option,
-        classification_available="classification" in extensions,
+        classification_available=endpoint.flavour == "triton" and "classification" in extensions,
     )
     identity = {
         "url": endpoint.url(),
         "server_version": server_version,
         "model": endpoint.model,
         "version": version,
-        "config_sha256": hashlib.sha256(_canonical_config(config).encode()).hexdigest(),
     }
+    if endpoint.flavour == "triton":
+        identity["config_sha256"] = hashlib.sha256(_canonical_config(config).encode()).hexdigest()
+    else:  # the protocol's own description of the model: its name, platform, inputs and outputs
+        identity["server_name"] = server_name
+        identity["metadata_sha256"] = hashlib.sha256(_canonical_metadata(metadata).encode()).hexdigest()
     details.update(
+        flavour=endpoint.flavour,
+        tensors="json" if endpoint.flavour == "v2" and endpoint.protocol == "http" else
+        "binary" if endpoint.protocol == "http" else "raw",
         protocol=endpoint.protocol,
         tls=endpoint.tls,
         version_requested=endpoint.version or None,
@@ -101,8 +113,8 @@ def open_triton(
         convention=convention.to_dict(),
     )
     log.info(
-        "opened Triton model %s version %s at %s (server %s): %s, %d per request",
-        endpoint.model, version, endpoint.address, server_version, plan.output_kind, plan.chunk,
+        "opened %s model %s version %s at %s (server %s): %s, %d per request",
+        endpoint.server, endpoint.model, version or "(the server's)", endpoint.address, server_version, plan.output_kind, plan.chunk,
     )
     return TritonOracle(
         transport,
@@ -122,7 +134,7 @@ class _Probe:
         self.client = client
         self.t = transport
         self.grpc = transport.endpoint.protocol == "grpc"
-        self.where = f"Triton server at {transport.endpoint.address}"
+        self.where = f"{transport.endpoint.server} server at {transport.endpoint.address}"
 
     def _kw(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"headers": self.t.header_dict()}
@@ -130,7 +142,8 @@ class _Probe:
             kw["client_timeout"] = self.t.connect_timeout_s
         return kw
 
-    def server(self) -> tuple[str, list[str]]:
+    def server(self) -> tuple[str, str, list[str]]:
+        """The server's name, version and protocol extensions."""
         try:
             live = self.client.is_server_live(**self._kw())
         except (Exception, _gevent_timeout()) as e:
@@ -142,7 +155,7 @@ class _Probe:
         if self.grpc:
             kw["as_json"] = True
         meta = _call(f"{self.where}: server metadata", lambda: self.client.get_server_metadata(**kw))
-        return str(meta.get("version", "unknown")), [str(e) for e in meta.get("extensions", [])]
+        return str(meta.get("name", "unknown")), str(meta.get("version", "unknown")), [str(e) for e in meta.get("extensions", [])]
 
     def model(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
         ep = self.t.endpoint
@@ -160,7 +173,8 @@ class _Probe:
             kw["as_json"] = True
         try:
             metadata = self.client.get_model_metadata(ep.model, ep.version, **kw)
-            config = self.client.get_model_config(ep.model, ep.version, **kw)
+            # Triton's own call; other v2 servers answer 404 / UNIMPLEMENTED.
+            config = self.client.get_model_config(ep.model, ep.version, **kw) if ep.flavour == "triton" else {}
         except (Exception, _gevent_timeout()) as e:
             cause = _translate(e, "model metadata")
             if ready or isinstance(cause, TransientOracleError):
@@ -173,5 +187,5 @@ class _Probe:
         version = ep.version
         if not version:  # pin the audit to the version the server answers with now (its latest)
             versions = [int(v) for v in metadata.get("versions", []) if str(v).isdigit()]
-            version = str(max(versions)) if versions else ""
+            version = str(max(versions)) if versions else ""  # "": the server's only (or default) version
         return version, metadata, config

@@ -38,6 +38,19 @@ def _canonical_config(config: Mapping[str, Any]) -> str:
     return json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def _canonical_metadata(metadata: Mapping[str, Any]) -> str:
+    """Canonical JSON of a model's v2 metadata (name, platform, inputs, outputs): the same for
+    HTTP's JSON and gRPC's protobuf view (which spells shapes as strings)."""
+
+    def tensors(key: str) -> list[dict[str, Any]]:
+        return [{"name": str(t.get("name")), "datatype": str(t.get("datatype")), "shape": [int(d) for d in t.get("shape", [])]}
+                for t in metadata.get(key, [])]
+
+    normal = {"name": str(metadata.get("name", "")), "platform": str(metadata.get("platform", "")),
+              "inputs": tensors("inputs"), "outputs": tensors("outputs")}
+    return json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def _shape(values: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
@@ -77,7 +90,7 @@ def _plan(
     classification_available: bool,
 ) -> tuple[_Plan, InputConvention, dict[str, Any]]:
     """Check the model's input and output against the audit and decide how to ask it."""
-    model = f"Triton model {endpoint.model!r} version {version or '?'}"
+    model = f"{endpoint.server} model {endpoint.model!r}" + (f" version {version}" if version else "")
     inputs = list(metadata.get("inputs", []))
     outputs = list(metadata.get("outputs", []))
     if len(inputs) != 1:
@@ -145,7 +158,7 @@ def _plan(
             via = "argmax"
         elif not classifiable:
             why = "does not offer the classification extension" if not classification_available else f"cannot classify {out_dtype} outputs"
-            raise IncompatibleSuspect(f"Triton at {endpoint.address} {why}: use labels_via='argmax'")
+            raise IncompatibleSuspect(f"{endpoint.server} server at {endpoint.address} {why}: use labels_via='argmax'")
         else:
             via = "classification"
     elif out_dtype in _INT_OUTPUTS and out_dims in ((), (1,)):
