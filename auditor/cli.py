@@ -165,6 +165,7 @@ def cli(verbose: int) -> None:
 @click.option("--epsilon", type=float, default=CoreConfig.epsilon, help="L-inf radius around each seed, in [0,1] pixel units (default: 3x the radius at which the owner flips, measured).")
 @click.option("--steps", type=int, default=CoreConfig.steps, show_default=True, help="Optimization steps per point.")
 @click.option("--min-confidence", type=float, default=CoreConfig.min_confidence, show_default=True, help="Owner confidence a core point must reach.")
+@click.option("--uint8-points", is_flag=True, help="Keep the core points on the 8-bit grid (values k/255), so they travel unchanged as PNG images (audit --image-format png).")
 @click.option("--reference-weight", default="auto", show_default=True, callback=_auto_or_float,
               help="Weight of pushing references away; auto: the smallest of 2, 4, 8, 16 on which an exact copy is identified within a quarter of the points.")
 @click.option("--train-samples", type=int, default=BuildConfig.train_samples, show_default=True, help="Owner-data samples for each simulation/reference (train them as well as the owner: weak references understate p0).")
@@ -215,6 +216,8 @@ def fingerprint(**o: Any) -> None:
 @click.option("--ssl/--no-ssl", default=None, help="Server suspects: use TLS with a +http/+grpc URL (same as +https/+grpcs).")
 @click.option("--ssl-root-certificates", type=click.Path(dir_okay=False, path_type=Path), help="Server TLS: PEM file of the certificates to trust.")
 @click.option("--ssl-insecure", is_flag=True, help="Server HTTPS: skip certificate verification (trials only).")
+@click.option("--image-format", help="Server suspects whose input is an encoded image (BYTES): send each point as png (lossless; needs a fingerprint built with --uint8-points) or jpeg:QUALITY.")
+@click.option("--lossy-images", is_flag=True, help="Accept --image-format jpeg:Q, which alters every point (the report says so).")
 @click.option("--labels-via", type=click.Choice(["auto", "classification", "argmax"]), help="Triton --access labels: top-1 from the classification extension or argmax of the output [default: auto; v2+ URLs: argmax].")
 @click.option("--repeat-checks", type=int, default=AuditConfig.repeat_checks, show_default=True, help="Points asked again before an independent verdict; a suspect that answers differently gets inconclusive (0: off).")
 @click.option("--commitment", type=click.Path(dir_okay=False, path_type=Path), help="The owner's published commitment: refuse any other fingerprint, and record it in the report.")

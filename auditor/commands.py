@@ -15,6 +15,7 @@ from typing import Any
 from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError, first_line
 from deepcore_auditor.adapters.files import check_output, same_file
+from deepcore_auditor.adapters.images import ImageEncoding, transport_problem
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
@@ -58,10 +59,12 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
                  epsilon: float | None = CoreConfig.epsilon, steps: int = CoreConfig.steps,
                  min_confidence: float = CoreConfig.min_confidence, reference_weight: float | None = CoreConfig.reference_weight,
                  train_samples: int = BuildConfig.train_samples, epochs: int = BuildConfig.epochs,
-                 max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed) -> BuildConfig:
+                 max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed,
+                 uint8_points: bool = CoreConfig.uint8_points) -> BuildConfig:
     """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo."""
     core = CoreConfig(n_candidates=candidates, n_points=n_points, epsilon=epsilon, steps=steps,
-                      min_confidence=min_confidence, reference_weight=reference_weight, seed=seed)
+                      min_confidence=min_confidence, reference_weight=reference_weight, seed=seed,
+                      uint8_points=uint8_points)
     return BuildConfig(core=core, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs, seed=seed)
 
 
@@ -184,6 +187,10 @@ class AuditRequest:
     ssl_root_certificates: Path | None = None
     ssl_insecure: bool = False
     labels_via: str | None = None
+    # Send each point as an encoded image ("png", "jpeg:Q") to a server model whose input is the
+    # bytes of an image file; lossy formats only with lossy_images (adapters.images).
+    image_format: str | None = None
+    lossy_images: bool = False
     force: bool = False  # replace an existing --report (never one of the inputs)
 
 
@@ -222,6 +229,7 @@ def triton_options(req: AuditRequest) -> dict[str, Any]:
         "ssl_root_certificates": None if req.ssl_root_certificates is None else str(req.ssl_root_certificates),
         "ssl_insecure": True if req.ssl_insecure else None,
         "labels_via": req.labels_via,
+        "image_format": req.image_format,
     }
 
 
@@ -229,7 +237,7 @@ def triton_options(req: AuditRequest) -> dict[str, Any]:
 _TRITON_FLAGS = {"request_timeout_s": "--request-timeout", "connect_timeout_s": "--connect-timeout",
                  "auth_token_env": "--auth-token-env", "ssl_root_certificates": "--ssl-root-certificates",
                  "ssl_insecure": "--ssl-insecure", "labels_via": "--labels-via", "concurrency": "--concurrency",
-                 "headers": "--header", "ssl": "--ssl"}
+                 "headers": "--header", "ssl": "--ssl", "image_format": "--image-format"}
 
 
 def as_typed(message: str) -> str:
@@ -288,6 +296,14 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
             key.verify(commitment.signature, "commitment", commitment.digest, str(req.commitment))
         if commitment.content["fingerprint_sha256"] != fp.digest:
             raise InputError(f"fingerprint {req.fingerprint_path} is not the one committed to in {req.commitment} (sha256 differs)")
+    if req.image_format is not None:  # the points must reach the suspect as the fingerprint holds them
+        encoding = ImageEncoding.parse(req.image_format)
+        problem = transport_problem(fp.points, encoding, allow_lossy=req.lossy_images)
+        if problem:
+            raise InputError(problem)
+        options["image_format"] = encoding
+    elif req.lossy_images:
+        raise InputError("--lossy-images applies only with --image-format jpeg:QUALITY")
     config = req.config
     config.validate()
     started = utc_now()
@@ -317,6 +333,10 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
             raise
         finally:
             ledger.close()
+    encoding = options.get("image_format")
+    if encoding is not None and not encoding.lossless:
+        result.notes.append(f"points sent as {encoding} images: the suspect answered altered points, on which the "
+                            "fingerprint's p0 and p1 were never measured")
     if req.no_report:
         return result
     content = build_report(result, ledger, started_utc=started, finished_utc=utc_now(), retries=req.retries,

@@ -28,6 +28,7 @@ from torch import nn
 
 from deepcore_auditor.adapters.base import Access, Oracle
 from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.adapters.images import to_uint8_grid
 from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.calibration import rates
 from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, KnownModelSpec
@@ -321,7 +322,8 @@ def _grow(owner: Normalized, known: Sequence[KnownModel], points: np.ndarray, la
 
     def grow(weight: float | None, lo: int, hi: int) -> np.ndarray:
         c = dataclasses.replace(core, reference_weight=weight)
-        return optimize_points(owner, students, refs, points[seed_index[lo:hi]], targets[lo:hi], c, offset=lo)
+        grown = optimize_points(owner, students, refs, points[seed_index[lo:hi]], targets[lo:hi], c, offset=lo)
+        return to_uint8_grid(grown) if core.uint8_points else grown
 
     def fingerprint(weight: float | None, cand: np.ndarray, n: int, ladder: list[dict[str, float | int]] | None) -> Fingerprint:
         cp = select_core(owner, students, refs, cand, seed_index[: len(cand)], targets[: len(cand)], n, core.min_confidence)

@@ -29,6 +29,11 @@ class CoreConfig:
     owner_weight: float = 5.0
     batch_size: int = 200
     seed: int = 0
+    # Round every grown candidate to the 8-bit grid (float32 k/255) before the core points are
+    # chosen, so that they are 8-bit images: sent as PNG to an endpoint that decodes images, they
+    # arrive unchanged (adapters.images). Rounding moves a point by at most 0.5/255, and the owner's
+    # confidence and every known model's answers are measured on the rounded points.
+    uint8_points: bool = False
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)

@@ -231,6 +231,7 @@ def test_a_second_build_reuses_every_trained_model_and_a_bad_entry_is_trained_ag
     is a warning and that model is trained again; other training parameters share no entry."""
     import logging
 
+    from deepcore_auditor.adapters.images import on_uint8_grid
     from deepcore_auditor.fingerprints.build import build_fingerprint
     from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig, KnownModelSpec
 
@@ -263,6 +264,12 @@ def test_a_second_build_reuses_every_trained_model_and_a_bad_entry_is_trained_ag
     third, reused = build(cfg)
     assert reused == len(zoo) - 1 and any("ignoring unusable cached model" in r.getMessage() for r in caplog.records)
     assert [m.quality for m in third.known_models] == [m.quality for m in first.known_models]  # trained again, the same
+    # 8-bit points (for image endpoints): a core-point parameter, so nothing is trained again;
+    # every point is an 8-bit image the owner still labels with its confidence bound.
+    grid, reused = build(dataclasses.replace(cfg, core=dataclasses.replace(cfg.core, uint8_points=True)))
+    assert reused == len(zoo) and len(grid) > 0 and grid.method["params"]["core"]["uint8_points"] is True
+    assert on_uint8_grid(grid.points) and not on_uint8_grid(first.points)
+    assert np.array_equal(grid.owner_probs.argmax(1), grid.owner_labels) and grid.owner_probs.max(1).min() >= 0.6
     _, reused = build(dataclasses.replace(cfg, train_samples=1900))
     assert reused == 0
 

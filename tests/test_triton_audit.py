@@ -363,7 +363,7 @@ def test_request_timeout_bounds_an_onnx_suspect_and_is_refused_for_torchscript(w
     """--request-timeout bounds each batch of an ONNX suspect too (tests/test_hanging.py); a
     TorchScript suspect has no such bound, and says so naming the flag as typed."""
     assert run(*audit_args(world, world.pirate_onnx, "--request-timeout", "60")).exit_code == 1
-    one_line_error(run(*audit_args(world, world.owner_ts, "--request-timeout", "60")), "--request-timeout", "Triton and ONNX")
+    one_line_error(run(*audit_args(world, world.owner_ts, "--request-timeout", "60")), "--request-timeout", "server and ONNX")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RUNTIME = Path(__file__).with_name("mlserver") / "onnx_runtime.py"
+RUNTIMES = Path(__file__).with_name("mlserver")
 _DATATYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(uint8)": "UINT8", "tensor(int64)": "INT64"}
 
 
@@ -61,21 +61,41 @@ class V2Server:
         return f"v2+{protocol}://127.0.0.1:{self.http_port if protocol == 'http' else self.grpc_port}/{model}"
 
 
+@dataclass(frozen=True)
+class ImageModel:
+    """An ONNX classifier behind an image-decoding step: it takes one PNG/JPEG file per sample
+    (a BYTES input), decodes it and normalizes with `mean`/`std` before the model."""
+
+    onnx: Path
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 @contextmanager
-def mlserver(models: Mapping[str, Path], root: Path, *, timeout_s: float = 90.0) -> Iterator[V2Server]:
-    """Serve each ONNX file under its name on a fresh MLServer; stopped (and waited for) on exit."""
+def mlserver(models: Mapping[str, Path | ImageModel], root: Path, *, timeout_s: float = 90.0) -> Iterator[V2Server]:
+    """Serve each ONNX file (or image endpoint) under its name on a fresh MLServer; stopped (and
+    waited for) on exit."""
     import onnxruntime as ort
 
     executable = mlserver_executable()
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(RUNTIME, root / RUNTIME.name)
-    for name, onnx in models.items():
+    for runtime in RUNTIMES.glob("*.py"):
+        shutil.copy(runtime, root / runtime.name)
+    for name, model in models.items():
         folder = root / "models" / name
         folder.mkdir(parents=True)
+        onnx = model.onnx if isinstance(model, ImageModel) else model
         shutil.copy(onnx, folder / "model.onnx")
         session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-        settings = {"name": name, "implementation": "onnx_runtime.OnnxRuntime", "parameters": {"uri": "./model.onnx"},
-                    "inputs": _tensors(session.get_inputs()), "outputs": _tensors(session.get_outputs())}
+        settings: dict[str, object] = {"name": name, "implementation": "onnx_runtime.OnnxRuntime",
+                                       "parameters": {"uri": "./model.onnx"}, "inputs": _tensors(session.get_inputs()),
+                                       "outputs": _tensors(session.get_outputs())}
+        if isinstance(model, ImageModel):
+            settings.update(implementation="image_runtime.ImageOnnxRuntime",
+                            inputs=[{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+                            parameters={"uri": "./model.onnx", "extra": {"channels": model.channels, "mean": list(model.mean),
+                                                                         "std": list(model.std)}})
         (folder / "model-settings.json").write_text(json.dumps(settings))
     http_port, grpc_port = _free_port(), _free_port()
     (root / "settings.json").write_text(json.dumps({

@@ -54,6 +54,7 @@ _OPTIONS = {
     "ssl_insecure",
     "connect_timeout_s",
     "request_timeout_s",
+    "image_format",
 }
 
 
@@ -74,7 +75,7 @@ class TritonEndpoint:
     @property
     def server(self) -> str:
         """What the server is called in messages."""
-        return "Triton" if self.flavour == "triton" else "v2 inference"
+        return "Triton" if self.flavour == "triton" else "v2"
 
     @property
     def address(self) -> str:

@@ -11,6 +11,7 @@ Up to `concurrency` requests are in flight at once, each worker thread owning it
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 import math
@@ -24,6 +25,7 @@ import numpy as np
 
 from deepcore_auditor.adapters.base import Access, InputConvention, Oracle, OracleInfo, to_probabilities
 from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError
+from deepcore_auditor.adapters.images import encode_images
 from deepcore_auditor.adapters.triton.client import _call, _client_module, _ClientPool, _make_client
 from deepcore_auditor.adapters.triton.options import _Transport
 from deepcore_auditor.adapters.triton.shapes import _Plan
@@ -120,14 +122,16 @@ class TritonOracle(Oracle):
         if tuple(points.shape[1:]) != self._point_shape:
             raise InputError(f"points of shape {tuple(points.shape[1:])} do not match this oracle's {self._point_shape}")
         convention, plan = self._convention, self._plan
-        convention.apply(points[:0])  # the convention's checks, here rather than in a worker
+        if plan.image is None:
+            convention.apply(points[:0])  # the convention's checks, here rather than in a worker
         mode = "labels" if plan.output_kind == "labels" else (plan.labels_via if access is Access.LABELS else "raw")
         if mode == "argmax":
             mode = "raw"
         chunk, infer = plan.chunk, self._infer
         # The identity convention on float32 points: apply() would return an equal copy, and the
         # client copies the data into the request anyway, so send slices of the points as they are.
-        as_is = self._passthrough and points.dtype == np.float32
+        as_is = self._passthrough and points.dtype == np.float32 and plan.image is None
+        prepare = self._images if plan.image is not None else convention.apply
         n_chunks = -(-len(points) // chunk)
         parts: list[Any] = [None] * n_chunks
         errors: dict[int, BaseException] = {}
@@ -147,7 +151,7 @@ class TritonOracle(Oracle):
                 s = i * chunk
                 try:
                     x = points[s : s + chunk]
-                    parts[i] = infer(client, x if as_is else convention.apply(x), mode)
+                    parts[i] = infer(client, x if as_is else prepare(x), mode)
                 except BaseException as e:  # noqa: BLE001 - raised by the caller, lowest chunk first
                     errors[i] = e
                     stop[0] = True
@@ -195,6 +199,17 @@ class TritonOracle(Oracle):
                 log.warning("Triton model %s: outputs read as %s after %s", self._identity["model"], reading, self._readings)
             self._readings.add(reading)
         return probs
+
+    def _images(self, points: np.ndarray) -> np.ndarray:
+        """Points -> one encoded image file each, as the BYTES elements of a request: raw bytes
+        where the transport carries them (Triton's binary tensors, gRPC), base64 text in a v2 JSON
+        body (JSON holds no raw bytes; base64 is what KServe's and MLServer's image examples send)."""
+        assert self._plan.image is not None
+        files = encode_images(points, self._plan.image)
+        elements = files if self._binary else [base64.b64encode(f).decode("ascii") for f in files]
+        array = np.empty(len(elements), dtype=object)
+        array[:] = elements
+        return array.reshape(len(elements), *self._plan.sample_dims)
 
     def _infer(self, client: Any, x: np.ndarray, mode: str) -> np.ndarray:
         """One request (runs in a worker thread): x is [n, ...] in the model's layout and dtype."""

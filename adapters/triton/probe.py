@@ -14,6 +14,7 @@ from typing import Any
 
 from deepcore_auditor.adapters.base import InputConvention, Oracle
 from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError, OracleError, TransientOracleError
+from deepcore_auditor.adapters.images import ImageEncoding
 from deepcore_auditor.adapters.triton.client import _call, _gevent_timeout, _make_client, _translate
 from deepcore_auditor.adapters.triton.options import _LABELS_VIA, _OPTIONS, _positive, _Transport, _transport, parse_triton_url
 from deepcore_auditor.adapters.triton.oracle import TritonOracle
@@ -37,7 +38,9 @@ def open_triton(
     the output tensor when the model has several), batch_size (samples per request; default the
     model's max_batch_size), headers (dict), auth_token_env (env var holding a bearer token),
     ssl (bool), ssl_root_certificates (PEM path), ssl_insecure (HTTPS only: skip verification),
-    connect_timeout_s (10), request_timeout_s (60).
+    connect_timeout_s (10), request_timeout_s (60), image_format (an `ImageEncoding` or its text,
+    "png" or "jpeg:Q": send each point as an encoded image to a model whose input is BYTES; the
+    caller checks the points survive it, see adapters.images).
     Raises InputError (URL/options), OracleError (server unreachable or failing),
     IncompatibleSuspect (model missing, or its input/output does not fit).
     """
@@ -59,6 +62,9 @@ def open_triton(
     output_option = options.get("output")
     if output_option is not None and not isinstance(output_option, str):
         raise InputError(f"option output must name an output tensor, got {output_option!r}")
+    image = options.get("image_format")
+    if image is not None and not isinstance(image, ImageEncoding):
+        image = ImageEncoding.parse(image)
     transport = _transport(endpoint, options)
     endpoint = transport.endpoint
     if endpoint.flavour == "v2" and labels_via == "classification":
@@ -87,6 +93,7 @@ def open_triton(
         batch_size=batch_size,
         output_option=output_option,
         classification_available=endpoint.flavour == "triton" and "classification" in extensions,
+        image=image,
     )
     identity = {
         "url": endpoint.url(),

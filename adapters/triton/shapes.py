@@ -14,6 +14,7 @@ from typing import Any
 
 from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import IncompatibleSuspect
+from deepcore_auditor.adapters.images import ImageEncoding
 from deepcore_auditor.adapters.triton.options import TritonEndpoint
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class _Plan:
     chunk: int  # samples per request
     labels_via: str  # "classification", "argmax" or "labels" (label output)
     num_classes: int | None
+    # Encoded images (a BYTES input): how points are encoded, and each sample's shape, () or (1,).
+    image: ImageEncoding | None = None
+    sample_dims: tuple[int, ...] = ()
 
 
 
@@ -88,8 +92,11 @@ def _plan(
     batch_size: int | None,
     output_option: str | None,
     classification_available: bool,
+    image: ImageEncoding | None = None,
 ) -> tuple[_Plan, InputConvention, dict[str, Any]]:
-    """Check the model's input and output against the audit and decide how to ask it."""
+    """Check the model's input and output against the audit and decide how to ask it. A BYTES
+    input takes encoded images, one file per sample, and needs `image` (the format the
+    endpoint decodes: the server does not say); it ignores the input convention."""
     model = f"{endpoint.server} model {endpoint.model!r}" + (f" version {version}" if version else "")
     inputs = list(metadata.get("inputs", []))
     outputs = list(metadata.get("outputs", []))
@@ -101,8 +108,24 @@ def _plan(
     in_shape = _shape(inp.get("shape", []))
     in_dtype = str(inp.get("datatype"))
 
+    if in_dtype == "BYTES" or image is not None:
+        if in_dtype != "BYTES":
+            raise IncompatibleSuspect(f"{model} takes {in_dtype} tensors, not encoded images: drop the image format")
+        if image is None:
+            raise IncompatibleSuspect(f"{model} takes BYTES input (encoded images?): name the format it decodes "
+                                      "(--image-format png, or jpeg:QUALITY)")
+        if point_shape[0] not in (1, 3):
+            raise IncompatibleSuspect(f"points with {point_shape[0]} channels cannot travel as images (1 or 3)")
+        if max_batch_size > 0 or (in_shape and in_shape[0] == -1):
+            batch_dim, sample_dims = True, in_shape[1:]
+            chunk = min(max_batch_size, batch_size or max_batch_size) if max_batch_size > 0 else batch_size or 64
+        else:
+            batch_dim, sample_dims, chunk = False, in_shape, 1
+        if sample_dims not in ((), (1,)):
+            raise IncompatibleSuspect(f"{model} takes BYTES input of shape {list(in_shape)}: expected one encoded image "
+                                      "per sample ([-1], [-1, 1] or [1])")
     # Batch axis: Triton adds it when max_batch_size > 0; a non-batching model may still carry it.
-    if max_batch_size > 0:  # Triton batching: up to max_batch_size samples per request
+    elif max_batch_size > 0:  # Triton batching: up to max_batch_size samples per request
         batch_dim, sample_dims, chunk = True, in_shape[1:], min(max_batch_size, batch_size or max_batch_size)
     elif len(in_shape) == 4 and in_shape[0] == -1:  # no Triton batching, but the model takes a batch
         batch_dim, sample_dims, chunk = True, in_shape[1:], batch_size or 64
@@ -111,20 +134,21 @@ def _plan(
     else:  # no batching: one sample per request, no batch axis
         batch_dim, sample_dims, chunk = False, in_shape, 1
 
-    expected = point_shape if convention.layout == "NCHW" else (point_shape[1], point_shape[2], point_shape[0])
-    if not _fits(sample_dims, expected):
-        raise IncompatibleSuspect(
-            f"{model} takes input {inp.get('name')!r} of shape {list(sample_dims)} per sample, but the points are "
-            f"{list(point_shape)} (C, H, W), i.e. {list(expected)} in {convention.layout}"
-        )
-    if in_dtype not in _INPUT_DTYPES:
-        raise IncompatibleSuspect(f"{model} takes {in_dtype} input; supported: {', '.join(_INPUT_DTYPES)}")
-    dtype = _INPUT_DTYPES[in_dtype]
-    if dtype != convention.dtype:
-        log.info("%s takes %s input: convention dtype %s -> %s", model, in_dtype, convention.dtype, dtype)
-        convention = convention.with_dtype(dtype)
-    if dtype == "uint8" and convention.scale <= 1.0:
-        log.warning("%s takes UINT8 input but the convention's scale is %s (pixels would be 0 or 1)", model, convention.scale)
+    if image is None:  # a tensor input (an image input: the server decodes and preprocesses)
+        expected = point_shape if convention.layout == "NCHW" else (point_shape[1], point_shape[2], point_shape[0])
+        if not _fits(sample_dims, expected):
+            raise IncompatibleSuspect(
+                f"{model} takes input {inp.get('name')!r} of shape {list(sample_dims)} per sample, but the points are "
+                f"{list(point_shape)} (C, H, W), i.e. {list(expected)} in {convention.layout}"
+            )
+        if in_dtype not in _INPUT_DTYPES:
+            raise IncompatibleSuspect(f"{model} takes {in_dtype} input; supported: {', '.join(_INPUT_DTYPES)}")
+        dtype = _INPUT_DTYPES[in_dtype]
+        if dtype != convention.dtype:
+            log.info("%s takes %s input: convention dtype %s -> %s", model, in_dtype, convention.dtype, dtype)
+            convention = convention.with_dtype(dtype)
+        if dtype == "uint8" and convention.scale <= 1.0:
+            log.warning("%s takes UINT8 input but the convention's scale is %s (pixels would be 0 or 1)", model, convention.scale)
 
     # Output: one class vector (PROBS + LABELS) or one integer label tensor (LABELS).
     if output_option is not None:
@@ -182,6 +206,8 @@ def _plan(
         chunk=chunk,
         labels_via=via,
         num_classes=resolved_classes,
+        image=image,
+        sample_dims=tuple(sample_dims) if image is not None else (),
     )
     details: dict[str, Any] = {
         "input": {"name": plan.input_name, "datatype": in_dtype, "shape": list(in_shape)},
@@ -191,4 +217,6 @@ def _plan(
         "samples_per_request": chunk,
         "labels_via": via,
     }
+    if image is not None:
+        details["image_format"] = str(image)
     return plan, convention, details
