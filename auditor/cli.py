@@ -27,8 +27,10 @@ import click
 from deepcore_auditor.adapters.base import LAYOUTS, Access
 from deepcore_auditor.adapters.errors import DeepCoreError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig
+from deepcore_auditor.auditor.bars import terminal_bars
 from deepcore_auditor.fingerprints.calibration import MODES
 from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig
+from deepcore_auditor.fingerprints.progress import QUIET
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
 EXIT_ERROR = 2
@@ -183,7 +185,7 @@ def fingerprint(**o: Any) -> None:
     from deepcore_auditor.auditor.commands import FingerprintRequest, build_config, make_fingerprint
 
     build = build_config(**{k: o.pop(k) for k in signature(build_config).parameters})
-    fp, digest = make_fingerprint(FingerprintRequest(build=build, **o), progress=_say)
+    fp, digest = make_fingerprint(FingerprintRequest(build=build, **o), progress=_say, bars=terminal_bars())
     click.echo(f"wrote {o['out']}: {len(fp)} core points, sha256 {digest}")
 
 
@@ -230,10 +232,20 @@ def audit(**o: Any) -> None:
     from deepcore_auditor.auditor.commands import AuditRequest, run_audit_request
 
     as_json = o.pop("as_json")
-    progress = None if as_json else (lambda s: _say(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}"))
     o["headers"] = tuple(o["headers"])
     config = AuditConfig(access=Access(o.pop("access")), **{k: o.pop(k) for k in _AUDIT_CONFIG_FIELDS if k != "access"})
-    result = run_audit_request(AuditRequest(config=config, **o), progress=progress)
+    bars = terminal_bars(enabled=not as_json)  # on a terminal, a bar over the budget replaces the step lines
+    with bars.bar(f"auditing (budget {config.budget} queries)", config.budget) as advance:
+        asked = [0]
+
+        def step(s: Any) -> None:
+            if bars is QUIET:
+                _say(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}")
+            else:
+                advance(s.queries - asked[0])
+                asked[0] = s.queries
+
+        result = run_audit_request(AuditRequest(config=config, **o), progress=None if as_json else step)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

@@ -29,6 +29,7 @@ from deepcore_auditor.fingerprints.format import (
     sign_fingerprint,
     write_commitment,
 )
+from deepcore_auditor.fingerprints.progress import QUIET, Progress
 from deepcore_auditor.fingerprints.signing import resolve_key
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,10 @@ def _check_positive(**values: float) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
 
 
-def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | None = None) -> tuple[Fingerprint, str]:
-    """Load owner and data, build the fingerprint, write it atomically; returns it and its digest."""
+def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | None = None,
+                     bars: Progress = QUIET) -> tuple[Fingerprint, str]:
+    """Load owner and data, build the fingerprint, write it atomically; returns it and its digest.
+    `progress` gets the build's phase lines, `bars` its progress bars (fingerprints.progress)."""
     from deepcore_auditor.adapters.open import open_suspect
     from deepcore_auditor.adapters.torch import load_torch_model
     from deepcore_auditor.fingerprints.build import build_fingerprint
@@ -133,7 +136,7 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     config = req.build
     holdout = (data.test.points(), data.test.y) if len(data.test) else None
     fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, holdout=holdout,
-                           extra_references=extra, progress=say,
+                           extra_references=extra, progress=say, bars=bars,
                            cache_dir=req.cache_dir if req.cache_dir is not None else default_cache_dir())
     fp = dataclasses.replace(fp, extra={**fp.extra, "owner_test_accuracy": None if math.isnan(test_acc) else round(test_acc, 4), "data": data.source})
     return fp, save_fingerprint(fp, req.out, key)

@@ -36,6 +36,7 @@ from deepcore_auditor.fingerprints.core import choose_epsilon, optimize_points, 
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
 from deepcore_auditor.fingerprints.model_cache import KnownModelCache
 from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, clone, predict, reinitialize, train
+from deepcore_auditor.fingerprints.progress import QUIET, Progress
 from deepcore_auditor.fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def train_known_model(
     floor: float = 0.0,
     holdout: Holdout | None = None,
     retry: bool = False,
+    progress: Progress = QUIET,
 ) -> nn.Module:
     """Train one simulated pirate or reference on (a seeded subset of) the owner's data.
 
@@ -130,18 +132,20 @@ def train_known_model(
     """
     seed = config.seed * 1000 + index + 1 + (7919 if retry else 0)
     lr_factor = RETRAIN_LR_FACTOR if retry else 1.0
+    watch = {"progress": progress, "label": spec.name + (" (retry)" if retry else "")}  # the bar only: not trained from
     rng = np.random.default_rng(seed)
     subset = rng.choice(len(points), size=min(config.train_samples, len(points)), replace=False)
     x = points[subset]
     if spec.family == "fine-tune":
-        return recipes.fine_tune(owner, x, labels[subset], TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed))
+        return recipes.fine_tune(owner, x, labels[subset], TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed), **watch)
     if spec.family == "prune":
-        return recipes.prune(owner, x, labels[subset], config.prune_ratio, TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed))
+        return recipes.prune(owner, x, labels[subset], config.prune_ratio, TrainConfig(epochs=1, lr=1e-4 * lr_factor, seed=seed),
+                             **watch)
     if spec.family == "adv-fine-tune":
         # A pirate hardening its copy against perturbations: half the core points' radius.
         assert config.core.epsilon is not None, "epsilon is resolved before the zoo is trained"
         return recipes.adv_fine_tune(owner, x, labels[subset], config.core.epsilon / 2,
-                                     TrainConfig(epochs=1, lr=3e-4 * lr_factor, seed=seed))
+                                     TrainConfig(epochs=1, lr=3e-4 * lr_factor, seed=seed), **watch)
     if spec.arch == "owner":
         student: nn.Module = reinitialize(owner, seed)
     else:
@@ -160,10 +164,10 @@ def train_known_model(
 
     tc = _recipe(config, spec, seed, retry, int(points.shape[2]))
     if spec.family == "distill":
-        return recipes.distill(owner, x, student, tc, until=until)
+        return recipes.distill(owner, x, student, tc, until=until, **watch)
     if spec.family == "extract":
-        return recipes.extract(owner, x, student, tc, until=until)
-    return train(student, x, labels[subset], tc, until=until)  # independent: the true labels
+        return recipes.extract(owner, x, student, tc, until=until, **watch)
+    return train(student, x, labels[subset], tc, until=until, **watch)  # independent: the true labels
 
 
 def _answers(spec: KnownModelSpec, km: KnownModel, points: np.ndarray, owner_labels: np.ndarray) -> ModelAnswers:
@@ -197,7 +201,8 @@ def _skeleton(spec: KnownModelSpec, owner: Normalized, shape: tuple[int, ...], n
 
 def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, points: np.ndarray, labels: np.ndarray,
                          num_classes: int, config: BuildConfig, index: int, holdout: Holdout, owner_accuracy: float,
-                         say: Callable[[str], None], cache: KnownModelCache | None = None) -> KnownModel:
+                         say: Callable[[str], None], cache: KnownModelCache | None = None,
+                         bars: Progress = QUIET) -> KnownModel:
     """Train one known model (or reuse the one `cache` holds), measure it, retrain once with the
     corrected recipe if it is below its floor, and refuse the build (one line naming it) if it
     still is: never is a degenerate model used for selection or calibration. A cached model is
@@ -212,7 +217,7 @@ def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, points: np.nda
         model = cache.get(spec, index, retry, inputs, lambda: _skeleton(spec, owner, points.shape[1:], num_classes)) if cache else None
         if model is None:
             model = train_known_model(spec, owner, points, labels, num_classes, config, index, target_accuracy=target,
-                                      floor=floor, holdout=holdout, retry=retry)
+                                      floor=floor, holdout=holdout, retry=retry, progress=bars)
             if cache is not None:
                 cache.put(spec, index, retry, inputs, model)
         q = holdout.measure(predict(model, holdout.points).argmax(1))
@@ -242,6 +247,7 @@ def build_fingerprint(
     progress: Callable[[str], None] | None = None,
     require_separable: bool = True,
     cache_dir: Path | None = None,
+    bars: Progress = QUIET,
 ) -> Fingerprint:
     """Build a DeepCore fingerprint for `owner` from its training data (canonical points).
 
@@ -250,7 +256,8 @@ def build_fingerprint(
     `require_separable=False` only reports what `check_separable` would refuse: for benchmarks,
     which measure fingerprints rather than ship them. With `cache_dir`, trained known models are
     kept there and reused by a later build of the same owner, data and training parameters
-    (fingerprints.model_cache).
+    (fingerprints.model_cache). `progress` gets a line per stage; `bars` a bar (with an ETA) per
+    model trained and for the growth of the core points (fingerprints.progress).
     """
     say = progress or logger.info
     num_classes = len(classes)
@@ -270,7 +277,7 @@ def build_fingerprint(
     robustness = None
     t0 = time.monotonic()
     if config.core.epsilon is None:
-        robustness = choose_epsilon(owner, points, labels, config.core.min_confidence, seed=config.seed)
+        robustness = choose_epsilon(owner, points, labels, config.core.min_confidence, seed=config.seed, progress=bars)
         config = dataclasses.replace(config, core=dataclasses.replace(config.core, epsilon=robustness.epsilon))
         say(f"owner flips at L-inf {robustness.flip_radius * 255:.1f}/255: core points get epsilon "
             f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255; {time.monotonic() - t0:.0f} s)")
@@ -278,7 +285,8 @@ def build_fingerprint(
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")
-        known.append(_trained_and_checked(spec, owner, points, labels, num_classes, config, i, held, owner_accuracy, say, cache))
+        known.append(_trained_and_checked(spec, owner, points, labels, num_classes, config, i, held, owner_accuracy, say, cache,
+                                          bars))
     for spec, m in extra_references:
         km = KnownModel(spec, model=m) if isinstance(m, nn.Module) else KnownModel(spec, oracle=m)
         km.quality = held.measure(_labels_of(km, hx))
@@ -290,7 +298,7 @@ def build_fingerprint(
     if robustness is not None:
         extra["robustness"] = robustness.to_dict()
     t0 = time.monotonic()
-    fp = _grow(owner, known, points, labels, classes, owner_identity, config, extra, say)
+    fp = _grow(owner, known, points, labels, classes, owner_identity, config, extra, say, bars)
     say(f"core points grown in {time.monotonic() - t0:.0f} s")
     check_separable(fp, say, refuse=require_separable)
     return fp
@@ -298,7 +306,7 @@ def build_fingerprint(
 
 def _grow(owner: Normalized, known: Sequence[KnownModel], points: np.ndarray, labels: np.ndarray, classes: Sequence[str],
           owner_identity: dict[str, str], config: BuildConfig, extra: dict[str, object],
-          say: Callable[[str], None]) -> Fingerprint:
+          say: Callable[[str], None], bars: Progress = QUIET) -> Fingerprint:
     """Grow the core points against the selection models and record every known model's answers.
 
     The reference weight, when None (the default), is the smallest on the ladder at which the
@@ -322,7 +330,7 @@ def _grow(owner: Normalized, known: Sequence[KnownModel], points: np.ndarray, la
 
     def grow(weight: float | None, lo: int, hi: int) -> np.ndarray:
         c = dataclasses.replace(core, reference_weight=weight)
-        grown = optimize_points(owner, students, refs, points[seed_index[lo:hi]], targets[lo:hi], c, offset=lo)
+        grown = optimize_points(owner, students, refs, points[seed_index[lo:hi]], targets[lo:hi], c, offset=lo, progress=bars)
         return to_uint8_grid(grown) if core.uint8_points else grown
 
     def fingerprint(weight: float | None, cand: np.ndarray, n: int, ladder: list[dict[str, float | int]] | None) -> Fingerprint:

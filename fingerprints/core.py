@@ -25,6 +25,7 @@ from torch import nn
 
 from deepcore_auditor.fingerprints.config import CoreConfig
 from deepcore_auditor.fingerprints.models import forward_batched, set_mode, softmax
+from deepcore_auditor.fingerprints.progress import QUIET, Advance, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Robustness:
 
 
 def choose_epsilon(owner: nn.Module, data_points: np.ndarray, data_labels: np.ndarray, min_confidence: float,
-                   *, probes: int = 64, steps: int = 20, seed: int = 0) -> Robustness:
+                   *, probes: int = 64, steps: int = 20, seed: int = 0, progress: Progress = QUIET) -> Robustness:
     """The core points' radius from the owner's own robustness, not from a data set's habit.
 
     Targeted attacks on the owner alone (the seeds and targets core points use) at growing L-inf
@@ -66,15 +67,17 @@ def choose_epsilon(owner: nn.Module, data_points: np.ndarray, data_labels: np.nd
     x0 = data_points[seed_index]
     success: dict[str, float] = {}
     flip = _RADIUS_LADDER[-1]
-    for radius in _RADIUS_LADDER:
-        cfg = CoreConfig(epsilon=radius, steps=steps, min_confidence=min_confidence, batch_size=probes, seed=seed)
-        adv = optimize_points(owner, (), (), x0, targets, cfg)
-        lab, conf = _labels(owner, adv)
-        rate = float(np.mean((lab == targets) & (conf >= min_confidence)))
-        success[f"{radius * 255:g}"] = round(rate, 4)
-        if rate >= 0.5:
-            flip = radius
-            break
+    with progress.bar(f"the owner's robustness (up to {len(_RADIUS_LADDER)} radii)", len(_RADIUS_LADDER)) as advance:
+        for radius in _RADIUS_LADDER:
+            cfg = CoreConfig(epsilon=radius, steps=steps, min_confidence=min_confidence, batch_size=probes, seed=seed)
+            adv = optimize_points(owner, (), (), x0, targets, cfg)
+            lab, conf = _labels(owner, adv)
+            rate = float(np.mean((lab == targets) & (conf >= min_confidence)))
+            success[f"{radius * 255:g}"] = round(rate, 4)
+            advance(1)
+            if rate >= 0.5:
+                flip = radius
+                break
     eps = float(min(RADIUS_MAX, max(RADIUS_MIN, RADIUS_FACTOR * flip)))
     logger.info("owner flip radius %.4f (%.1f/255): epsilon %.4f (%.1f/255)", flip, flip * 255, eps, eps * 255)
     return Robustness(flip, success, len(seed_index), eps)
@@ -107,8 +110,10 @@ def optimize_points(
     config: CoreConfig,
     *,
     offset: int = 0,
+    progress: Progress = QUIET,
 ) -> np.ndarray:
     """Signed-gradient descent on the joint loss inside the epsilon ball; canonical points out.
+    `progress` gets one bar over every candidate's steps.
 
     Each batch starts from noise seeded by `config.seed` and its position (`offset` + its start):
     candidates grown in two calls (a probe of the first ones, the rest at `offset`) are the
@@ -120,14 +125,15 @@ def optimize_points(
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        return _optimize(owner, students, references, seeds, targets, config, offset)
+        with progress.bar(f"growing {len(seeds)} candidate core points", len(seeds) * config.steps) as advance:
+            return _optimize(owner, students, references, seeds, targets, config, offset, advance)
     finally:  # the models are the caller's: they leave as they came (the zoo trains the owner's copies later)
         for p, flag in frozen:
             p.requires_grad_(flag)
 
 
 def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Sequence[nn.Module], seeds: np.ndarray,
-              targets: np.ndarray, config: CoreConfig, offset: int) -> np.ndarray:
+              targets: np.ndarray, config: CoreConfig, offset: int, advance: Advance) -> np.ndarray:
     if config.epsilon is None:
         raise ValueError("CoreConfig.epsilon must be resolved (choose_epsilon) before optimizing points")
     if references and config.reference_weight is None:
@@ -156,6 +162,7 @@ def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Seque
             with torch.no_grad():
                 delta = (delta - step * grad.sign()).clamp(-config.epsilon, config.epsilon)
                 delta = (x0 + delta).clamp(0, 1) - x0
+            advance(len(x0))
         out[start : start + len(x0)] = (x0 + delta).clamp(0, 1).numpy()
     return out
 

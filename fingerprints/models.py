@@ -25,6 +25,7 @@ from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import InputError, first_line
 from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.adapters.torch import apply_convention_torch
+from deepcore_auditor.fingerprints.progress import QUIET, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -299,11 +300,14 @@ def train(
     *,
     log: Callable[[str], None] | None = None,
     until: Callable[[nn.Module], bool] | None = None,
+    progress: Progress = QUIET,
+    label: str = "training",
 ) -> nn.Module:
     """Train `model` (canonical input) on hard labels ([N] int) or soft targets ([N, K] float).
 
     `until(model)` (the model in eval mode, as trained so far) is asked after each epoch from
-    `config.epochs` on; training stops when it says True or at `config.max_epochs`.
+    `config.epochs` on; training stops when it says True or at `config.max_epochs`. `progress`
+    gets one bar, `label`, over every batch of the longest run (one that stops early ends it early).
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -316,7 +320,8 @@ def train(
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
     if config.optimizer == "sgd" and until is not None:
         raise ValueError("the sgd recipe's one-cycle schedule needs its length fixed: no `until` with it")
-    with trainable(model, points) as handle:
+    batches = (len(points) + config.batch_size - 1) // config.batch_size
+    with trainable(model, points) as handle, progress.bar(f"{label} (up to {last} epochs)", last * batches) as advance:
         net = handle.net
         params = [p for p in net.parameters() if p.requires_grad]
         sched = None
@@ -343,6 +348,7 @@ def train(
                 if sched is not None:
                     sched.step()
                 total += loss.item() * len(idx)
+                advance(1)
             if log:
                 log(f"epoch {epoch + 1}/{last} loss {total / len(points):.4f}")
             if until is not None and epoch + 1 >= config.epochs and epoch + 1 < last:
@@ -352,13 +358,15 @@ def train(
     return model
 
 
-def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig) -> nn.Module:
+def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig, *,
+                          progress: Progress = QUIET, label: str = "adversarial fine-tuning") -> nn.Module:
     """Train on a half-clean, half-FGSM (random start) mixture: the usual cheap adversarial
     (fine-)tuning. `epsilon` is the L-inf radius in canonical [0, 1] space."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
-    with trainable(model, x) as handle:
+    batches = (len(x) + config.batch_size - 1) // config.batch_size
+    with trainable(model, x) as handle, progress.bar(label, config.epochs * batches) as advance:
         net = handle.net
         opt = torch.optim.Adam(net.parameters(), lr=config.lr)
         for _ in range(config.epochs):
@@ -374,6 +382,7 @@ def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                advance(1)
     return model
 
 

@@ -37,22 +37,29 @@ from deepcore_auditor.fingerprints.models import (
     prune_by_magnitude,
     train,
 )
+from deepcore_auditor.fingerprints.progress import QUIET, Progress
+
+# Every recipe takes `progress` and `label` (keyword-only) for the bar of its training (see
+# fingerprints.progress); they change nothing in what is trained.
 
 
-def fine_tune(owner: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> nn.Module:
+def fine_tune(owner: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
+              progress: Progress = QUIET, label: str = "fine-tuning") -> nn.Module:
     """A copy of the owner trained further on (`x`, `y`): its own data or the attacker's."""
-    return train(clone(owner), x, y, config)
+    return train(clone(owner), x, y, config, progress=progress, label=label)
 
 
-def prune(owner: nn.Module, x: np.ndarray, y: np.ndarray, ratio: float, config: TrainConfig) -> nn.Module:
+def prune(owner: nn.Module, x: np.ndarray, y: np.ndarray, ratio: float, config: TrainConfig, *,
+          progress: Progress = QUIET, label: str = "pruning") -> nn.Module:
     """A copy of the owner with the smallest `ratio` of each weight matrix/kernel set to zero, then fine-tuned."""
-    return train(prune_by_magnitude(owner, ratio), x, y, config)
+    return train(prune_by_magnitude(owner, ratio), x, y, config, progress=progress, label=label)
 
 
-def adv_fine_tune(owner: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig) -> nn.Module:
+def adv_fine_tune(owner: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig, *,
+                  progress: Progress = QUIET, label: str = "adversarial fine-tuning") -> nn.Module:
     """A copy of the owner fine-tuned on a half-clean, half-FGSM mixture of L-inf radius `epsilon`
     (canonical [0, 1] space): a pirate hardening its copy against perturbations."""
-    return adversarial_fine_tune(clone(owner), x, y, epsilon, config)
+    return adversarial_fine_tune(clone(owner), x, y, epsilon, config, progress=progress, label=label)
 
 
 def _last_linear(net: nn.Module) -> tuple[nn.Module, str]:
@@ -78,15 +85,17 @@ def transfer(owner: Normalized, x: np.ndarray, y: np.ndarray, config: TrainConfi
 
 
 def distill(owner: nn.Module, x: np.ndarray, student: nn.Module, config: TrainConfig, *,
-            until: Callable[[nn.Module], bool] | None = None) -> nn.Module:
+            until: Callable[[nn.Module], bool] | None = None, progress: Progress = QUIET,
+            label: str = "distillation") -> nn.Module:
     """`student` trained on the owner's probabilities on `x` (`until` as in `train`)."""
-    return train(student, x, predict(owner, x), config, until=until)
+    return train(student, x, predict(owner, x), config, until=until, progress=progress, label=label)
 
 
 def extract(owner: nn.Module, x: np.ndarray, student: nn.Module, config: TrainConfig, *,
-            until: Callable[[nn.Module], bool] | None = None) -> nn.Module:
+            until: Callable[[nn.Module], bool] | None = None, progress: Progress = QUIET,
+            label: str = "extraction") -> nn.Module:
     """`student` trained on the owner's top-1 labels on `x`: label-only model extraction (`until` as in `train`)."""
-    return train(student, x, predict(owner, x).argmax(1), config, until=until)
+    return train(student, x, predict(owner, x).argmax(1), config, until=until, progress=progress, label=label)
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
