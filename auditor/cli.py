@@ -339,6 +339,35 @@ def verify_report(report_path: Path, ledger: Path | None, fingerprint_path: Path
         click.echo(f"note: {v.caveat}")
 
 
+@cli.command("report")
+@click.argument("report_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True, help="One self-contained HTML page, or Markdown.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the page here [default: stdout].")
+@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help="Also check that this ledger file is the one the report embeds.")
+@click.option("--fingerprint", "fingerprint_path", type=click.Path(dir_okay=False, path_type=Path), help="Also recompute the plan from this fingerprint.")
+@_key_options
+@click.option("--force", is_flag=True, help="Replace an existing output file (never one of the inputs or a key).")
+@_guarded
+def report(report_path: Path, fmt: str, out: Path | None, ledger: Path | None, fingerprint_path: Path | None,
+           key_file: Path | None, hmac_key_env: str | None, force: bool) -> None:
+    """Render an audit report for people: the verdict in plain words, the evidence plotted, the
+    identities and digests, and the result of verifying it (the checks of verify-report).
+
+    Exit 0 when the report verifies; 2 when it cannot be read, or when it fails a check — the page
+    is still written then, with the failure at its top, and the one-line error says which check.
+    """
+    from deepcore_auditor.auditor.commands import render_report_file
+
+    text, verified = render_report_file(report_path, fmt, out, key_file, hmac_key_env, ledger, fingerprint_path, force)
+    if out is None:
+        click.echo(text, nl=False)
+    if not verified.ok:
+        _say(f"deepcore: error: the report does not verify ({'the page' if out is None else out} says so at its top): {verified.problem}")
+        sys.exit(2)
+    if out is not None:
+        _say(f"wrote {out}")
+
+
 @cli.command("serve-triton")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", "names", multiple=True, help="Model name on the server, one per MODEL in order [default: the file's name].")

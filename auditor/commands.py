@@ -14,12 +14,14 @@ from typing import Any
 
 from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError, first_line
-from deepcore_auditor.adapters.files import check_output, same_file
+from deepcore_auditor.adapters.files import atomic_write, check_output, same_file
 from deepcore_auditor.adapters.images import ImageEncoding, transport_problem
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
+from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
 from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig, KnownModelSpec
+from deepcore_auditor.fingerprints.errors import SignatureError
 from deepcore_auditor.fingerprints.format import (
     Fingerprint,
     canonical_digest,
@@ -400,6 +402,42 @@ def commit_fingerprint(path: Path, out: Path, key_file: Path | None = None, hmac
 def verify_report_file(path: Path, key_file: Path | None = None, hmac_key_env: str | None = None,
                        ledger: Path | None = None, fingerprint: Path | None = None) -> Verification:
     return verify_report(path, resolve_key(key_file, hmac_key_env), ledger, fingerprint)
+
+
+def render_report_file(path: Path, fmt: str, out: Path | None = None, key_file: Path | None = None,
+                       hmac_key_env: str | None = None, ledger: Path | None = None, fingerprint: Path | None = None,
+                       force: bool = False) -> tuple[str, Any]:
+    """A report rendered for people (auditor.render): written to `out` all or nothing, and returned
+    with what verifying it found (`auditor.render.Verified`).
+
+    A file that is not a readable report is an error (one line); a report that reads but fails a
+    verification check is rendered, with the failure in a banner: the page shows what was claimed
+    and that it does not hold."""
+    from deepcore_auditor.auditor.render import FORMATS, Verified, render_html, render_markdown
+    from deepcore_auditor.auditor.report import REPORT_FORMAT, REPORT_VERSION
+    from deepcore_auditor.fingerprints.format import read_document
+
+    if fmt not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if out is not None:
+        if not Path(out).parent.is_dir():
+            raise InputError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+        check_output(out, "--out", {"REPORT": path, "--ledger": ledger, "--fingerprint": fingerprint, "--key": key_file},
+                     force=force)
+    key = resolve_key(key_file, hmac_key_env)  # a key that cannot be read is the user's error, not the report's
+    content = read_document(path, REPORT_FORMAT, REPORT_VERSION, ReportError, "audit report").content
+    try:
+        v = verify_report(path, key, ledger, fingerprint)
+        verified = Verified(True, v.checks, caveat=v.caveat, signature=v.signature)
+    except (ReportError, SignatureError) as e:  # a failed check or signature: shown on the page, not hidden
+        verified = Verified(False, (), problem=first_line(e))
+    try:
+        text = (render_html if fmt == "html" else render_markdown)(content, verified)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ReportError(f"{path}: malformed report content ({type(e).__name__}: {e})") from None
+    if out is not None:
+        atomic_write(out, text.encode())
+    return text, verified
 
 
 def _answered_on_disk(ledger: QueryLedger) -> int:
