@@ -101,6 +101,26 @@ def run_in_batches(
     return np.concatenate(outputs, axis=0)
 
 
+_PROVIDER_ALIASES = {"cpu": _CPU, "cuda": _CUDA, "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+                     "rocm": "ROCMExecutionProvider", "dml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider"}
+
+
+def resolve_providers(names: Sequence[str], available: Sequence[str]) -> list[str]:
+    """Execution-provider names (full, or cpu/cuda/tensorrt/openvino/rocm/dml/coreml) -> ONNX
+    Runtime's names, each one this install offers; InputError naming what it does offer."""
+    out = []
+    for name in names:
+        full = _PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+        if full not in available:
+            raise InputError(f"ONNX Runtime here offers no {full} (available: {', '.join(available)})")
+        if full in out:
+            raise InputError(f"execution provider {full} named twice")
+        out.append(full)
+    if not out:
+        raise InputError("no execution provider named")
+    return out
+
+
 class OnnxOracle(Oracle):
     """Answers queries with an ONNX model run by ONNX Runtime (CPU, or CUDA where available).
 
@@ -119,6 +139,7 @@ class OnnxOracle(Oracle):
         device: str = "auto",
         max_batch: int = 256,
         run_timeout_s: float | None = None,
+        providers: Sequence[str] | None = None,
     ) -> None:
         self._path = Path(path)
         self._run_timeout_s = RUN_TIMEOUT_S if run_timeout_s is None else float(run_timeout_s)
@@ -135,7 +156,7 @@ class OnnxOracle(Oracle):
             raise InputError(f"point_shape must be (C, H, W), got {point_shape}")
         self._max_batch = max_batch
         self._sha256 = file_sha256(self._path)
-        self._session = self._open_session(device)
+        self._session = self._open_session(device, providers)
 
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
@@ -177,12 +198,14 @@ class OnnxOracle(Oracle):
             self._path, self._input_name, _fmt_shape(self._input_shape), inp.type, self._session.get_providers(),
         )
 
-    def _open_session(self, device: str) -> Any:
+    def _open_session(self, device: str, chosen: Sequence[str] | None) -> Any:
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise InputError("ONNX suspects need onnxruntime: pip install 'deepcore-auditor[cpu]'") from e
         available = ort.get_available_providers()
+        if chosen is not None:
+            return self._open_with(ort, resolve_providers(chosen, available))
         if device == "cuda" and _CUDA not in available:
             raise InputError(
                 f"device cuda requested but ONNX Runtime offers no CUDA provider (available: {', '.join(available)})"
@@ -198,6 +221,20 @@ class OnnxOracle(Oracle):
             raise InputError(
                 "device cuda requested but ONNX Runtime fell back to CPU (no usable GPU or CUDA libraries)"
             )
+        return session
+
+    def _open_with(self, ort: Any, providers: list[str]) -> Any:
+        """A session on exactly the providers asked for, in that order: a deployment's execution
+        provider can change its answers, so one that did not load is an error, not a fallback."""
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            raise InputError(f"{self._path} cannot be opened on {', '.join(providers)}: {first_line(e)}") from e
+        missing = [p for p in providers if p not in session.get_providers()]
+        if missing:
+            raise InputError(f"ONNX Runtime did not load {', '.join(missing)} (it runs on {', '.join(session.get_providers())})")
         return session
 
     def _convention_for(self, convention: InputConvention, model_dtype: str) -> InputConvention:

@@ -7,6 +7,7 @@ loaded and local suspects without tritonclient installed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,19 @@ def open_suspect(
     point_shape: tuple[int, int, int],
     num_classes: int | None,
     device: str = "auto",
+    ort_providers: Sequence[str] | None = None,
     **triton_options: Any,
 ) -> Oracle:
     """Open the suspect named by `spec` as an oracle, checked against the fingerprint's points.
 
     `triton_options` go to `adapters.triton.open_triton` (unchanged, URL included with its
-    `triton+` or `v2+` prefix), which serves both kinds of server; a local suspect refuses any that are set, but `request_timeout_s`, which
-    bounds each batch of an ONNX suspect as it bounds each request to a server.
+    `triton+` or `v2+` prefix), which serves both kinds of server; a local suspect refuses any
+    that are set, but `request_timeout_s`, which bounds each batch of an ONNX suspect as it
+    bounds each request to a server. `ort_providers` (ONNX suspects only) names ONNX Runtime's
+    execution providers, in order, instead of `device`.
     """
+    if ort_providers is not None and Path(spec).suffix.lower() != ".onnx":
+        raise InputError(f"ONNX Runtime execution providers apply to .onnx suspects only, not to {spec}")
     if spec.lower().startswith(("triton+", "v2+")):  # a server URL, or a malformed one: its parser names the fault
         try:
             from deepcore_auditor.adapters.triton import open_triton
@@ -63,7 +69,7 @@ def open_suspect(
 
         return OnnxOracle(
             spec, convention=convention, point_shape=point_shape, num_classes=num_classes, device=device,
-            run_timeout_s=run_timeout,
+            run_timeout_s=run_timeout, providers=ort_providers,
         )
     if suffix in TORCH_SUFFIXES:
         if run_timeout is not None:

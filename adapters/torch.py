@@ -14,7 +14,7 @@ import logging
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +221,14 @@ class TorchOracle(Oracle):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_torch_model(spec: str, *, factory_weights: str | None = None) -> tuple[torch.nn.Module, dict[str, str]]:
+def load_torch_model(spec: str, *, factory_weights: str | None = None,
+                     factory_args: Mapping[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, str]]:
     """Load a model: a TorchScript file, a torch.export `.pt2`, or `package.module:factory` + weights.
 
     Weights are `.safetensors` or a state dict saved with `torch.save` (read with weights_only).
-    Returns the module in eval mode and its identity (path, sha256, factory). Failures: InputError.
+    `factory_args` are the factory's keyword arguments (`torchvision.models:resnet18` with
+    num_classes=10). Returns the module in eval mode and its identity (path, sha256, factory and
+    its arguments). Failures: InputError.
     """
     path = Path(spec)
     if not path.is_file() and _FACTORY.fullmatch(spec):
@@ -233,9 +236,11 @@ def load_torch_model(spec: str, *, factory_weights: str | None = None) -> tuple[
             raise InputError(
                 f"factory {spec} needs a weights file (.safetensors, or a state dict saved with torch.save)"
             )
-        return _load_factory(spec, Path(factory_weights))
+        return _load_factory(spec, Path(factory_weights), dict(factory_args or {}))
     if factory_weights is not None:
         raise InputError(f"a weights file is only used with a package.module:factory spec, not with {spec}")
+    if factory_args:
+        raise InputError(f"factory arguments ({', '.join(sorted(factory_args))}) are only used with a package.module:factory spec, not with {spec}")
     if not path.is_file():
         raise InputError(f"model file not found: {spec}")
     identity = {"path": str(path), "sha256": file_sha256(path)}
@@ -256,7 +261,7 @@ def load_torch_model(spec: str, *, factory_weights: str | None = None) -> tuple[
     return _set_eval(model), identity
 
 
-def _load_factory(spec: str, weights: Path) -> tuple[torch.nn.Module, dict[str, str]]:
+def _load_factory(spec: str, weights: Path, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, str]]:
     module_name, _, attr_path = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -269,9 +274,10 @@ def _load_factory(spec: str, weights: Path) -> tuple[torch.nn.Module, dict[str, 
     if not callable(obj):
         raise InputError(f"factory {spec} is not callable")
     try:
-        model = obj()
+        model = obj(**kwargs)
     except Exception as e:
-        raise InputError(f"factory {spec} failed: {first_line(e)}") from e
+        given = f" with {', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))}" if kwargs else ""
+        raise InputError(f"factory {spec}{given} failed: {first_line(e)}") from e
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
     if not weights.is_file():
@@ -283,7 +289,27 @@ def _load_factory(spec: str, weights: Path) -> tuple[torch.nn.Module, dict[str, 
     except Exception as e:
         raise InputError(f"weights {weights} do not fit factory {spec}: {first_line(e)}") from e
     identity = {"factory": spec, "path": str(weights), "sha256": file_sha256(weights)}
+    if kwargs:
+        identity["factory_args"] = json.dumps(kwargs, sort_keys=True)
     return _set_eval(model), identity
+
+
+def parse_factory_args(items: Sequence[str]) -> dict[str, Any]:
+    """`NAME=VALUE` items -> keyword arguments: VALUE read as JSON when it is JSON (10, 0.5, true,
+    null, [32, 64], "text"), else as the text itself; never evaluated as code."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise InputError(f"--owner-arg {item!r} must look like NAME=VALUE with NAME a Python identifier")
+        if name in out:
+            raise InputError(f"--owner-arg {name} given twice")
+        try:
+            out[name] = json.loads(raw)
+        except ValueError:
+            out[name] = raw
+    return out
 
 
 def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:

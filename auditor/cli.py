@@ -155,6 +155,8 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.option("--owner", required=True, help="TorchScript file, torch.export .pt2, or package.module:factory.")
 @click.option("--owner-weights", help="Weights for a factory owner: .safetensors or a state dict.")
+@click.option("--owner-arg", "owner_args", multiple=True, metavar="NAME=VALUE",
+              help="A keyword argument of a factory owner, VALUE as JSON when it is (num_classes=10, widths=[32,64]); repeatable.")
 @click.option("--data", required=True, help="fashion-mnist, an .npz (x, y), an ImageFolder dir or a .tar.gz of one.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Fingerprint file to write.")
 @click.option("--layout", type=click.Choice(LAYOUTS, case_sensitive=False), default="NCHW", show_default=True, help="Owner input layout.")
@@ -204,6 +206,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--suspect-mean", help="Suspect per-channel mean (default: owner's).")
 @click.option("--suspect-std", help="Suspect per-channel std (default: owner's).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--ort-providers", metavar="P1,P2", help="ONNX suspects: ONNX Runtime execution providers, in order, instead of --device (cuda, tensorrt, openvino, cpu, or full names); each must load. The report records the providers used.")
 @click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help="Keep every answered query in this JSONL file.")
 @click.option("--resume", is_flag=True, help="Continue the audit in --ledger without asking its points again.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the audit report here [default: a new file under $DEEPCORE_REPORTS or ~/.local/share/deepcore/reports].")

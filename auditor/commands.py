@@ -47,6 +47,7 @@ class FingerprintRequest:
     out: Path
     build: BuildConfig = field(default_factory=BuildConfig)
     owner_weights: str | None = None
+    owner_args: tuple[str, ...] = ()  # NAME=VALUE keyword arguments of a factory owner
     layout: str = "NCHW"
     scale: float = 1.0
     mean: str | None = None
@@ -91,7 +92,7 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     """Load owner and data, build the fingerprint, write it atomically; returns it and its digest.
     `progress` gets the build's phase lines, `bars` its progress bars (fingerprints.progress)."""
     from deepcore_auditor.adapters.open import open_suspect
-    from deepcore_auditor.adapters.torch import load_torch_model
+    from deepcore_auditor.adapters.torch import load_torch_model, parse_factory_args
     from deepcore_auditor.fingerprints.build import build_fingerprint
     from deepcore_auditor.fingerprints.data import channel_stats, default_cache_dir, load_data
     from deepcore_auditor.fingerprints.models import Normalized, accuracy
@@ -116,7 +117,8 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     if key is not None and not key.can_sign:
         raise InputError(f"{req.key_file} is a public key: signing needs the private key")
     say = progress or logger.info
-    net, identity = load_torch_model(req.owner, factory_weights=req.owner_weights)
+    net, identity = load_torch_model(req.owner, factory_weights=req.owner_weights,
+                                     factory_args=parse_factory_args(req.owner_args))
     data = load_data(req.data, cache_dir=req.cache_dir)
     mean, std = channel_stats(data.train)
     convention = InputConvention(
@@ -196,6 +198,7 @@ class AuditRequest:
     # bytes of an image file; lossy formats only with lossy_images (adapters.images).
     image_format: str | None = None
     lossy_images: bool = False
+    ort_providers: str | None = None  # "cuda,cpu": ONNX Runtime execution providers, in order (ONNX suspects)
     force: bool = False  # replace an existing --report (never one of the inputs)
 
 
@@ -313,8 +316,9 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
     config.validate()
     started = utc_now()
     try:
+        providers = None if req.ort_providers is None else [p for p in req.ort_providers.split(",") if p.strip()]
         opened = open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
-                              num_classes=fp.num_classes, device=req.device, **options)
+                              num_classes=fp.num_classes, device=req.device, ort_providers=providers, **options)
     except InputError as e:  # translated once, here at the boundary: the flags as typed
         raise InputError(as_typed(str(e))) from e
     with opened as suspect:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import sys
 import types
 import uuid
@@ -575,3 +576,35 @@ def test_open_suspect_hands_triton_urls_over(monkeypatch: pytest.MonkeyPatch, sc
 
     assert got is sentinel
     assert calls == [(url, dict(convention=NCHW, point_shape=POINT, num_classes=10, timeout_s=2.0))]
+
+
+def test_a_factory_takes_keyword_arguments(tmp_path: Path) -> None:
+    """`--owner-arg NAME=VALUE`: the factory is called with them (VALUE read as JSON, else text)
+    and the identity records them; they are refused for any other owner form."""
+    from safetensors.torch import save_file
+
+    from deepcore_auditor.adapters.torch import parse_factory_args
+    from deepcore_auditor.benchmarks.owners import vgg_bn
+
+    args = parse_factory_args(["in_channels=1", "num_classes=5", "widths=[4, 8, 16]"])
+    assert args == {"in_channels": 1, "num_classes": 5, "widths": [4, 8, 16]}
+    torch.manual_seed(0)
+    ref = vgg_bn(1, 5, (4, 8, 16)).eval()
+    weights = tmp_path / "w.safetensors"
+    save_file(ref.state_dict(), str(weights))
+    model, identity = load_torch_model("deepcore_auditor.benchmarks.owners:vgg_bn", factory_weights=str(weights), factory_args=args)
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
+    assert json.loads(identity["factory_args"]) == args
+    with pytest.raises(InputError, match="num_classes=5"):  # the default widths do not fit these weights
+        load_torch_model("deepcore_auditor.benchmarks.owners:vgg_bn", factory_weights=str(weights),
+                         factory_args={"in_channels": 1, "num_classes": 5, "depth": 3})
+    ts = tmp_path / "m.ts"
+    torch.jit.trace(ref, x).save(str(ts))
+    with pytest.raises(InputError, match="only used with a package.module:factory"):
+        load_torch_model(str(ts), factory_args=args)
+    assert parse_factory_args(["name=resnet", 'tag="x=y"']) == {"name": "resnet", "tag": "x=y"}
+    for bad in (["num_classes"], ["=3"], ["2x=1"], ["a=1", "a=2"]):
+        with pytest.raises(InputError, match="--owner-arg"):
+            parse_factory_args(bad)

@@ -89,6 +89,16 @@ def test_inspect_shows_every_known_models_quality(world):
 # ---- bad input: one line, exit 2, nothing written -------------------------------------------
 
 
+def test_owner_args_are_checked_before_any_work(world, tmp_path):
+    out = tmp_path / "fp.json"
+    data = str(world.root / "owner-data.npz")
+    one_line_error(run("fingerprint", "--owner", str(world.owner_ts), "--data", data, "--out", str(out), "--owner-arg", "num_classes=10"),
+                   "only used with a package.module:factory")
+    one_line_error(run("fingerprint", "--owner", "deepcore_auditor.benchmarks.owners:vgg_bn", "--owner-weights", str(world.owner_ts),
+                       "--data", data, "--out", str(out), "--owner-arg", "10"), "--owner-arg", "NAME=VALUE")
+    assert not out.exists()
+
+
 def test_missing_fingerprint(world, tmp_path):
     one_line_error(run(*["audit", "--fingerprint", str(tmp_path / "nope.json"), "--suspect", str(world.pirate_onnx)]), "fingerprint file not found")
 

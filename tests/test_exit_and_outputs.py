@@ -221,3 +221,16 @@ def test_triton_options_are_named_as_typed(world: Any) -> None:
     assert "connect_timeout_s" not in line
     error_line(deepcore(*audit_args(world, "triton+http://127.0.0.1:1/m", "--no-report", "--connect-timeout", "-1")),
                "--connect-timeout")
+
+
+def test_onnx_execution_providers_are_chosen_and_recorded(world: Any) -> None:
+    """--ort-providers runs an ONNX suspect on exactly the providers named, records the ones it
+    used, and refuses a provider this ONNX Runtime lacks, or a suspect that is not ONNX."""
+    r = deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--json", "--ort-providers", "cpu"))
+    assert r.returncode == 1, r.stderr
+    assert json.loads(r.stdout)["suspect"]["details"]["providers"] == ["CPUExecutionProvider"]
+    error_line(deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--ort-providers", "tensorrt,cpu")),
+               "offers no TensorrtExecutionProvider", "available: ")
+    error_line(deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--ort-providers", "cpu,cpu")), "named twice")
+    error_line(deepcore(*audit_args(world, world.owner_ts, "--no-report", "--ort-providers", "cpu")), ".onnx suspects only")
+    error_line(deepcore(*audit_args(world, "v2+http://127.0.0.1:1/m", "--no-report", "--ort-providers", "cpu")), ".onnx suspects only")
