@@ -101,6 +101,19 @@ def run_in_batches(
     return np.concatenate(outputs, axis=0)
 
 
+def _preload_cuda(ort: Any, providers: Sequence[str]) -> None:
+    """Before a CUDA session: load the CUDA and cuDNN libraries that onnxruntime-gpu's "cuda" and
+    "cudnn" extras install from PyPI (the Docker image's way), which the dynamic loader does not
+    find by itself. ONNX Runtime >= 1.21 has `preload_dlls`; libraries already loaded (a system
+    CUDA) are left alone. Never fatal: the session then falls back and says so."""
+    if _CUDA not in providers or not hasattr(ort, "preload_dlls"):
+        return
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # noqa: BLE001 - a missing library shows up as the session's fallback
+        log.debug("onnxruntime.preload_dlls() failed: %s", e)
+
+
 _PROVIDER_ALIASES = {"cpu": _CPU, "cuda": _CUDA, "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider",
                      "rocm": "ROCMExecutionProvider", "dml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider"}
 
@@ -211,6 +224,7 @@ class OnnxOracle(Oracle):
                 f"device cuda requested but ONNX Runtime offers no CUDA provider (available: {', '.join(available)})"
             )
         providers = [_CUDA, _CPU] if device != "cpu" and _CUDA in available else [_CPU]
+        _preload_cuda(ort, providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
@@ -226,6 +240,7 @@ class OnnxOracle(Oracle):
     def _open_with(self, ort: Any, providers: list[str]) -> Any:
         """A session on exactly the providers asked for, in that order: a deployment's execution
         provider can change its answers, so one that did not load is an error, not a fallback."""
+        _preload_cuda(ort, providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:

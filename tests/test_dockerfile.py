@@ -148,3 +148,9 @@ def test_image_shape() -> None:
     assert ("ENTRYPOINT", '["deepcore"]') in instructions
     assert any(r.startswith("/src[") and "triton" in r and "owner" in r for r in _pip_requirements(text))
     assert "torch==2.13.0" in _pip_requirements(text)
+    labels = " ".join(a for w, a in instructions if w == "LABEL")
+    for key in ("title", "description", "version", "licenses"):
+        assert f"org.opencontainers.image.{key}=" in labels
+    env = " ".join(a for w, a in instructions if w == "ENV")
+    assert "DEEPCORE_REPORTS=/work/" in env and "DEEPCORE_CACHE=/work/" in env  # kept on the mounted folder
+    assert ("WORKDIR", "/work") in instructions
