@@ -56,7 +56,7 @@ class ImageEncoding:
             return cls("png")
         if not quality:
             return cls("jpeg", 95)
-        if not quality.isdigit() or not 1 <= int(quality) <= 100:
+        if not quality.isdecimal() or not quality.isascii() or not 1 <= int(quality) <= 100:
             raise InputError(f"image format {text!r}: the JPEG quality must be an integer from 1 to 100")
         return cls("jpeg", int(quality))
 
@@ -117,6 +117,11 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     return (pixels.astype(np.float32) / np.float32(255)).transpose(2, 0, 1)
 
 
+def require_pillow() -> None:
+    """InputError now, before any work, when images cannot be encoded here."""
+    _pil()
+
+
 def transport_problem(points: np.ndarray, encoding: ImageEncoding, *, allow_lossy: bool) -> str | None:
     """Why these points cannot travel in `encoding` unchanged (None: they can, or the user
     accepted lossy images)."""
@@ -131,5 +136,5 @@ def transport_problem(points: np.ndarray, encoding: ImageEncoding, *, allow_loss
     return None
 
 
-__all__ = ["FORMATS", "ImageEncoding", "decode_image", "encode_images", "on_uint8_grid", "to_pixels", "to_uint8_grid",
-           "transport_problem"]
+__all__ = ["FORMATS", "ImageEncoding", "decode_image", "encode_images", "on_uint8_grid", "require_pillow", "to_pixels",
+           "to_uint8_grid", "transport_problem"]

@@ -44,7 +44,7 @@ def open_suspect(
     bounds each request to a server. `ort_providers` (ONNX suspects only) names ONNX Runtime's
     execution providers, in order, instead of `device`.
     """
-    if ort_providers is not None and Path(spec).suffix.lower() != ".onnx":
+    if ort_providers is not None and (spec.lower().startswith(("triton+", "v2+")) or Path(spec).suffix.lower() != ".onnx"):
         raise InputError(f"ONNX Runtime execution providers apply to .onnx suspects only, not to {spec}")
     if spec.lower().startswith(("triton+", "v2+")):  # a server URL, or a malformed one: its parser names the fault
         try:

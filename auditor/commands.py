@@ -15,7 +15,7 @@ from typing import Any
 from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError, first_line
 from deepcore_auditor.adapters.files import atomic_write, check_output, same_file
-from deepcore_auditor.adapters.images import ImageEncoding, transport_problem
+from deepcore_auditor.adapters.images import ImageEncoding, require_pillow, transport_problem
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
 from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
@@ -306,6 +306,7 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
             raise InputError(f"fingerprint {req.fingerprint_path} is not the one committed to in {req.commitment} (sha256 differs)")
     if req.image_format is not None:  # the points must reach the suspect as the fingerprint holds them
         encoding = ImageEncoding.parse(req.image_format)
+        require_pillow()
         problem = transport_problem(fp.points, encoding, allow_lossy=req.lossy_images)
         if problem:
             raise InputError(problem)
@@ -317,6 +318,8 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
     started = utc_now()
     try:
         providers = None if req.ort_providers is None else [p for p in req.ort_providers.split(",") if p.strip()]
+        if providers is not None and req.device != "auto":
+            raise InputError("--device and --ort-providers both choose where an ONNX suspect runs: give one")
         opened = open_suspect(req.suspect, convention=suspect_convention(fp, req), point_shape=fp.point_shape,
                               num_classes=fp.num_classes, device=req.device, ort_providers=providers, **options)
     except InputError as e:  # translated once, here at the boundary: the flags as typed
@@ -437,7 +440,7 @@ def render_report_file(path: Path, fmt: str, out: Path | None = None, key_file: 
         verified = Verified(False, (), problem=first_line(e))
     try:
         text = (render_html if fmt == "html" else render_markdown)(content, verified)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError) as e:
         raise ReportError(f"{path}: malformed report content ({type(e).__name__}: {e})") from None
     if out is not None:
         atomic_write(out, text.encode())

@@ -60,8 +60,8 @@ def _band(agreement: float, n: int, mode: str, access: str) -> tuple[float, floa
     """A 95% two-sided band for the agreement after `n` points: exact for 0/1 scores, else Hoeffding."""
     if n <= 0 or math.isnan(agreement):
         return 0.0, 1.0
-    k = agreement * n
-    if access == "labels" and mode == "agreement" and abs(k - round(k)) < 1e-6:
+    k = agreement * n  # agreements are stored to 4 decimals: k is a whole number within n * 5e-5
+    if access == "labels" and mode == "agreement" and abs(k - round(k)) <= n * 5e-5 + 1e-9:
         return clopper_pearson_lower(round(k), n, 0.975), clopper_pearson_upper(round(k), n, 0.975)
     return hoeffding_lower(agreement, n, 0.975), hoeffding_upper(agreement, n, 0.975)
 
@@ -200,19 +200,22 @@ def render_markdown(content: dict[str, Any], verified: Verified) -> str:
     headline, meaning = _MEANING.get(verdict, (f"Verdict: {verdict}.", ""))
     svg = evidence_svg(res.get("trajectory") or [], res["thresholds"], float(res["p0"]), float(res["p1"]), str(res["mode"]),
                        str(res["access"]), int(content["test"]["budget"]))
-    lines = [f"# Verdict: {verdict}", ""]
+    # Every value that comes from the report or the checks goes through _md: a report that fails
+    # verification is rendered too, and its content may be anybody's.
+    lines = [f"# Verdict: {_md(verdict)}", ""]
     if not verified.ok:
-        lines += [f"**This report does NOT verify: {verified.problem}**", ""]
-    lines += [f"**{headline}**", "", meaning.format(**facts), "", f"_{_ASSUMES}_", "", "## Evidence", "",
+        lines += [f"**This report does NOT verify: {_md(verified.problem)}**", ""]
+    lines += [f"**{_md(headline)}**", "", _md(meaning.format(**facts)), "", f"_{_ASSUMES}_", "", "## Evidence", "",
               f"![evidence](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})", "",
               "| queries | agreement | statistic | decision |", "|---|---|---|---|"]
-    lines += [f"| {s['queries']} | {s['agreement']} | {s['llr']} | {s.get('decision') or ''} |" for s in res.get("trajectory") or []]
+    lines += [f"| {_md(s['queries'])} | {_md(s['agreement'])} | {_md(s['llr'])} | {_md(s.get('decision') or '')} |"
+              for s in res.get("trajectory") or []]
     lines += ["", "## Details", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {_md(v)} |" for k, v in facts.items() if k != "verdict"]
     if res.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {_md(n)}" for n in res["notes"]]
     lines += ["", "## Verification", "", _md(facts["report verification"]) + (f" ({_md(verified.caveat)})" if verified.caveat else ""), ""]
-    lines += [f"- {c}" for c in verified.checks]
+    lines += [f"- {_md(c)}" for c in verified.checks]
     return "\n".join(lines) + "\n"
 
 

@@ -281,7 +281,8 @@ def build_fingerprint(
         config = dataclasses.replace(config, core=dataclasses.replace(config.core, epsilon=robustness.epsilon))
         say(f"owner flips at L-inf {robustness.flip_radius * 255:.1f}/255: core points get epsilon "
             f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255; {time.monotonic() - t0:.0f} s)")
-    cache = KnownModelCache(cache_dir, owner, owner_held, points, labels, hx, hy, num_classes) if cache_dir is not None else None
+    cache = (KnownModelCache(cache_dir, owner, owner_held, points, labels, hx, hy, num_classes,
+                             factory_args=owner_identity.get("factory_args", "")) if cache_dir is not None else None)
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")

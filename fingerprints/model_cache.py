@@ -46,8 +46,10 @@ class KnownModelCache:
     """`cache_dir/known-models/<key>.safetensors`, for one build (one owner, data and config)."""
 
     def __init__(self, root: Path, owner: nn.Module, owner_held: np.ndarray, points: np.ndarray, labels: np.ndarray,
-                 held_points: np.ndarray, held_labels: np.ndarray, num_classes: int) -> None:
-        """`owner_held`: the owner's probabilities on `held_points`, as the build computed them."""
+                 held_points: np.ndarray, held_labels: np.ndarray, num_classes: int, factory_args: str = "") -> None:
+        """`owner_held`: the owner's probabilities on `held_points`, as the build computed them;
+        `factory_args`: a factory owner's keyword arguments (canonical JSON), which may change how
+        its copies train (a dropout rate) without changing its weights or its answers."""
         self.dir = Path(root) / "known-models"
         h = hashlib.sha256(f"deepcore-known-model:v{CACHE_VERSION}:classes={num_classes}".encode())
         for name, value in sorted(owner.state_dict().items()):
@@ -58,6 +60,8 @@ class KnownModelCache:
         # The owner's answers, rounded past float noise: a graph that computes otherwise from the same tensors.
         _digest_arrays(h, np.round(owner_held.astype(np.float64), 4))
         _digest_arrays(h, points, labels, held_points, held_labels)
+        if factory_args:  # only when given: entries of owners without arguments keep their keys
+            h.update(f"factory_args={factory_args}".encode())
         self._base = h.hexdigest()
 
     def _path(self, spec: KnownModelSpec, index: int, retry: bool, inputs: dict[str, object]) -> Path:

@@ -229,8 +229,12 @@ def test_onnx_execution_providers_are_chosen_and_recorded(world: Any) -> None:
     r = deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--json", "--ort-providers", "cpu"))
     assert r.returncode == 1, r.stderr
     assert json.loads(r.stdout)["suspect"]["details"]["providers"] == ["CPUExecutionProvider"]
-    error_line(deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--ort-providers", "tensorrt,cpu")),
-               "offers no TensorrtExecutionProvider", "available: ")
+    error_line(deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--ort-providers", "coreml,cpu")),
+               "offers no CoreMLExecutionProvider", "available: ")  # Apple's, never in a Linux build
+    error_line(deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--ort-providers", "cpu", "--device", "cpu")),
+               "give one")
+    error_line(deepcore(*audit_args(world, "v2+http://127.0.0.1:1/m.onnx", "--no-report", "--ort-providers", "cpu")),
+               ".onnx suspects only")
     error_line(deepcore(*audit_args(world, world.pirate_onnx, "--no-report", "--ort-providers", "cpu,cpu")), "named twice")
     error_line(deepcore(*audit_args(world, world.owner_ts, "--no-report", "--ort-providers", "cpu")), ".onnx suspects only")
     error_line(deepcore(*audit_args(world, "v2+http://127.0.0.1:1/m", "--no-report", "--ort-providers", "cpu")), ".onnx suspects only")

@@ -288,15 +288,15 @@ def test_the_cache_key_follows_everything_a_model_is_trained_from(small, tmp_pat
     ft = KnownModelSpec("sim-fine-tune", "piracy", "fine-tune", "selection")
     cfg = BuildConfig(core=CoreConfig(epsilon=0.1))
 
-    def key(o=owner, xs=x, c=cfg, s=ref, retry=False):
-        return KnownModelCache(tmp_path, o, predict(o, xt[:100]), xs[:500], y[:500], xt[:100], yt[:100], 10)._path(
-            s, 7, retry, training_inputs(s, c)).name
+    def key(o=owner, xs=x, c=cfg, s=ref, retry=False, factory_args=""):
+        return KnownModelCache(tmp_path, o, predict(o, xt[:100]), xs[:500], y[:500], xt[:100], yt[:100], 10,
+                               factory_args=factory_args)._path(s, 7, retry, training_inputs(s, c)).name
 
     base = key()
     other_conv = Normalized(owner.net, dataclasses.replace(conv, mean=(0.3,)))
     changed = [key(o=other_conv), key(o=reinitialize(owner, 1)), key(xs=x[1:]), key(c=dataclasses.replace(cfg, epochs=4)),
                key(c=dataclasses.replace(cfg, train_samples=100)), key(s=dataclasses.replace(ref, recipe="sgd")),
-               key(retry=True)]
+               key(retry=True), key(factory_args='{"dropout": 0.5}')]
     assert base not in changed and len(set(changed)) == len(changed)
     wider = dataclasses.replace(cfg, core=CoreConfig(epsilon=0.2, n_points=50, reference_weight=8.0))
     assert key(c=wider) == base and key(s=adv, c=wider) != key(s=adv)

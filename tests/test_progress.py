@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import select
 import subprocess
 import sys
 import time
@@ -31,6 +32,10 @@ def in_a_terminal(*args: object, timeout_s: float = 300) -> tuple[int, str]:
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout_s
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([leader], [], [], left)[0]:
+            proc.kill()
+            raise AssertionError(f"no end within {timeout_s} s: {b''.join(chunks)[-2000:]!r}")
         try:
             data = os.read(leader, 65536)
         except OSError:  # the terminal closed: the process is gone
@@ -38,7 +43,6 @@ def in_a_terminal(*args: object, timeout_s: float = 300) -> tuple[int, str]:
         if not data:
             break
         chunks.append(data)
-        assert time.monotonic() < deadline, "timed out"
     os.close(leader)
     return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
 

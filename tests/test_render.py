@@ -105,6 +105,27 @@ def test_bad_input_is_one_line(reports: dict[str, Path], world: Any, tmp_path: P
 
 
 def test_the_plot_stays_inside_its_panels() -> None:
-    trajectory = [{"queries": q, "agreement": 0.9, "llr": -9.0 * q / 20} for q in (5, 10, 15, 20)]
+    """Every drawn point of both curves and the band lies inside its panel, even for a statistic
+    that ran far past a threshold."""
+    trajectory = [{"queries": q, "agreement": round(a, 4), "llr": -9.0 * q / 20}
+                  for q, a in ((5, 0.8), (10, 0.7), (15, 14 / 15), (20, 0.75))]
     svg = evidence_svg(trajectory, {"piracy": 4.6, "independent": -4.6}, 0.88, 0.98, "agreement", "labels", 100)
-    assert svg.startswith("<svg") and svg.endswith("</svg>") and svg.count("<polyline") == 2 and "<polygon" in svg
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    rects = [tuple(float(v) for v in m) for m in re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', svg)]
+    shapes = re.findall(r'<(polyline|polygon)[^>]* points="([^"]+)"', svg)
+    assert len(rects) == 2 and [k for k, _ in shapes] == ["polyline", "polygon", "polyline"]
+    for i, (_, pts) in enumerate(shapes):
+        x0, y0, w, h = rects[0 if i == 0 else 1]
+        for pair in pts.split():
+            px, py = (float(v) for v in pair.split(","))
+            assert x0 - 1e-6 <= px <= x0 + w + 1e-6 and y0 - 1e-6 <= py <= y0 + h + 1e-6, (i, pair)
+
+
+def test_the_band_is_exact_binomial_for_label_agreement() -> None:
+    """Agreements are stored to 4 decimals; the band must still be the Clopper-Pearson one
+    (14 of 15 is 0.9333: k = 13.9995), not the wider Hoeffding band."""
+    from deepcore_auditor.auditor.render import _band
+    from deepcore_auditor.fingerprints.stats import clopper_pearson_lower
+
+    lo, _ = _band(round(14 / 15, 4), 15, "agreement", "labels")
+    assert lo == pytest.approx(clopper_pearson_lower(14, 15, 0.975))

@@ -189,6 +189,18 @@ def test_jpeg_is_refused_unless_accepted_and_then_reported(server: V2Server, gri
     assert any("jpeg:90 images" in n and "altered points" in n for n in got["notes"])
 
 
+def test_a_resumed_audit_must_send_the_same_image_files(server: V2Server, grid_fingerprint: Path, tmp_path: Path) -> None:
+    """The image format is part of the suspect as reached: a ledger of JPEG answers cannot be
+    resumed with PNG (the verdict would rest on answers to two sets of points)."""
+    ledger = tmp_path / "ledger.jsonl"
+    url = server.url("independent-images")
+    r = run("audit", "--fingerprint", grid_fingerprint, "--suspect", url, "--budget", "5", "--batch-size", "5", "--no-report",
+            "--ledger", ledger, "--image-format", "jpeg:75", "--lossy-images")
+    assert r.exit_code == 3, r.output  # inconclusive after the budget of 5
+    one_line_error(run("audit", "--fingerprint", grid_fingerprint, "--suspect", url, "--budget", "60", "--batch-size", "5",
+                       "--no-report", "--ledger", ledger, "--resume", "--image-format", "png"), "cannot resume", "suspect")
+
+
 def test_image_transport_errors_are_one_line(server: V2Server, world: Any, grid_fingerprint: Path) -> None:
     # points off the 8-bit grid would be rounded by PNG: refused before any query
     one_line_error(_audit(world.fingerprint, server.url("pirate-images"), "--image-format", "png"), "not 8-bit images", "--uint8-points")
@@ -213,6 +225,6 @@ def test_image_encodings_round_trip_as_declared() -> None:
         back = np.stack([decode_image(f, channels) for f in jpeg])
         assert back.shape == points.shape and not np.array_equal(back, points)
     assert ImageEncoding.parse("JPG") == ImageEncoding("jpeg", 95) and str(ImageEncoding.parse("jpeg:75")) == "jpeg:75"
-    for bad in ("gif", "png:3", "jpeg:101", "jpeg:x", ""):
+    for bad in ("gif", "png:3", "jpeg:101", "jpeg:x", "jpeg:\u00b2", ""):
         with pytest.raises(InputError):
             ImageEncoding.parse(bad)

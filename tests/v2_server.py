@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -97,7 +98,9 @@ def mlserver(models: Mapping[str, Path | ImageModel], root: Path, *, timeout_s: 
                             parameters={"uri": "./model.onnx", "extra": {"channels": model.channels, "mean": list(model.mean),
                                                                          "std": list(model.std)}})
         (folder / "model-settings.json").write_text(json.dumps(settings))
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port = grpc_port = _free_port()
+    while grpc_port == http_port:
+        grpc_port = _free_port()
     (root / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "http_port": http_port, "grpc_port": grpc_port,
         "metrics_endpoint": None, "parallel_workers": 0, "debug": False,
@@ -122,10 +125,12 @@ def mlserver(models: Mapping[str, Path | ImageModel], root: Path, *, timeout_s: 
                 raise AssertionError(f"mlserver not ready in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.25)
         yield V2Server(http_port, grpc_port, log)
-    finally:
-        proc.terminate()
+    finally:  # the whole process group: MLServer may have started workers of its own
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
             proc.wait()

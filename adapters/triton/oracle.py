@@ -203,7 +203,9 @@ class TritonOracle(Oracle):
     def _images(self, points: np.ndarray) -> np.ndarray:
         """Points -> one encoded image file each, as the BYTES elements of a request: raw bytes
         where the transport carries them (Triton's binary tensors, gRPC), base64 text in a v2 JSON
-        body (JSON holds no raw bytes; base64 is what KServe's and MLServer's image examples send)."""
+        body, tagged with the parameter content_type "base64" (JSON holds no raw bytes and the
+        protocol defines no encoding for them; the tag is MLServer's, and KServe's image examples
+        send base64 too). A Triton server is asked with a triton+ URL, which sends raw bytes."""
         assert self._plan.image is not None
         files = encode_images(points, self._plan.image)
         elements = files if self._binary else [base64.b64encode(f).decode("ascii") for f in files]
@@ -224,6 +226,8 @@ class TritonOracle(Oracle):
                 out = module.InferRequestedOutput(plan.output_name, class_count=1 if mode == "classification" else 0)
             else:  # HTTP, JSON tensors (gRPC's clients take no binary_data)
                 inp.set_data_from_numpy(data, binary_data=False)
+                if plan.image is not None:  # base64 text, tagged as MLServer's codecs read it
+                    inp._parameters["content_type"] = "base64"  # tritonclient has no public setter
                 out = module.InferRequestedOutput(plan.output_name, binary_data=False)
             headers = None if self._headers is None else dict(self._headers)
             result = client.infer(self._transport.endpoint.model, [inp], outputs=[out], headers=headers, **self._infer_kwargs)

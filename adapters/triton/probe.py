@@ -101,6 +101,8 @@ def open_triton(
         "model": endpoint.model,
         "version": version,
     }
+    if image is not None:  # the suspect as reached: a resumed audit must send the same files
+        identity["image_format"] = str(image)
     if endpoint.flavour == "triton":
         identity["config_sha256"] = hashlib.sha256(_canonical_config(config).encode()).hexdigest()
     else:  # the protocol's own description of the model: its name, platform, inputs and outputs

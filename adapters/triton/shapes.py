@@ -121,9 +121,9 @@ def _plan(
             chunk = min(max_batch_size, batch_size or max_batch_size) if max_batch_size > 0 else batch_size or 64
         else:
             batch_dim, sample_dims, chunk = False, in_shape, 1
-        if sample_dims not in ((), (1,)):
+        if sample_dims not in ((), (1,)) or (not batch_dim and sample_dims != (1,)):
             raise IncompatibleSuspect(f"{model} takes BYTES input of shape {list(in_shape)}: expected one encoded image "
-                                      "per sample ([-1], [-1, 1] or [1])")
+                                      "per request ([-1], [-1, 1] or [1])")
     # Batch axis: Triton adds it when max_batch_size > 0; a non-batching model may still carry it.
     elif max_batch_size > 0:  # Triton batching: up to max_batch_size samples per request
         batch_dim, sample_dims, chunk = True, in_shape[1:], min(max_batch_size, batch_size or max_batch_size)
