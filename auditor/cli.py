@@ -454,7 +454,7 @@ def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, a
     zoo = ZooConfig(members=members, epochs=epochs, train_samples=train_samples, adv_epsilon=adv_epsilon, seed=seed)
     config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
                          candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed)
-    results = run_bench(config, out, cache_dir=cache_dir, progress=_say)
+    results = run_bench(config, out, cache_dir=cache_dir, progress=_say, bars=terminal_bars())
     for mode, bar in results["bar"].items():
         for b in bar:
             click.echo(f"{mode}: {'met' if b['met'] else 'NOT MET':<8} {b['criterion']}: {b['measured']}")

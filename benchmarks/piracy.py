@@ -47,6 +47,7 @@ from deepcore_auditor.fingerprints.calibration import rate_bound, rates
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
+from deepcore_auditor.fingerprints.progress import QUIET, Progress
 from deepcore_auditor.fingerprints.stats import log_likelihood_ratios
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ class MethodData:
         return self.fp.owner_labels[self.order]
 
 
-def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None]) -> dict[str, tuple[Fingerprint, float]]:
+def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
+                  bars: Progress = QUIET) -> dict[str, tuple[Fingerprint, float]]:
     """Each method's fingerprint, built once and cached beside the zoo under a digest of exactly
     what it was built from (so changing one method's parameters rebuilds that method only)."""
     wanted = sorted({SCORES[m][0] for m in config.methods})
@@ -136,7 +138,7 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None]) -> 
         if method == "deepcore":
             fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, build,
                                    holdout=(zoo.data.test.points(), zoo.data.test.y), progress=lambda m: logger.info(m),
-                                   require_separable=False)
+                                   require_separable=False, bars=bars)
         else:
             sur = [zoo.torch_models[m.name] for m in zoo.role("cae-surrogate")] if method == "cae" else []
             ref = [zoo.torch_models[m.name] for m in zoo.role("cae-reference")] if method == "cae" else []
@@ -356,8 +358,9 @@ def environment() -> dict[str, Any]:
 
 
 def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the whole benchmark and write results.json, results.md and the plots into `out`."""
+              progress: Callable[[str], None] | None = None, bars: Progress = QUIET) -> dict[str, Any]:
+    """Run the whole benchmark and write results.json, results.md and the plots into `out`;
+    `progress` gets its phase lines, `bars` bars for the zoo and the DeepCore build."""
     config.validate()
     out = Path(out)
     if not out.parent.is_dir():
@@ -365,8 +368,8 @@ def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
     say = progress or logger.info
     t0 = time.perf_counter()
     data = load_data(config.data, cache_dir=cache_dir)
-    zoo = build_zoo(data, Path(cache_dir or default_cache_dir()) / "bench", config.zoo, say)
-    fps = _fingerprints(zoo, config, say)
+    zoo = build_zoo(data, Path(cache_dir or default_cache_dir()) / "bench", config.zoo, say, bars)
+    fps = _fingerprints(zoo, config, say, bars)
     small = [m for m, (fp, _) in fps.items() if len(fp) < max(config.budgets)]
     if small:
         raise InputError(f"fingerprint(s) {', '.join(small)} have fewer points than the largest budget {max(config.budgets)}")

@@ -42,6 +42,7 @@ from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.data import DataSplits, channel_stats
 from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, accuracy, build_architecture, clone, export_onnx, train
+from deepcore_auditor.fingerprints.progress import QUIET, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ def _load_state(model: nn.Module, path: Path) -> nn.Module:
     return model.eval()
 
 
-def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[str], None] = logger.info) -> Zoo:
+def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[str], None] = logger.info,
+              bars: Progress = QUIET) -> Zoo:
     """Train (or reuse from `cache`) the owner and every member; returns the zoo."""
     root = cache / config.key(data.source.get("sha256", data.source.get("spec", "")))
     root.mkdir(parents=True, exist_ok=True)
@@ -239,34 +241,43 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
     members = plan_members(config)
     paths: dict[str, Path] = {"owner": owner_onnx}
     torch_models: dict[str, nn.Module] = {}
-    for m in members:
-        path = root / f"{m.name}.onnx"
-        paths[m.name] = path
-        owner_side = m.role.startswith("cae-")
-        state = root / f"{m.name}.pt"
-        done = m.name in meta["members"] and path.is_file() and (not owner_side or state.is_file())
-        if done:
-            if owner_side:
-                net = _fresh(m.arch, owner, shape, k, 0) if m.recipe != "fine-tune" else clone(owner)
-                torch_models[m.name] = _load_state(net, state)
-            continue
-        say(f"training {m.name} ({m.kind}, {m.family}, {m.role})")
-        t0 = time.perf_counter()
-        info: dict[str, Any] = {"kind": m.kind, "family": m.family, "role": m.role, "arch": m.arch, "data": m.data}
-        if m.recipe in ("int8", "fp16"):
-            recipes.RECIPES[m.recipe](paths[m.base], path)  # int8 / fp16: fingerprints.recipes
-            info["base"] = m.base
-        else:
-            model = train_member(m, owner, halves, config, k)
-            info["test_accuracy"] = round(accuracy(model, test_x, test_y), 4)
-            assert isinstance(model, Normalized)
-            export_onnx(model.net, path, shape)
-            if owner_side:
-                _save_state(model, state)
-                torch_models[m.name] = model
-        info["train_s"] = round(time.perf_counter() - t0, 1)
-        meta["members"][m.name] = info
-        atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+    with bars.bar(f"benchmark zoo ({len(members)} models)", len(members)) as advance:
+        for m in members:
+            _member(m, root, owner, shape, k, halves, config, test_x, test_y, meta, meta_path, paths, torch_models, say)
+            advance(1)
     meta["build_s"] = round(meta.get("owner", {}).get("train_s", 0) + sum(v.get("train_s", 0) for v in meta["members"].values()), 1)
     atomic_write(meta_path, json.dumps(meta, indent=1).encode())
     return Zoo(root, owner, convention, data, halves, members, paths, meta, torch_models)
+
+
+def _member(m: Member, root: Path, owner: Normalized, shape: tuple[int, int, int], k: int,
+            halves: dict[str, tuple[np.ndarray, np.ndarray]], config: ZooConfig, test_x: np.ndarray, test_y: np.ndarray,
+            meta: dict[str, Any], meta_path: Path, paths: dict[str, Path], torch_models: dict[str, nn.Module],
+            say: Callable[[str], None]) -> None:
+    """Train (or find cached) one member of the zoo, export it, record it in the metadata."""
+    path = root / f"{m.name}.onnx"
+    paths[m.name] = path
+    owner_side = m.role.startswith("cae-")
+    state = root / f"{m.name}.pt"
+    if m.name in meta["members"] and path.is_file() and (not owner_side or state.is_file()):  # cached
+        if owner_side:
+            net = _fresh(m.arch, owner, shape, k, 0) if m.recipe != "fine-tune" else clone(owner)
+            torch_models[m.name] = _load_state(net, state)
+        return
+    say(f"training {m.name} ({m.kind}, {m.family}, {m.role})")
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"kind": m.kind, "family": m.family, "role": m.role, "arch": m.arch, "data": m.data}
+    if m.recipe in ("int8", "fp16"):
+        recipes.RECIPES[m.recipe](paths[m.base], path)  # int8 / fp16: fingerprints.recipes
+        info["base"] = m.base
+    else:
+        model = train_member(m, owner, halves, config, k)
+        info["test_accuracy"] = round(accuracy(model, test_x, test_y), 4)
+        assert isinstance(model, Normalized)
+        export_onnx(model.net, path, shape)
+        if owner_side:
+            _save_state(model, state)
+            torch_models[m.name] = model
+    info["train_s"] = round(time.perf_counter() - t0, 1)
+    meta["members"][m.name] = info
+    atomic_write(meta_path, json.dumps(meta, indent=1).encode())
