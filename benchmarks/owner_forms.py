@@ -179,8 +179,10 @@ def _owner_args(world: Path, form: str) -> list[str]:
     }[form]
 
 
-def run_form(world: Path, form: str, out: Path, extra: list[str]) -> dict[str, object]:
-    """Fingerprint one owner form with default flags, then audit every suspect label-only."""
+def run_form(world: Path, form: str, out: Path, extra: list[str], seeds: int = 1) -> dict[str, object]:
+    """Fingerprint one owner form with default flags, then audit every suspect label-only, once
+    per point order (`--seed` 0 .. seeds-1: a verdict that depends on the order is not a verdict
+    to rely on)."""
     conv = json.loads((world / "convention.json").read_text())
     fp = out.with_suffix(".fp.json")
     cmd = [sys.executable, "-m", "deepcore_auditor", "fingerprint", *_owner_args(world, form),
@@ -201,17 +203,22 @@ def run_form(world: Path, form: str, out: Path, extra: list[str]) -> dict[str, o
             return result
     insp = subprocess.run([sys.executable, "-m", "deepcore_auditor", "inspect", str(fp), "--json"], capture_output=True, text=True)
     result["inspect"] = json.loads(insp.stdout) if insp.returncode == 0 else insp.stderr.strip()
-    verdicts = {}
+    verdicts: dict[str, object] = {}
     for onnx in sorted((world / "suspects").glob("*.onnx")):
-        r = subprocess.run([sys.executable, "-m", "deepcore_auditor", "audit", "--fingerprint", str(fp), "--suspect", str(onnx),
-                            "--access", "labels", "--budget", "400", "--json", "--no-report"], capture_output=True, text=True)
-        try:
-            j = json.loads(r.stdout)
-            verdicts[onnx.stem] = {"verdict": j["verdict"], "queries": j["queries_used"],
-                                   "agreement": j.get("trajectory", [{}])[-1].get("agreement") if j.get("trajectory") else None}
-        except (json.JSONDecodeError, KeyError):
-            verdicts[onnx.stem] = {"verdict": f"error {r.returncode}: {r.stderr.strip()[-200:]}"}
-        print(f"  {onnx.stem:20s} {verdicts[onnx.stem]}", flush=True)
+        runs = []
+        for seed in range(seeds):
+            r = subprocess.run([sys.executable, "-m", "deepcore_auditor", "audit", "--fingerprint", str(fp), "--suspect", str(onnx),
+                                "--access", "labels", "--budget", "400", "--json", "--no-report", "--seed", str(seed)],
+                               capture_output=True, text=True)
+            try:
+                j = json.loads(r.stdout)
+                runs.append({"seed": seed, "verdict": j["verdict"], "queries": j["queries_used"],
+                             "agreement": j.get("trajectory", [{}])[-1].get("agreement") if j.get("trajectory") else None})
+            except (json.JSONDecodeError, KeyError):
+                runs.append({"seed": seed, "verdict": f"error {r.returncode}: {r.stderr.strip()[-200:]}"})
+        verdicts[onnx.stem] = runs[0] if seeds == 1 else runs
+        counts = {v: sum(x["verdict"] == v for x in runs) for v in ("piracy", "independent", "inconclusive")}
+        print(f"  {onnx.stem:20s} {runs[0] if seeds == 1 else counts}", flush=True)
     result["verdicts"] = verdicts
     return result
 
@@ -229,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dir", type=Path, required=True)
     r.add_argument("--form", choices=OWNER_FORMS, required=True)
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--seeds", type=int, default=1, help="audit each suspect with point orders --seed 0 .. N-1")
     r.add_argument("extra", nargs="*", help="further fingerprint flags (after --)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "world":
         build_world(args.data, args.dir, epochs=args.epochs, dataset=args.dataset, skip=tuple(args.skip))
         return 0
-    res = run_form(args.dir, args.form, args.out, args.extra)
+    res = run_form(args.dir, args.form, args.out, args.extra, seeds=args.seeds)
     args.out.write_text(json.dumps(res, indent=1, sort_keys=True))
     return 0
 
