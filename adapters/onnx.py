@@ -224,29 +224,28 @@ class OnnxOracle(Oracle):
                 f"device cuda requested but ONNX Runtime offers no CUDA provider (available: {', '.join(available)})"
             )
         providers = [_CUDA, _CPU] if device != "cpu" and _CUDA in available else [_CPU]
-        _preload_cuda(ort, providers)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise InputError(f"{self._path} is not a readable ONNX model: {first_line(e)}") from e
+        session = self._session(ort, providers, "is not a readable ONNX model")
         if device == "cuda" and _CUDA not in session.get_providers():
             raise InputError(
                 "device cuda requested but ONNX Runtime fell back to CPU (no usable GPU or CUDA libraries)"
             )
         return session
 
-    def _open_with(self, ort: Any, providers: list[str]) -> Any:
-        """A session on exactly the providers asked for, in that order: a deployment's execution
-        provider can change its answers, so one that did not load is an error, not a fallback."""
+    def _session(self, ort: Any, providers: list[str], failure: str) -> Any:
+        """An InferenceSession on `providers` (CUDA libraries preloaded first); InputError
+        "<path> <failure>: <cause>" when ONNX Runtime cannot open the file."""
         _preload_cuda(ort, providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
+            return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise InputError(f"{self._path} cannot be opened on {', '.join(providers)}: {first_line(e)}") from e
+            raise InputError(f"{self._path} {failure}: {first_line(e)}") from e
+
+    def _open_with(self, ort: Any, providers: list[str]) -> Any:
+        """A session on exactly the providers asked for, in that order: a deployment's execution
+        provider can change its answers, so one that did not load is an error, not a fallback."""
+        session = self._session(ort, providers, f"cannot be opened on {', '.join(providers)}")
         missing = [p for p in providers if p not in session.get_providers()]
         if missing:
             raise InputError(f"ONNX Runtime did not load {', '.join(missing)} (it runs on {', '.join(session.get_providers())})")
