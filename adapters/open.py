@@ -16,8 +16,9 @@ from deepcore_auditor.adapters.errors import InputError
 
 log = logging.getLogger(__name__)
 
-TRITON_SCHEMES = ("triton+http://", "triton+https://", "triton+grpc://", "triton+grpcs://")
-V2_SCHEMES = ("v2+http://", "v2+https://", "v2+grpc://", "v2+grpcs://")
+# A spec with one of these prefixes is a server URL (its parser, adapters.triton.options, names
+# the schemes it accepts and refuses a malformed one).
+SERVER_PREFIXES = ("triton+", "v2+")
 TORCH_SUFFIXES = (".pt", ".ts", ".pt2", ".jit")
 ACCEPTED = (
     "a .onnx file, a TorchScript file (.pt, .ts, .jit), a torch.export program (.pt2), "
@@ -44,9 +45,10 @@ def open_suspect(
     bounds each request to a server. `ort_providers` (ONNX suspects only) names ONNX Runtime's
     execution providers, in order, instead of `device`.
     """
-    if ort_providers is not None and (spec.lower().startswith(("triton+", "v2+")) or Path(spec).suffix.lower() != ".onnx"):
+    server = spec.lower().startswith(SERVER_PREFIXES)
+    if ort_providers is not None and (server or Path(spec).suffix.lower() != ".onnx"):
         raise InputError(f"ONNX Runtime execution providers apply to .onnx suspects only, not to {spec}")
-    if spec.lower().startswith(("triton+", "v2+")):  # a server URL, or a malformed one: its parser names the fault
+    if server:  # a server URL, or a malformed one: its parser names the fault
         try:
             from deepcore_auditor.adapters.triton import open_triton
         except ImportError as e:

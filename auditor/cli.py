@@ -241,14 +241,15 @@ def audit(**o: Any) -> None:
     with bars.bar(f"auditing (budget {config.budget} queries)", config.budget) as advance:
         asked = [0]
 
-        def step(s: Any) -> None:
-            if bars is QUIET:
-                _say(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}")
-            else:
-                advance(s.queries - asked[0])
-                asked[0] = s.queries
+        def tick(s: Any) -> None:  # the bar moves by the queries charged since the last step
+            advance(s.queries - asked[0])
+            asked[0] = s.queries
 
-        result = run_audit_request(AuditRequest(config=config, **o), progress=None if as_json else step)
+        def line(s: Any) -> None:
+            _say(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}")
+
+        step = None if as_json else line if bars is QUIET else tick
+        result = run_audit_request(AuditRequest(config=config, **o), progress=step)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

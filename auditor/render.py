@@ -149,16 +149,22 @@ def _facts(content: dict[str, Any], verified: Verified) -> dict[str, Any]:
     }
 
 
-def render_html(content: dict[str, Any], verified: Verified) -> str:
-    """The report as one self-contained HTML page."""
+def _parts(content: dict[str, Any], verified: Verified) -> tuple[dict[str, Any], str, str, str]:
+    """What both formats show: the facts, the headline, what the verdict means, the plot."""
     facts = _facts(content, verified)
     res = content["result"]
-    verdict = facts["verdict"]
-    headline, meaning = _MEANING.get(verdict, (f"Verdict: {verdict}.", ""))
-    meaning = meaning.format(**facts)
-    colour = {"piracy": "#b00020", "independent": "#1b5e20"}.get(verdict, "#5d4037")
+    headline, meaning = _MEANING.get(facts["verdict"], (f"Verdict: {facts['verdict']}.", ""))
     svg = evidence_svg(res.get("trajectory") or [], res["thresholds"], float(res["p0"]), float(res["p1"]), str(res["mode"]),
                        str(res["access"]), int(content["test"]["budget"]))
+    return facts, headline, meaning.format(**facts), svg
+
+
+def render_html(content: dict[str, Any], verified: Verified) -> str:
+    """The report as one self-contained HTML page."""
+    facts, headline, meaning, svg = _parts(content, verified)
+    res = content["result"]
+    verdict = facts["verdict"]
+    colour = {"piracy": "#b00020", "independent": "#1b5e20"}.get(verdict, "#5d4037")
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts.items() if k != "verdict")
     checks = "".join(f"<li>{_e(c)}</li>" for c in verified.checks)
     notes = "".join(f"<li>{_e(n)}</li>" for n in res.get("notes") or [])
@@ -194,18 +200,15 @@ answers.</figcaption></figure>
 
 def render_markdown(content: dict[str, Any], verified: Verified) -> str:
     """The report as Markdown: the same facts, the trajectory as a table, the plot as an inline image."""
-    facts = _facts(content, verified)
+    facts, headline, meaning, svg = _parts(content, verified)
     res = content["result"]
     verdict = facts["verdict"]
-    headline, meaning = _MEANING.get(verdict, (f"Verdict: {verdict}.", ""))
-    svg = evidence_svg(res.get("trajectory") or [], res["thresholds"], float(res["p0"]), float(res["p1"]), str(res["mode"]),
-                       str(res["access"]), int(content["test"]["budget"]))
     # Every value that comes from the report or the checks goes through _md: a report that fails
     # verification is rendered too, and its content may be anybody's.
     lines = [f"# Verdict: {_md(verdict)}", ""]
     if not verified.ok:
         lines += [f"**This report does NOT verify: {_md(verified.problem)}**", ""]
-    lines += [f"**{_md(headline)}**", "", _md(meaning.format(**facts)), "", f"_{_ASSUMES}_", "", "## Evidence", "",
+    lines += [f"**{_md(headline)}**", "", _md(meaning), "", f"_{_ASSUMES}_", "", "## Evidence", "",
               f"![evidence](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})", "",
               "| queries | agreement | statistic | decision |", "|---|---|---|---|"]
     lines += [f"| {_md(s['queries'])} | {_md(s['agreement'])} | {_md(s['llr'])} | {_md(s.get('decision') or '')} |"
