@@ -21,7 +21,7 @@ from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
 from deepcore_auditor.fingerprints.calibration import MODES, Rates, rates
 from deepcore_auditor.fingerprints.format import Fingerprint
-from deepcore_auditor.fingerprints.stats import SequentialTest, expected_queries, log_likelihood_ratios
+from deepcore_auditor.fingerprints.stats import TESTS, BettingTest, SequentialTest, expected_queries, log_likelihood_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,13 @@ VERDICTS = ("independent", "piracy", "inconclusive")
 @dataclass(frozen=True)
 class AuditConfig:
     """How to audit: access mode, identification mode, budget, batch size, error rates, seed,
-    and how many points to ask again before concluding `independent` (0: no repeat check)."""
+    and how many points to ask again before concluding `independent` (0: no repeat check).
+    `test` is the sequential test: "betting" (anytime-valid, the default) or "sprt" (Wald's, which
+    reports made before the betting test name and replay under)."""
 
     access: Access = Access.LABELS
     mode: str = "agreement"
+    test: str = "betting"
     budget: int = 200
     batch_size: int = 10
     alpha: float = 0.01
@@ -45,6 +48,8 @@ class AuditConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"unknown identification mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.test not in TESTS:
+            raise InputError(f"unknown sequential test {self.test!r}: use one of {', '.join(TESTS)}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {self.batch_size}")
         if self.budget < self.batch_size:
@@ -92,14 +97,16 @@ class Plan:
     owner_labels: tuple[int, ...]
     p0: tuple[float, ...]
     p1: tuple[float, ...]
+    test: str = "sprt"  # a ledger written before the betting test names none: it ran Wald's
 
     @classmethod
     def make(cls, fp: Fingerprint, config: AuditConfig, r: Rates | None = None) -> Plan:
         """The plan for `config`; `r`, the fingerprint's rates for its mode, if already computed."""
         config.validate()
-        r = r if r is not None else rates(fp, config.mode)
+        r = r if r is not None else rates(fp, config.mode, config.test)
         order = plan_order(len(fp), config.seed)
         plan = cls(
+            test=config.test,
             mode=config.mode, access=config.access.value, alpha=config.alpha, beta=config.beta,
             batch_size=config.batch_size, seed=config.seed, repeat_checks=config.repeat_checks,
             indices=tuple(int(i) for i in order),
@@ -119,6 +126,8 @@ class Plan:
         n = len(self.digests)
         if n == 0 or any(len(x) != n for x in (self.indices, self.owner_labels, self.p0, self.p1)):
             return "plan arrays differ in length"
+        if self.test not in TESTS:
+            return f"unknown sequential test {self.test!r}"
         if self.mode not in MODES or self.batch_size < 1 or not (0 < self.alpha < 0.5 and 0 < self.beta < 0.5):
             return "unknown mode or out-of-range batch size, alpha or beta"
         if self.seed < 0:
@@ -145,6 +154,7 @@ class Plan:
                 indices=tuple(int(v) for v in d["indices"]), digests=tuple(str(v) for v in d["digests"]),
                 owner_labels=tuple(int(v) for v in d["owner_labels"]),
                 p0=tuple(float(v) for v in d["p0"]), p1=tuple(float(v) for v in d["p1"]),
+                test=str(d.get("test", "sprt")),
             )
         except (KeyError, TypeError, OverflowError) as e:
             raise ValueError(f"malformed plan ({type(e).__name__}: {e})") from e
@@ -190,23 +200,72 @@ class Outcome:
     stop_note: str | None = None
 
 
+class _Wald:
+    """Wald's SPRT over the plan's per-point rates, batch by batch of the plan's size."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.test = SequentialTest(plan.alpha, plan.beta)
+        self.p0, self.p1 = np.asarray(plan.p0), np.asarray(plan.p1)
+        self.llr = 0.0
+
+    def batch(self, limit: int) -> int:
+        return limit
+
+    def add(self, pos: np.ndarray, s: np.ndarray) -> str | None:
+        self.llr += float(log_likelihood_ratios(s, self.p0[pos], self.p1[pos]).sum())
+        return self.test.decide(self.llr)
+
+    def evidence(self) -> tuple[float, float | None]:
+        return self.llr, None
+
+
+class _Betting:
+    """The two bettors of `stats.BettingTest`, looked at after every answer; a batch is never
+    larger than the answers after which the test could decide (`useful_batch`)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.test = BettingTest.start(plan.alpha, plan.beta, np.asarray(plan.p0), np.asarray(plan.p1))
+
+    def batch(self, limit: int) -> int:
+        return self.test.useful_batch(limit)
+
+    def add(self, pos: np.ndarray, s: np.ndarray) -> str | None:
+        decision = None
+        for score in s:  # anytime-valid: a threshold crossed at any answer of the batch decides
+            decision = decision or self.test.update(float(score))
+        return decision
+
+    def evidence(self) -> tuple[float, float | None]:
+        return self.test.piracy.log_wealth, self.test.independence.log_wealth
+
+
+def thresholds(plan: Plan) -> dict[str, float]:
+    """The test's thresholds as a report states them: on Wald's log-likelihood ratio, or for the
+    betting test on the log wealth against independence (piracy, ln(1/alpha)) and minus the log
+    wealth against piracy (independent, ln(beta)), so both plot on one axis."""
+    if plan.test == "betting":
+        return {"piracy": round(math.log(1 / plan.alpha), 4), "independent": round(math.log(plan.beta), 4)}
+    test = SequentialTest(plan.alpha, plan.beta)
+    return {"piracy": round(test.upper, 4), "independent": round(test.lower, 4)}
+
+
 def run_test(
     plan: Plan,
     answers_for: Callable[[np.ndarray], np.ndarray | None],
     budget: int,
     progress: Callable[[Step], None] | None = None,
 ) -> Outcome:
-    """Wald's test over the plan: ask batch after batch (`answers_for(positions)`, None = no more
+    """The plan's sequential test: ask batch after batch (`answers_for(positions)`, None = no more
     answers) until it decides, or the budget or the points run out. The audit and the report
     verifier both run this, so a report is checked by the very code that made it."""
     access = Access(plan.access)
-    test = SequentialTest(plan.alpha, plan.beta)
-    labels, p0, p1 = np.asarray(plan.owner_labels), np.asarray(plan.p0), np.asarray(plan.p1)
+    test: _Wald | _Betting = _Betting(plan) if plan.test == "betting" else _Wald(plan)
+    labels = np.asarray(plan.owner_labels)
     out = Outcome()
     agree: list[float] = []
     scores: list[float] = []
     while out.decision is None and out.asked < len(plan):
-        n = min(plan.batch_size, len(plan) - out.asked, budget - out.asked)
+        n = min(test.batch(plan.batch_size), len(plan) - out.asked, budget - out.asked)
         if n <= 0:
             break
         pos = np.arange(out.asked, out.asked + n)
@@ -221,9 +280,10 @@ def run_test(
         a, s = score_answers(answers, labels[pos], access, plan.mode)
         agree.extend(a.tolist())
         scores.extend(s.tolist())
-        out.llr += float(log_likelihood_ratios(s, p0[pos], p1[pos]).sum())
-        out.decision = test.decide(out.llr)
-        step = Step(out.asked, round(float(np.mean(agree)), 4), round(float(np.mean(scores)), 4), round(out.llr, 4), out.decision)
+        out.decision = test.add(pos, s)
+        out.llr, against_piracy = test.evidence()
+        step = Step(out.asked, round(float(np.mean(agree)), 4), round(float(np.mean(scores)), 4), round(out.llr, 4), out.decision,
+                    None if against_piracy is None else round(against_piracy, 4))
         out.trajectory.append(step)
         if progress:
             progress(step)
@@ -232,13 +292,24 @@ def run_test(
 
 @dataclass(frozen=True)
 class Step:
-    """The state of the test after one batch: the verdict against the number of queries."""
+    """The state of the test after one batch: the verdict against the number of queries.
+
+    `llr` is the evidence for piracy: Wald's log-likelihood ratio, or the betting test's log
+    wealth against independence; `llr_independent` (betting test only) the log wealth against
+    piracy."""
 
     queries: int
     agreement: float
     score: float
     llr: float
     decision: str | None
+    llr_independent: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.llr_independent is None:  # Wald's steps keep the shape reports have always had
+            del d["llr_independent"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -271,6 +342,7 @@ class AuditResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["trajectory"] = [s.to_dict() for s in self.trajectory]
         d["expected_queries_if_pirated"] = None if math.isinf(self.expected_queries_if_pirated) else round(self.expected_queries_if_pirated, 1)
         d["agreement"] = None if math.isnan(self.agreement) else self.agreement  # no batch asked: JSON has no NaN
         return d
@@ -341,7 +413,7 @@ def audit(
     the same point differently (a randomized defence) gets `inconclusive` instead.
     """
     config.validate()
-    r = rates(fp, config.mode)
+    r = rates(fp, config.mode, config.test)
     plan = Plan.make(fp, config, r)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
@@ -369,7 +441,6 @@ def audit(
     if channel.retried:  # after the repeat check, whose failed attempts are charged too
         notes.append(f"{channel.retried} failed attempts were retried; each was charged to the budget")
     p0, p1 = float(r.p0.mean()), float(r.p1.mean())
-    test = SequentialTest(config.alpha, config.beta)
     return AuditResult(
         verdict=decision or "inconclusive",
         queries_used=prior + channel.spent,
@@ -380,7 +451,7 @@ def audit(
         access=config.access.value,
         agreement=out.trajectory[-1].agreement if out.trajectory else math.nan,
         llr=round(out.llr, 4),
-        thresholds={"piracy": round(test.upper, 4), "independent": round(test.lower, 4)},
+        thresholds=thresholds(plan),
         p0=round(p0, 4),
         p1=round(p1, 4),
         expected_queries_if_pirated=expected_queries(p0, p1, config.alpha),

@@ -29,6 +29,7 @@ from deepcore_auditor.adapters.errors import DeepCoreError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.auditor.bars import terminal_bars
 from deepcore_auditor.fingerprints.calibration import MODES
+from deepcore_auditor.fingerprints.stats import TESTS
 from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig
 from deepcore_auditor.fingerprints.progress import QUIET
 
@@ -200,6 +201,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--batch-size", type=int, default=AuditConfig.batch_size, show_default=True, help="Queries per sequential step.")
 @click.option("--alpha", type=float, default=AuditConfig.alpha, show_default=True, help="False identification rate.")
 @click.option("--beta", type=float, default=AuditConfig.beta, show_default=True, help="Missed identification rate.")
+@click.option("--test", type=click.Choice(TESTS), default=AuditConfig.test, show_default=True, help="Sequential test: betting (anytime-valid, sampling without replacement) or sprt (Wald's, as reports before it).")
 @click.option("--seed", type=click.IntRange(min=0), default=AuditConfig.seed, show_default=True, help="Order in which points are asked.")
 @click.option("--suspect-layout", type=click.Choice(LAYOUTS, case_sensitive=False), help="Suspect input layout (default: owner's).")
 @click.option("--suspect-scale", type=float, help="Suspect input scale (default: owner's).")
@@ -443,10 +445,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--methods", default="", help="Methods to compare, comma-separated (default: all).")
 @click.option("--alpha", type=float, default=0.01, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=BuildConfig.seed, show_default=True)
+@click.option("--test", type=click.Choice(TESTS), default=AuditConfig.test, show_default=True, help="The sequential audits' test (clustering always runs Wald's).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the zoo is cached (default ~/.cache/deepcore).")
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
-          epsilon: float, budgets: str, methods: str, alpha: float, seed: int, cache_dir: Path | None) -> None:
+          epsilon: float, budgets: str, methods: str, alpha: float, seed: int, test: str, cache_dir: Path | None) -> None:
     """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects."""
     from deepcore_auditor.benchmarks.piracy import SCORES, BenchConfig, run_bench
     from deepcore_auditor.benchmarks.zoo import ZooConfig
@@ -454,7 +457,7 @@ def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, a
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) or tuple(SCORES)
     zoo = ZooConfig(members=members, epochs=epochs, train_samples=train_samples, adv_epsilon=adv_epsilon, seed=seed)
     config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
-                         candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed)
+                         candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed, test=test)
     results = run_bench(config, out, cache_dir=cache_dir, progress=_say, bars=terminal_bars())
     for mode, bar in results["bar"].items():
         for b in bar:

@@ -31,18 +31,20 @@ from deepcore_auditor.auditor.audit import (
     judge_repeats,
     repeat_positions,
     run_test,
+    thresholds,
 )
 from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.fingerprints.format import Document, load_fingerprint, read_document, write_document
 from deepcore_auditor.fingerprints.signing import Key
-from deepcore_auditor.fingerprints.stats import SequentialTest
 
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT = "deepcore-audit-report"
 PLAN_KEYS = ("mode", "access", "alpha", "beta", "batch_size", "seed", "repeat_checks")
 REPORT_VERSION = 1
+TEST_NAMES = {"sprt": "Wald sequential probability ratio test",
+              "betting": "anytime-valid test by betting, sampling without replacement"}
 
 
 def build_report(
@@ -71,11 +73,12 @@ def build_report(
         },
         "suspect": result.suspect,
         "test": {
-            "name": "Wald sequential probability ratio test",
+            "name": TEST_NAMES[plan.get("test", "sprt")],
             "budget": result.budget,
             "retries": retries,
             "thresholds": result.thresholds,
             **{k: plan.get(k) for k in PLAN_KEYS},
+            "test": plan.get("test", "sprt"),
         },
         "result": result.to_dict(),
         "ledger": {
@@ -181,15 +184,14 @@ def verify_report(
     repeat = {"asked": 0, "differing": 0}
     if out.decision == "independent" and plan.repeat_checks > 0:
         verdict, repeat = judge_repeats(plan, out.asked, ledger.entries, ledger.repeats)
-    recomputed = [{"queries": s.queries, "agreement": s.agreement, "score": s.score, "llr": s.llr, "decision": s.decision} for s in out.trajectory]
+    recomputed = [s.to_dict() for s in out.trajectory]
     require(verdict == reported[0], "recomputed verdict equals the reported one", f"recomputed {verdict}, reported {reported[0]}")
     require(out.asked == reported[1], "recomputed points used equal the reported ones", f"recomputed {out.asked}, reported {reported[1]}")
     require(round(out.llr, 4) == reported[2] and recomputed == trajectory, "recomputed statistic and trajectory equal the reported ones")
-    test_rates = SequentialTest(plan.alpha, plan.beta)
     stated = {
-        "test parameters": ([test.get(k) for k in PLAN_KEYS], [getattr(plan, k) for k in PLAN_KEYS]),
+        "test parameters": ([test.get(k) for k in PLAN_KEYS] + [test.get("test", "sprt")], [getattr(plan, k) for k in PLAN_KEYS] + [plan.test]),
         "result parameters": ([res.get(k) for k in ("alpha", "beta", "mode", "access", "budget")], [plan.alpha, plan.beta, plan.mode, plan.access, budget]),
-        "thresholds": ([res.get("thresholds"), test.get("thresholds")], [{"piracy": round(test_rates.upper, 4), "independent": round(test_rates.lower, 4)}] * 2),
+        "thresholds": ([res.get("thresholds"), test.get("thresholds")], [thresholds(plan)] * 2),
         "agreement": (res.get("agreement"), out.trajectory[-1].agreement if out.trajectory else None),
         "repeat check": (res.get("repeat_check") or {"asked": 0, "differing": 0}, repeat),
     }
@@ -223,7 +225,8 @@ def verify_report(
         fp = load_fingerprint(fingerprint_path)
         require(fp.digest == fp_sha, f"fingerprint {fingerprint_path} is the audited one (sha256)")
         config = AuditConfig(access=access, mode=plan.mode, budget=max(budget, plan.batch_size), batch_size=plan.batch_size,
-                             alpha=plan.alpha, beta=plan.beta, seed=plan.seed, repeat_checks=plan.repeat_checks)
+                             alpha=plan.alpha, beta=plan.beta, seed=plan.seed, repeat_checks=plan.repeat_checks,
+                             test=plan.test)
         require(Plan.make(fp, config) == plan, "plan (points, owner labels, rates) recomputed from the fingerprint")
     return v
 

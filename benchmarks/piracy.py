@@ -83,6 +83,7 @@ class BenchConfig:
     epsilon: float = 0.15  # DeepCore's L-inf radius (the product's default)
     methods: tuple[str, ...] = tuple(SCORES)
     seed: int = 0
+    test: str = "betting"  # the sequential audits' test; the clustering mode's per-point rates run Wald's only
 
     def validate(self) -> None:
         if not self.budgets or any(b < 1 for b in self.budgets) or list(self.budgets) != sorted(set(self.budgets)):
@@ -208,7 +209,7 @@ def _threshold(name: str, md: MethodData, refs: list[str], b: int, ref_scores: l
 def _sequential(zoo: Zoo, md: MethodData, name: str, members: list[Member], config: BenchConfig) -> dict[str, dict[str, Any]]:
     mode = SCORES[name][1]
     ac = AuditConfig(access=Access.PROBS if mode == "similarity" else Access.LABELS, mode=mode, budget=max(config.budgets),
-                     batch_size=1, alpha=config.alpha, beta=0.01, seed=config.seed, repeat_checks=0)
+                     test="sprt" if mode == "clustering" else config.test, batch_size=1, alpha=config.alpha, beta=0.01, seed=config.seed, repeat_checks=0)
     out = {}
     for m in members:
         with open_suspect(str(zoo.paths[m.name]), convention=md.fp.convention, point_shape=md.fp.point_shape,

@@ -19,7 +19,7 @@ import numpy as np
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
 from deepcore_auditor.fingerprints.quality import quality_problem
-from deepcore_auditor.fingerprints.stats import clopper_pearson_lower, clopper_pearson_upper, hoeffding_lower, hoeffding_upper
+from deepcore_auditor.fingerprints.stats import TESTS, clopper_pearson_lower, clopper_pearson_upper, hoeffding_lower, hoeffding_upper
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +109,24 @@ def rate_bound(values: list[np.ndarray], soft: bool, upper: bool) -> float:
     return float(max(0.0, min(min(each), means.mean() - spread)))
 
 
-def rates(fp: Fingerprint, mode: str) -> Rates:
-    """The test's per-point p0/p1 for `mode` (agreement, similarity, clustering)."""
+def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
+    """The test's per-point p0/p1 for `mode` (agreement, similarity, clustering) under `test`
+    ("betting" or "sprt"; the rates a report's plan holds are recomputed under the test it names)."""
     if mode not in MODES:
         raise InputError(f"unknown identification mode {mode!r}: use one of {', '.join(MODES)}")
+    if test not in TESTS:
+        raise InputError(f"unknown sequential test {test!r}: use one of {', '.join(TESTS)}")
+    if mode == "clustering" and test == "betting":
+        raise InputError("the clustering mode's per-point rates, read off a few references, bound no unseen model's "
+                         "answers, so the betting test does not take them: use the agreement mode (or --test sprt to "
+                         "repeat an audit made with Wald's test)")
     indep, pir, notes = _groups(fp)
     soft = mode == "similarity"
     n = len(fp)
     p0 = rate_bound([_scores(fp, m, soft) for m in indep], soft, upper=True)
     pirates = rate_bound([_scores(fp, m, soft) for m in pir], soft, upper=False) if pir else P1_DEFAULT
+    if test == "betting":
+        return _betting_rates(fp, mode, n, p0, pirates, indep, pir, notes, soft)
     # Wald's test decides for whichever hypothesis is nearer the truth: a pirate scoring
     # between p0 and p1 would drift to 'independent'. So p1 sits halfway between p0 and the
     # held-out pirates' lower bound, never closer than MIN_GAP to p0.
@@ -147,3 +156,30 @@ def rates(fp: Fingerprint, mode: str) -> Rates:
         "notes": notes,
     }
     return Rates(mode, p0_i, p1_i, summary)
+
+
+def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float, indep: list[ModelAnswers],
+                   pir: list[ModelAnswers], notes: list[str], soft: bool) -> Rates:
+    """Rates for the betting test. p0 is H0's bound on an independent suspect's mean score. p1,
+    the bound the `independent` verdict tests against (H1: the mean score is at least p1), sits
+    MIN_GAP above p0 — not halfway to the pirates as Wald's does — so that a suspect scoring
+    anywhere above p0 + MIN_GAP is cleared with probability at most beta, and a pirate between
+    p0 and the held-out pirates' floor gains evidence for piracy instead of being cleared."""
+    p1 = min(p0 + MIN_GAP, (1 + p0) / 2)
+    if pirates < p1:
+        notes.append(f"held-out pirates score down to {pirates:.2f}, not clearly above p0 {p0:.2f}: "
+                     "pirates that agree that little may end inconclusive")
+    if p0 > P1_MAX - MIN_GAP:
+        notes.append(f"independent models agree up to {p0:.2f}: only near-copies of the owner can be told apart")
+    values = [float(_scores(fp, m, soft).mean()) for m in indep]
+    summary = {
+        "p0": round(p0, 4),
+        "p1": round(p1, 4),
+        "pirates_floor": round(pirates, 4),
+        "test": "betting",
+        "independent_models": {m.name: round(v, 4) for m, v in zip(indep, values, strict=True)},
+        "piracy_models": {m.name: round(float(_scores(fp, m, soft).mean()), 4) for m in pir},
+        "confidence": CONFIDENCE,
+        "notes": notes,
+    }
+    return Rates(mode, np.full(n, p0), np.full(n, p1), summary)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 
 from deepcore_auditor.fingerprints.stats import (
+    Bettor,
+    BettingTest,
     SequentialTest,
+    copy_queries,
+    prediction_upper,
     binom_cdf,
     clopper_pearson_lower,
     clopper_pearson_upper,
@@ -69,3 +74,92 @@ def test_pirates_are_caught_near_walds_average():
         llr = np.cumsum(log_likelihood_ratios((rng.random(400) < p1).astype(float), np.full(400, p0), np.full(400, p1)))
         stops.append(int(np.flatnonzero(llr >= test.upper)[0]) + 1)
     assert np.mean(stops) <= 2 * expected_queries(p0, p1, alpha)
+
+
+# --- The betting test (anytime-valid, sampling without replacement) --------------------------
+
+
+def _wealth_path(scores, p0: float) -> list[float]:
+    b = Bettor(len(scores) * p0, len(scores))
+    out = []
+    for s in scores:
+        b.update(s)
+        out.append(math.exp(b.log_wealth))
+    return out
+
+
+@pytest.mark.parametrize("population", [(1, 1, 0, 0, 0, 1, 0, 0), (0.9, 0.2, 0.0, 0.4, 0.5, 0.0, 0.2, 0.0)])
+def test_wealth_is_a_supermartingale_over_every_order(population):
+    """Reference computation: over all 8! orders of a population whose mean is exactly p0 (0/1
+    and soft scores), the mean wealth after every answer is at most 1."""
+    p0 = float(np.mean(population))
+    paths = np.array([_wealth_path(order, p0) for order in itertools.permutations(population)])
+    assert paths.mean(axis=0).max() <= 1 + 1e-9
+    assert paths.max() > 1.5  # the bettor does stake: some orders win
+
+
+def test_betting_false_identification_rate_holds_without_replacement():
+    """A suspect whose 200 answers have mean exactly p0 (the worst case H0 allows), asked in
+    random orders: `piracy` at most alpha of the time, looking after every answer."""
+    rng = np.random.default_rng(0)
+    p0, alpha, n = 0.4, 0.05, 200
+    population = np.zeros(n)
+    population[: int(p0 * n)] = 1
+    flagged = 0
+    for _ in range(2000):
+        t = BettingTest.start(alpha, 0.05, np.full(n, p0), np.full(n, 0.9))
+        flagged += any(t.update(s) == "piracy" or t.piracy.log_wealth >= t.upper for s in rng.permutation(population))
+    assert flagged / 2000 <= alpha
+
+
+def test_pirate_above_p1_is_rarely_cleared():
+    rng = np.random.default_rng(2)
+    n, beta = 200, 0.05
+    population = np.zeros(n)
+    population[: int(0.8 * n)] = 1
+    cleared = 0
+    for _ in range(2000):
+        t = BettingTest.start(0.01, beta, np.full(n, 0.3), np.full(n, 0.8))
+        cleared += any(t.update(s) == "independent" for s in rng.permutation(population))
+    assert cleared / 2000 <= beta
+
+
+@pytest.mark.parametrize("p0", [0.4, 0.6, 0.8, 0.9])
+def test_an_exact_copy_needs_about_the_ideal_number_of_answers(p0):
+    n, alpha = 400, 0.01
+    t = BettingTest.start(alpha, 0.01, np.full(n, p0), np.full(n, min(0.98, p0 + 0.1)))
+    first = t.piracy.best_case_needs(t.upper, n)
+    assert t.useful_batch(50) <= first
+    asked = 0
+    while t.decision() is None:
+        t.update(1.0)
+        asked += 1
+    assert asked <= 1.3 * copy_queries(p0, alpha) and asked == first  # foreseen exactly: no batch overshoots it
+
+
+def test_a_pirate_between_p0_and_p1_is_called_a_pirate_not_independent():
+    """Wald's test drifts to the nearer hypothesis; the betting test gains evidence from any mean above p0."""
+    rng = np.random.default_rng(3)
+    n, p0, p1, q = 400, 0.3, 0.4, 0.45  # p1 = p0 + MIN_GAP (calibration); the pirates' floor: 1.0
+    population = np.zeros(n)
+    population[: int(q * n)] = 1
+    verdicts = []
+    for _ in range(300):
+        t = BettingTest.start(0.01, 0.01, np.full(n, p0), np.full(n, p1))
+        verdicts.append(next((v for v in (t.update(s) for s in rng.permutation(population)) if v), None))
+    assert verdicts.count("independent") <= 3 and verdicts.count("piracy") >= 270
+    wald = SequentialTest(0.01, 0.01)
+    walds = []
+    for _ in range(300):  # Wald's rates of old: p1 halfway between p0 and the pirates' floor
+        llr = np.cumsum(log_likelihood_ratios(rng.permutation(population), np.full(n, p0), np.full(n, 0.65)))
+        walds.append(wald.decide(float(llr[np.flatnonzero((llr >= wald.upper) | (llr <= wald.lower))[0]])))
+    assert walds.count("independent") > 200  # the drift the betting test removes
+
+
+def test_prediction_bound_matches_the_t_formula():
+    values = [0.2, 0.3, 0.25, 0.4, 0.35]
+    sd = float(np.std(values, ddof=1))
+    assert prediction_upper(values, 0.05) == pytest.approx(0.3 + 2.131847 * sd * math.sqrt(1.2), abs=1e-5)
+    assert prediction_upper([0.5, 0.5], 0.01) == 0.5
+    with pytest.raises(ValueError):
+        prediction_upper([0.5], 0.01)

@@ -1,0 +1,215 @@
+"""False accusations measured where they would happen: hundreds of independently trained models
+audited against the owner's default fingerprint.
+
+The owner is the piracy benchmark's (`zoo.py`: its cached owner on half A, reused or trained);
+the fingerprint is the one `deepcore fingerprint` makes with every flag at its default
+(`BuildConfig()`), built once and cached. The independent models are new: none is among the
+fingerprint's known models or the zoo's members (their seeds start at NULL_SEED). Families:
+
+- same-arch-seed: the owner's architecture, recipe and data (half A), other seeds;
+- same-arch-other-data: the owner's architecture on the attacker's half B or a random half;
+- other-arch: the other architectures (lenet, mlp, cnn-wide) on half A or B;
+- other-task: a 10-way task with other labels (shifted by a seeded offset), any architecture.
+
+Every model is exported to ONNX and audited label-only through the product's ONNX adapter by the
+real `audit` at the default budget, once under each sequential test. The summary gives the
+accusations per family and the one-sided 95% (Clopper-Pearson) upper bound on the
+false-identification rate: 0 of n bounds it by 1 - 0.05^(1/n) (0.99% for n = 300).
+
+    python -m deepcore_auditor.benchmarks.null --data fashion-mnist --out benchmarks/results/null
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepcore_auditor.adapters.base import Access
+from deepcore_auditor.adapters.files import atomic_write
+from deepcore_auditor.adapters.onnx import file_sha256
+from deepcore_auditor.adapters.open import open_suspect
+from deepcore_auditor.auditor.audit import AuditConfig, audit
+from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
+from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
+from deepcore_auditor.fingerprints.calibration import rates
+from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
+from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
+from deepcore_auditor.fingerprints.models import accuracy, export_onnx
+from deepcore_auditor.fingerprints.stats import TESTS, clopper_pearson_upper
+
+logger = logging.getLogger(__name__)
+
+NULL_SEED = 50_000  # far from every seed the zoo (100 + 1000 * seed + i) and the builder use
+FAMILIES = {  # family -> (architectures, data halves, label task) cycled over the family's members
+    "same-arch-seed": (("owner",), ("A",), False),
+    "same-arch-other-data": (("owner",), ("B", "R"), False),
+    "other-arch": (("lenet", "mlp", "cnn-wide"), ("A", "B"), False),
+    "other-task": (("owner", "lenet", "mlp", "cnn-wide"), ("A", "B"), True),
+}
+
+
+@dataclass(frozen=True)
+class NullConfig:
+    """How many independent models of each family, and how they are audited."""
+
+    same_arch_seed: int = 100
+    same_arch_other_data: int = 50
+    other_arch: int = 100
+    other_task: int = 50
+    budget: int = 200
+    alpha: float = 0.01
+    seed: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"same-arch-seed": self.same_arch_seed, "same-arch-other-data": self.same_arch_other_data,
+                "other-arch": self.other_arch, "other-task": self.other_task}
+
+
+def plan_models(config: NullConfig, owner_arch: str) -> list[Member]:
+    out: list[Member] = []
+    for family, count in config.counts().items():
+        archs, halves, other_task = FAMILIES[family]
+        for i in range(count):
+            arch = archs[i % len(archs)]
+            arch = owner_arch if arch == "owner" else arch
+            seed = NULL_SEED + 1000 * config.seed + len(out)
+            out.append(Member(f"{family}-{arch}-{i}", "homologous", family, "evaluate", "other-task" if other_task else "independent",
+                              arch, halves[i % len(halves)], seed, param=float(1 + i % 9) if other_task else 0.0))
+    return out
+
+
+def default_fingerprint(zoo: Any, root: Path) -> Fingerprint:
+    """The fingerprint `deepcore fingerprint` makes for the zoo's owner with default flags."""
+    path = root / "fp-default.json"
+    if path.is_file():
+        return load_fingerprint(path)
+    x, y = zoo.halves["A"]
+    owner_id = {"path": str(zoo.paths["owner"]), "sha256": file_sha256(zoo.paths["owner"])}
+    logger.info("building the default fingerprint")
+    fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(),
+                           progress=logger.info, require_separable=False)
+    save_fingerprint(fp, path)
+    return fp
+
+
+def _audit_all(fp: Fingerprint, models: list[Member], paths: dict[str, Path], config: NullConfig) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for m in models:
+        row: dict[str, Any] = {"family": m.family, "arch": m.arch, "data": m.data}
+        with open_suspect(str(paths[m.name]), convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes) as oracle:
+            labels = oracle.query(fp.points, Access.LABELS)
+            row["agreement_all_points"] = round(float(np.mean(labels == fp.owner_labels)), 4)
+            for test in TESTS:
+                r = audit(fp, oracle, AuditConfig(budget=config.budget, alpha=config.alpha, seed=config.seed, test=test))
+                row[test] = {"verdict": r.verdict, "queries": r.queries_used, "agreement": r.agreement}
+        out[m.name] = row
+    return out
+
+
+def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, config: NullConfig,
+              accuracies: dict[str, float]) -> dict[str, Any]:
+    """The summary.json entry for one data set: accusations per family and test, with bounds."""
+    per_test: dict[str, Any] = {}
+    for test in TESTS:
+        families: dict[str, Any] = {}
+        for fam in config.counts():
+            mine = [r for r in rows.values() if r["family"] == fam]
+            if not mine:
+                continue
+            accused = sum(r[test]["verdict"] == "piracy" for r in mine)
+            agree = [r["agreement_all_points"] for r in mine]
+            families[fam] = {
+                "models": len(mine), "accused": accused,
+                "fir_upper_95": round(clopper_pearson_upper(accused, len(mine), 0.95), 4),
+                "verdicts": {v: sum(r[test]["verdict"] == v for r in mine) for v in ("independent", "inconclusive", "piracy")},
+                "median_queries": float(np.median([r[test]["queries"] for r in mine])),
+                "agreement_on_points": {"min": min(agree), "median": float(np.median(agree)), "max": max(agree)},
+            }
+        n = sum(f["models"] for f in families.values())
+        k = sum(f["accused"] for f in families.values())
+        per_test[test] = {"independent_models": n, "accused": k, "fir_upper_95": round(clopper_pearson_upper(k, n, 0.95), 4),
+                          "per_family": families, "p0": rates(fp, "agreement", test).summary["p0"],
+                          "p1": rates(fp, "agreement", test).summary["p1"]}
+    best = per_test["betting"]
+    return {
+        "dataset": dataset, "alpha": config.alpha, "test": "betting",
+        "independent_models": best["independent_models"], "accused": best["accused"], "fir_upper_95": best["fir_upper_95"],
+        "per_family": best["per_family"], "by_test": per_test, "budget": config.budget,
+        "fingerprint_sha256": fp.digest, "fingerprint_points": len(fp),
+        "test_accuracy": {"min": min(accuracies.values()), "median": float(np.median(list(accuracies.values()))),
+                          "max": max(accuracies.values())},
+        "config": asdict(config),
+    }
+
+
+def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = None) -> dict[str, Any]:
+    data = load_data(data_spec, cache_dir=cache_dir)
+    cache = Path(cache_dir or default_cache_dir())
+    zoo = build_zoo(data, cache / "bench", ZooConfig())
+    root = zoo.root / "null"
+    root.mkdir(exist_ok=True)
+    fp = default_fingerprint(zoo, root)
+    k = data.train.num_classes
+    shape = tuple(int(v) for v in data.train.shape)
+    meta_path = root / "models.json"
+    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    models = plan_models(config, zoo.meta["owner"]["arch"])
+    paths: dict[str, Path] = {}
+    test_x, test_y = data.test.points(), data.test.y
+    t0 = time.perf_counter()
+    for i, m in enumerate(models):
+        path = root / f"{m.name}-{m.seed}.onnx"
+        paths[m.name] = path
+        if path.is_file() and m.name in meta:
+            continue
+        t = time.perf_counter()
+        model = train_member(m, zoo.owner, zoo.halves, ZooConfig(), k)
+        export_onnx(model.net, path, shape)  # type: ignore[union-attr]
+        meta[m.name] = {"test_accuracy": round(accuracy(model, test_x, test_y), 4), "train_s": round(time.perf_counter() - t, 1)}
+        atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+        logger.info("trained %s (%d/%d): accuracy %.4f in %.1f s", m.name, i + 1, len(models), meta[m.name]["test_accuracy"],
+                    meta[m.name]["train_s"])
+    train_s = time.perf_counter() - t0
+    rows = _audit_all(fp, models, paths, config)
+    accuracies = {m.name: meta[m.name]["test_accuracy"] for m in models if m.family != "other-task"}
+    entry = summarize(data_spec, rows, fp, config, accuracies)
+    entry["run"] = {"train_s_this_run": round(train_s, 1), "train_s_all_models": round(sum(meta[m.name]["train_s"] for m in models), 1),
+                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    existing = json.loads(summary_path.read_text()) if summary_path.is_file() else []
+    summary = [e for e in existing if e.get("dataset") != data_spec] + [entry]
+    atomic_write(summary_path, json.dumps(summary, indent=1).encode())
+    atomic_write(out / f"models-{Path(data_spec).name}.json", json.dumps(rows, indent=1).encode())
+    return entry
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--same-arch-seed", type=int, default=NullConfig.same_arch_seed)
+    p.add_argument("--same-arch-other-data", type=int, default=NullConfig.same_arch_other_data)
+    p.add_argument("--other-arch", type=int, default=NullConfig.other_arch)
+    p.add_argument("--other-task", type=int, default=NullConfig.other_task)
+    p.add_argument("--budget", type=int, default=NullConfig.budget)
+    p.add_argument("--cache-dir", type=Path)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = NullConfig(a.same_arch_seed, a.same_arch_other_data, a.other_arch, a.other_task, a.budget)
+    entry = run(a.data, a.out, config, a.cache_dir)
+    for test, t in entry["by_test"].items():
+        print(f"{test}: {t['accused']} of {t['independent_models']} accused, FIR <= {t['fir_upper_95']} (95%), p0 {t['p0']}")
+        for fam, f in t["per_family"].items():
+            print(f"  {fam}: {f['accused']}/{f['models']} accused, verdicts {f['verdicts']}, agreement {f['agreement_on_points']}")
+
+
+if __name__ == "__main__":
+    main()
