@@ -30,7 +30,7 @@ from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.auditor.bars import terminal_bars
 from deepcore_auditor.fingerprints.calibration import MODES
 from deepcore_auditor.fingerprints.stats import TESTS
-from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig
+from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, BuildConfig, CoreConfig
 from deepcore_auditor.fingerprints.progress import QUIET
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
@@ -165,6 +165,8 @@ def cli(verbose: int) -> None:
 @click.option("--mean", help="Per-channel mean, comma-separated (default: the data's own).")
 @click.option("--std", help="Per-channel std, comma-separated (default: the data's own).")
 @click.option("--reference", "references", multiple=True, help="An independent model you own (any suspect format); held out for calibration. Repeatable.")
+@click.option("--calibration-references", type=int, default=DEFAULT_CALIBRATION_REFERENCES, show_default=True,
+              help="Independent references the builder trains and holds out to set p0 (more: a surer, often tighter bound; each costs a training).")
 @click.option("--points", "n_points", type=int, default=CoreConfig.n_points, show_default=True, help="Core points kept.")
 @click.option("--candidates", type=int, default=CoreConfig.n_candidates, show_default=True, help="Candidate points optimized.")
 @click.option("--epsilon", type=float, default=CoreConfig.epsilon, help="L-inf radius around each seed, in [0,1] pixel units (default: 3x the radius at which the owner flips, measured).")
@@ -248,7 +250,9 @@ def audit(**o: Any) -> None:
             asked[0] = s.queries
 
         def line(s: Any) -> None:
-            _say(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  llr {s.llr:+.2f}")
+            against = "" if s.llr_independent is None else f"  (against piracy {s.llr_independent:+.2f})"
+            _say(f"  {s.queries:4d} queries  agreement {s.agreement:.3f}  {'llr' if s.llr_independent is None else 'log wealth'} "
+                 f"{s.llr:+.2f}{against}")
 
         step = None if as_json else line if bars is QUIET else tick
         result = run_audit_request(AuditRequest(config=config, **o), progress=step)
@@ -343,6 +347,38 @@ def verify_report(report_path: Path, ledger: Path | None, fingerprint_path: Path
         click.echo(f"  ok  {check}")
     if v.caveat:
         click.echo(f"note: {v.caveat}")
+
+
+@cli.command()
+@click.option("--fingerprint", "fingerprint_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--independent", "independents", multiple=True, required=True, metavar="SUSPECT",
+              help="A model the challenger knows to be independent of the owner (any suspect form audit takes); repeatable.")
+@click.option("--budget", type=int, default=AuditConfig.budget, show_default=True, help="Queries of each audit.")
+@click.option("--alpha", type=float, default=AuditConfig.alpha, show_default=True)
+@click.option("--test", type=click.Choice(TESTS), default=AuditConfig.test, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=AuditConfig.seed, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_guarded
+def challenge(fingerprint_path: Path, independents: tuple[str, ...], budget: int, alpha: float, test: str, seed: int,
+              as_json: bool) -> None:
+    """Test a fingerprint against models you know to be independent: each is audited with the
+    fingerprint's own test, and asked every point once to set its agreement beside p0.
+
+    The way a judge or an accused party checks an owner's claim: points that every model answers
+    the owner's way would accuse these models too. Exit 0 when none is accused, 1 when any is,
+    2 on an error.
+    """
+    from deepcore_auditor.auditor.commands import run_challenge
+
+    config = AuditConfig(budget=budget, alpha=alpha, test=test, seed=seed)
+    result = run_challenge(fingerprint_path, list(independents), config, progress=None if as_json else _say)
+    d = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(d))
+    else:
+        click.echo(f"{'FAILED' if result.accused else 'passed'}: {len(result.accused)} of {len(result.models)} independent models "
+                   f"accused; {len(d['above_p0'])} agree above p0 {result.p0:.3f} on all points")
+    sys.exit(1 if result.accused else 0)
 
 
 @cli.command("report")

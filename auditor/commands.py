@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepcore_auditor.adapters.base import InputConvention
+import numpy as np
+
+from deepcore_auditor.adapters.base import Access, InputConvention
 from deepcore_auditor.adapters.errors import InputError, OracleError, TransientOracleError, first_line
 from deepcore_auditor.adapters.files import atomic_write, check_output, same_file
 from deepcore_auditor.adapters.images import ImageEncoding, require_pillow, transport_problem
@@ -20,7 +22,14 @@ from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit
 from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
-from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig, KnownModelSpec
+from deepcore_auditor.fingerprints.calibration import rates
+from deepcore_auditor.fingerprints.config import (
+    DEFAULT_CALIBRATION_REFERENCES,
+    BuildConfig,
+    CoreConfig,
+    KnownModelSpec,
+    zoo_with_references,
+)
 from deepcore_auditor.fingerprints.errors import SignatureError
 from deepcore_auditor.fingerprints.format import (
     Fingerprint,
@@ -64,12 +73,17 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
                  min_confidence: float = CoreConfig.min_confidence, reference_weight: float | None = CoreConfig.reference_weight,
                  train_samples: int = BuildConfig.train_samples, epochs: int = BuildConfig.epochs,
                  max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed,
-                 uint8_points: bool = CoreConfig.uint8_points) -> BuildConfig:
+                 uint8_points: bool = CoreConfig.uint8_points,
+                 calibration_references: int = DEFAULT_CALIBRATION_REFERENCES) -> BuildConfig:
     """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo."""
+    try:
+        zoo = zoo_with_references(calibration_references)
+    except ValueError as e:
+        raise InputError(f"--calibration-references: {e}") from None
     core = CoreConfig(n_candidates=candidates, n_points=n_points, epsilon=epsilon, steps=steps,
                       min_confidence=min_confidence, reference_weight=reference_weight, seed=seed,
                       uint8_points=uint8_points)
-    return BuildConfig(core=core, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs, seed=seed)
+    return BuildConfig(core=core, zoo=zoo, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs, seed=seed)
 
 
 def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -370,6 +384,59 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
     return dataclasses.replace(result, report=str(path))
 
 
+@dataclass(frozen=True)
+class ChallengeResult:
+    """How the fingerprint's own test treated models a challenger trained independently."""
+
+    fingerprint_sha256: str
+    p0: float
+    test: str
+    models: list[dict[str, Any]]
+
+    @property
+    def accused(self) -> list[str]:
+        return [m["suspect"] for m in self.models if m["verdict"] == "piracy"]
+
+    def to_dict(self) -> dict[str, Any]:
+        above = [m["suspect"] for m in self.models if m["agreement_all_points"] > self.p0]
+        return {"fingerprint_sha256": self.fingerprint_sha256, "test": self.test, "p0": self.p0,
+                "models": self.models, "accused": self.accused, "above_p0": above,
+                "passed": not self.accused}
+
+
+def run_challenge(fingerprint_path: Path, independents: list[str], config: AuditConfig,
+                  progress: Callable[[str], None] | None = None) -> ChallengeResult:
+    """Audit models the challenger chose and knows to be independent with the fingerprint's own
+    test (`config`), as a suspect would be, and ask each of them every point once to set its
+    agreement over the whole fingerprint beside p0. A fingerprint that accuses any of them, or
+    whose p0 they exceed, does not bound independent models as its owner claims: the check a
+    judge or an accused party runs against points every model answers the owner's way."""
+    from deepcore_auditor.adapters.open import open_suspect
+
+    if not independents:
+        raise InputError("give at least one --independent model to challenge the fingerprint with")
+    fp = load_fingerprint(fingerprint_path)
+    config.validate()
+    p0 = float(rates(fp, config.mode, config.test).p0.mean())
+    rows = []
+    for suspect in independents:
+        result = run_audit_request(AuditRequest(fingerprint_path=fingerprint_path, suspect=suspect, config=config, no_report=True))
+        try:
+            opened = open_suspect(suspect, convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes)
+        except InputError as e:
+            raise InputError(as_typed(str(e))) from e
+        with opened as oracle:
+            labels = oracle.query(fp.points, Access.LABELS)
+        agreement = round(float(np.mean(labels == fp.owner_labels)), 4)
+        rows.append({"suspect": suspect, "verdict": result.verdict, "queries": result.queries_used,
+                     "agreement_audited": None if math.isnan(result.agreement) else result.agreement,
+                     "agreement_all_points": agreement})
+        if progress:
+            progress(f"{suspect}: {result.verdict} after {result.queries_used} queries; agreement {agreement:.3f} on all "
+                     f"{len(fp)} points (p0 {p0:.3f})")
+    return ChallengeResult(fp.digest, round(p0, 4), config.test, rows)
+
+
 REPORTS_ENV = "DEEPCORE_REPORTS"
 
 
@@ -474,12 +541,10 @@ def _describe_known(fp: Any, m: Any) -> str:
 
 def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env: str | None = None) -> dict[str, Any]:
     """A verified fingerprint's summary: what it is, how it was made, its calibration, its signature."""
-    from deepcore_auditor.fingerprints.calibration import rates
-
     key = resolve_key(key_file, hmac_key_env)
     fp = load_fingerprint(path, key)
     try:
-        calibration: Any = rates(fp, "agreement").summary
+        calibration: Any = rates(fp, "agreement", AuditConfig.test).summary
     except InputError as e:  # shown, not raised: inspect is where a user sees why audits refuse it
         calibration = f"refused: {e}"
     sig = fp.signature

@@ -36,9 +36,12 @@ _MEANING = {
     "inconclusive": ("No decision: the evidence did not reach either threshold within the budget or the points.",
                      "Neither claim is made. Auditing again with a larger budget (or a fingerprint with more points) can decide."),
 }
-_ASSUMES = ("What the guarantee assumes: the suspect, were it independent, agrees with the owner on these points no more "
-            "than the fingerprint's p0 (each point's bound from its held-out reference models); the points were committed "
-            "before the audit (see the commitment below) and asked in the order the report records.")
+_ASSUMES = ("What the guarantee assumes: the suspect, were it independent, agrees with the owner on these points on average "
+            "no more than the fingerprint's p0, an upper bound read off held-out reference models (a model unlike every "
+            "reference may exceed it: the assumption a challenger tests with `deepcore challenge`); the points were "
+            "committed before the audit (see the commitment below) and asked in the seeded random order the report records, "
+            "which the suspect's answers do not depend on. Under these, an independent suspect is called a pirate with "
+            "probability at most alpha, however long the audit runs.")
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,10 @@ def evidence_svg(trajectory: Sequence[dict[str, Any]], thresholds: dict[str, flo
     def x(q: float) -> float:
         return left + plot_w * q / max(1, xs_max)
 
-    llrs = [float(s["llr"]) for s in trajectory]
+    betting = any(s.get("llr_independent") is not None for s in trajectory)
+    # The betting test's second bettor (wealth against piracy) is drawn downwards, towards the
+    # `independent` threshold ln(beta), so both tests read the same way: up piracy, down independent.
+    llrs = [float(s["llr"]) for s in trajectory] + [-float(s["llr_independent"]) for s in trajectory if betting]
     hi_t, lo_t = float(thresholds["piracy"]), float(thresholds["independent"])
     y_top, y_bot = max([hi_t * 1.15] + llrs), min([lo_t * 1.15] + llrs)
     pad = 0.05 * (y_top - y_bot)
@@ -94,7 +100,8 @@ def evidence_svg(trajectory: Sequence[dict[str, Any]], thresholds: dict[str, flo
            'font-family="sans-serif" font-size="12" role="img" aria-label="evidence against queries">',
            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{panel_h}" fill="#fafafa" stroke="#999"/>',
            f'<rect x="{left}" y="{top + panel_h + gap}" width="{plot_w}" height="{panel_h}" fill="#fafafa" stroke="#999"/>',
-           f'<text x="{left}" y="{top - 10}" font-weight="bold">evidence: log-likelihood ratio</text>',
+           f'<text x="{left}" y="{top - 10}" font-weight="bold">evidence: '
+           + ("log wealth against independence (up) and against piracy (down)" if betting else "log-likelihood ratio") + '</text>',
            f'<text x="{left}" y="{top + panel_h + gap - 10}" font-weight="bold">agreement with the owner (95% band)</text>']
     for value, label, colour in ((hi_t, f"piracy threshold {hi_t:+.2f}", "#b00020"), (lo_t, f"independent threshold {lo_t:+.2f}", "#1b5e20"),
                                  (0.0, "0", "#999")):
@@ -106,6 +113,10 @@ def evidence_svg(trajectory: Sequence[dict[str, Any]], thresholds: dict[str, flo
     points = [(0.0, 0.0)] + [(float(s["queries"]), float(s["llr"])) for s in trajectory]
     out.append('<polyline fill="none" stroke="#0d47a1" stroke-width="2" points="'
                + " ".join(f"{x(q):.1f},{y1(v):.1f}" for q, v in points) + '"/>')
+    if betting:
+        down = [(0.0, 0.0)] + [(float(s["queries"]), -float(s["llr_independent"])) for s in trajectory]
+        out.append('<polyline fill="none" stroke="#1b5e20" stroke-width="2" stroke-dasharray="2,2" points="'
+                   + " ".join(f"{x(q):.1f},{y1(v):.1f}" for q, v in down) + '"/>')
     steps = [s for s in trajectory if s.get("agreement") is not None and not math.isnan(float(s["agreement"]))]
     if steps:
         bands = [_band(float(s["agreement"]), int(s["queries"]), mode, access) for s in steps]

@@ -91,6 +91,28 @@ DEFAULT_ZOO: tuple[KnownModelSpec, ...] = (
 )
 
 
+DEFAULT_CALIBRATION_REFERENCES = sum(1 for z in DEFAULT_ZOO if z.kind == "independent" and z.role == "calibration")
+# Further held-out references, in this order: the owner's architecture by both recipes first (the
+# models that agree most with the owner are its competitors of its own architecture), then the others.
+_EXTRA_REFERENCES = (("owner", "same-arch", "adam"), ("owner", "same-arch", "sgd"), ("lenet", "other-arch", "adam"),
+                     ("owner", "same-arch", "adam"), ("mlp", "other-arch", "adam"), ("cnn-wide", "other-arch", "adam"))
+
+
+def zoo_with_references(count: int, zoo: tuple[KnownModelSpec, ...] = DEFAULT_ZOO) -> tuple[KnownModelSpec, ...]:
+    """`zoo` with independent calibration references added until it holds `count` of them (they
+    set p0; more of them make its bound tighter and surer, at the cost of training them). The
+    models of `zoo` keep their places, so their seeds and cached copies are unchanged."""
+    have = sum(1 for z in zoo if z.kind == "independent" and z.role == "calibration")
+    if count < have:
+        raise ValueError(f"the zoo already holds {have} calibration references; ask for {have} or more, got {count}")
+    extra = []
+    for i in range(count - have):
+        arch, family, recipe = _EXTRA_REFERENCES[i % len(_EXTRA_REFERENCES)]
+        extra.append(KnownModelSpec(f"cal-extra-{i + 1}-{arch if arch != 'owner' else 'same-arch'}-{recipe}", "independent",
+                                    family, "calibration", arch, recipe))
+    return zoo + tuple(extra)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """How to build a fingerprint: core-point parameters and the simulated zoo's training."""
@@ -112,4 +134,4 @@ class BuildConfig:
 
 REFERENCE_WEIGHTS = (2.0, 4.0, 8.0, 16.0)  # the automatic reference weight's ladder
 
-__all__ = ["DEFAULT_ZOO", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]
+__all__ = ["DEFAULT_CALIBRATION_REFERENCES", "DEFAULT_ZOO", "zoo_with_references", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]
