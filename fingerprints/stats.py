@@ -140,6 +140,12 @@ MAX_BET = 0.9  # of the all-in stake: one disagreement costs a copy's bettor ln(
 # against p0 0.2-0.8 (median answers within 1.2x of the ideal ln(1/alpha)/KL); a disagreeing answer
 # early costs the pirate's bettor up to ln(1/(1 - MAX_BET)), which it wins back in a few answers.
 PRIOR_WEIGHT = 1.0
+TESTS = ("betting", "sprt")
+# `independent` rests on at least this many answers, however early its bettor wins: a suspect
+# that disagrees on its first two points is unlike a pirate scoring above p1 at level beta, but a
+# verdict a court reads should rest on more, and the repeat check (against suspects that randomize
+# their answers) needs that many answers to ask again.
+MIN_ANSWERS_INDEPENDENT = 10
 
 
 @dataclass
@@ -232,18 +238,15 @@ class BettingTest:
     def decision(self) -> str | None:
         if self.piracy.log_wealth >= self.upper:
             return "piracy"
-        if self.independence.log_wealth >= self.lower:
+        if self.independence.log_wealth >= self.lower and self.independence.seen >= MIN_ANSWERS_INDEPENDENT:
             return "independent"
         return None
 
     def useful_batch(self, limit: int) -> int:
         """The fewest answers after which the test could decide (if they all went one way), at
         most `limit`: asking more in one batch could only spend queries past a verdict."""
-        return max(1, min(self.piracy.best_case_needs(self.upper, limit),
-                          self.independence.best_case_needs(self.lower, limit), limit))
-
-
-TESTS = ("betting", "sprt")
+        clearing = max(self.independence.best_case_needs(self.lower, limit), MIN_ANSWERS_INDEPENDENT - self.independence.seen)
+        return max(1, min(self.piracy.best_case_needs(self.upper, limit), clearing, limit))
 
 
 def copy_queries(p0: float, alpha: float) -> float:

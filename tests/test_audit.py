@@ -15,6 +15,7 @@ from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.fingerprints.calibration import rates
 from deepcore_auditor.fingerprints.format import load_fingerprint
+from deepcore_auditor.fingerprints.stats import Bettor, copy_queries
 
 
 def _open(world, path):
@@ -38,32 +39,49 @@ def test_selection_references_were_kept_apart_from_calibration(world):
     assert all(name.startswith("cal-") for name in summary["independent_models"])
 
 
-@pytest.mark.parametrize("mode,access", [("agreement", Access.LABELS), ("similarity", Access.PROBS), ("clustering", Access.LABELS)])
-def test_copies_of_the_owner_are_flagged(world, mode, access):
+MODES_TESTS = [("agreement", Access.LABELS, "betting"), ("similarity", Access.PROBS, "betting"),
+               ("agreement", Access.LABELS, "sprt"), ("clustering", Access.LABELS, "sprt")]
+
+
+@pytest.mark.parametrize("mode,access,test", MODES_TESTS)
+def test_copies_of_the_owner_are_flagged(world, mode, access, test):
     for path in (world.owner_onnx, world.pirate_onnx):
         fp, suspect = _open(world, path)
-        res = audit(fp, suspect, AuditConfig(access=access, mode=mode, budget=60, batch_size=5))
+        res = audit(fp, suspect, AuditConfig(access=access, mode=mode, budget=60, batch_size=5, test=test))
         assert res.verdict == "piracy", (path.name, mode, res.to_dict())
         assert res.trajectory[-1].llr >= res.thresholds["piracy"]
-        if mode == "agreement" and res.agreement == 1.0:
+        if mode == "agreement" and res.agreement == 1.0 and test == "sprt":
             # a copy that always agrees stops at the test's own arithmetic minimum
             minimum = math.ceil(res.thresholds["piracy"] / math.log(res.p1 / res.p0))
             assert res.queries_used == 5 * math.ceil(minimum / 5)
+        if mode == "agreement" and res.agreement == 1.0 and test == "betting":
+            # ... which for the betting test is foreseen: no batch asks past it, and it is near ln(1/alpha)/ln(1/p0)
+            need = Bettor(len(fp) * res.p0, len(fp)).best_case_needs(res.thresholds["piracy"], len(fp))
+            assert res.queries_used == need <= 1.3 * copy_queries(res.p0, res.alpha)
 
 
-@pytest.mark.parametrize("mode,access", [("agreement", Access.LABELS), ("similarity", Access.PROBS), ("clustering", Access.LABELS)])
-def test_independent_model_is_never_accused(world, mode, access):
+def test_clustering_mode_runs_under_walds_test_only(world):
+    fp, suspect = _open(world, world.pirate_onnx)
+    with pytest.raises(InputError, match="clustering"):
+        audit(fp, suspect, AuditConfig(mode="clustering", budget=60))
+
+
+@pytest.mark.parametrize("mode,access,test", MODES_TESTS)
+def test_independent_model_is_never_accused(world, mode, access, test):
     fp, suspect = _open(world, world.independent_onnx)
-    res = audit(fp, suspect, AuditConfig(access=access, mode=mode, budget=60, batch_size=5))
+    res = audit(fp, suspect, AuditConfig(access=access, mode=mode, budget=60, batch_size=5, test=test))
     assert res.verdict != "piracy", res.to_dict()
     assert res.queries_used <= 60
 
 
 def test_trajectory_reports_the_verdict_against_queries(world):
     fp, suspect = _open(world, world.pirate_onnx)
-    res = audit(fp, suspect, AuditConfig(budget=60, batch_size=5))
+    res = audit(fp, suspect, AuditConfig(budget=60, batch_size=5, test="sprt"))
     qs = [s.queries for s in res.trajectory]
     assert qs == list(range(5, 5 * len(qs) + 1, 5))
+    betting = audit(fp, suspect, AuditConfig(budget=60, batch_size=5))  # batches of at most 5, none past the verdict
+    steps = np.diff([0] + [s.queries for s in betting.trajectory])
+    assert steps.max() <= 5 and betting.verdict == "piracy" and betting.trajectory[-1].llr_independent is not None
     assert res.trajectory[-1].decision == res.verdict
     assert all(s.decision is None for s in res.trajectory[:-1])
     d = res.to_dict()
