@@ -29,9 +29,9 @@ from deepcore_auditor.adapters.errors import DeepCoreError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.auditor.bars import terminal_bars
 from deepcore_auditor.fingerprints.calibration import MODES
-from deepcore_auditor.fingerprints.stats import TESTS
 from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, BuildConfig, CoreConfig
 from deepcore_auditor.fingerprints.progress import QUIET
+from deepcore_auditor.fingerprints.stats import TESTS
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
 EXIT_ERROR = 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,10 +40,11 @@ from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import rates
+from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, zoo_with_references
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.models import accuracy, export_onnx
-from deepcore_auditor.fingerprints.stats import TESTS, clopper_pearson_upper
+from deepcore_auditor.fingerprints.stats import TESTS, Bettor, clopper_pearson_upper
 
 logger = logging.getLogger(__name__)
 
@@ -85,28 +87,32 @@ def plan_models(config: NullConfig, owner_arch: str) -> list[Member]:
     return out
 
 
-def default_fingerprint(zoo: Any, root: Path) -> Fingerprint:
-    """The fingerprint `deepcore fingerprint` makes for the zoo's owner with default flags."""
-    path = root / "fp-default.json"
+def default_fingerprint(zoo: Any, root: Path, references: int = DEFAULT_CALIBRATION_REFERENCES) -> Fingerprint:
+    """The fingerprint `deepcore fingerprint` makes for the zoo's owner with default flags (and
+    `--calibration-references references`)."""
+    path = root / ("fp-default.json" if references == DEFAULT_CALIBRATION_REFERENCES else f"fp-references-{references}.json")
     if path.is_file():
         return load_fingerprint(path)
     x, y = zoo.halves["A"]
     owner_id = {"path": str(zoo.paths["owner"]), "sha256": file_sha256(zoo.paths["owner"])}
-    logger.info("building the default fingerprint")
-    fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(),
+    logger.info("building the default fingerprint with %d calibration references", references)
+    t0 = time.perf_counter()
+    fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(zoo=zoo_with_references(references)),
                            progress=logger.info, require_separable=False)
     save_fingerprint(fp, path)
+    (path.with_suffix(".build_s")).write_text(f"{time.perf_counter() - t0:.1f}")
     return fp
 
 
-def _audit_all(fp: Fingerprint, models: list[Member], paths: dict[str, Path], config: NullConfig) -> dict[str, dict[str, Any]]:
+def _audit_all(fp: Fingerprint, models: list[Member], paths: dict[str, Path], config: NullConfig,
+               tests: tuple[str, ...] = TESTS) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for m in models:
         row: dict[str, Any] = {"family": m.family, "arch": m.arch, "data": m.data}
         with open_suspect(str(paths[m.name]), convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes) as oracle:
             labels = oracle.query(fp.points, Access.LABELS)
             row["agreement_all_points"] = round(float(np.mean(labels == fp.owner_labels)), 4)
-            for test in TESTS:
+            for test in tests:
                 r = audit(fp, oracle, AuditConfig(budget=config.budget, alpha=config.alpha, seed=config.seed, test=test))
                 row[test] = {"verdict": r.verdict, "queries": r.queries_used, "agreement": r.agreement}
         out[m.name] = row
@@ -125,8 +131,9 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
                 continue
             accused = sum(r[test]["verdict"] == "piracy" for r in mine)
             agree = [r["agreement_all_points"] for r in mine]
+            p0 = rates(fp, "agreement", test).summary["p0"]
             families[fam] = {
-                "models": len(mine), "accused": accused,
+                "models": len(mine), "accused": accused, "above_p0": sum(a > p0 for a in agree),
                 "fir_upper_95": round(clopper_pearson_upper(accused, len(mine), 0.95), 4),
                 "verdicts": {v: sum(r[test]["verdict"] == v for r in mine) for v in ("independent", "inconclusive", "piracy")},
                 "median_queries": float(np.median([r[test]["queries"] for r in mine])),
@@ -149,7 +156,35 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
     }
 
 
-def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = None) -> dict[str, Any]:
+def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str, Path], config: NullConfig,
+                     counts: tuple[int, ...]) -> list[dict[str, Any]]:
+    """How p0, the queries an exact copy needs and the accusations among the independent models
+    move with the number of calibration references (the points are grown against the selection
+    models only, so they stay the same unless the reference-weight ladder picks another rung)."""
+    out = []
+    base = default_fingerprint(zoo, root)
+    for k in counts:
+        fp = default_fingerprint(zoo, root, k)
+        r = rates(fp, "agreement", "betting")
+        rows = _audit_all(fp, models, paths, config, tests=("betting",))
+        accused = sum(row["betting"]["verdict"] == "piracy" for row in rows.values())
+        p0 = float(r.summary["p0"])  # type: ignore[arg-type]
+        build_s = root / ("fp-default.build_s" if k == DEFAULT_CALIBRATION_REFERENCES else f"fp-references-{k}.build_s")
+        out.append({
+            "calibration_references": k, "p0": p0, "p1": r.summary["p1"],
+            "prediction_bound_99": r.summary.get("prediction_bound_99"), "prediction_bound_95": r.summary.get("prediction_bound_95"),
+            "exact_copy_needs": Bettor(len(fp) * p0, len(fp)).best_case_needs(math.log(1 / config.alpha), len(fp)),
+            "independent_models": len(rows), "accused": accused,
+            "above_p0": sum(row["agreement_all_points"] > p0 for row in rows.values()),
+            "same_points_as_default": bool(np.array_equal(fp.points, base.points)),
+            "build_s": float(build_s.read_text()) if build_s.is_file() else None,
+        })
+        logger.info("K=%d: p0 %.4f, %d of %d accused", k, p0, accused, len(rows))
+    return out
+
+
+def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = None,
+        curve: tuple[int, ...] = ()) -> dict[str, Any]:
     data = load_data(data_spec, cache_dir=cache_dir)
     cache = Path(cache_dir or default_cache_dir())
     zoo = build_zoo(data, cache / "bench", ZooConfig())
@@ -180,6 +215,8 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
     rows = _audit_all(fp, models, paths, config)
     accuracies = {m.name: meta[m.name]["test_accuracy"] for m in models if m.family != "other-task"}
     entry = summarize(data_spec, rows, fp, config, accuracies)
+    if curve:
+        entry["references_curve"] = references_curve(zoo, root, models, paths, config, curve)
     entry["run"] = {"train_s_this_run": round(train_s, 1), "train_s_all_models": round(sum(meta[m.name]["train_s"] for m in models), 1),
                     "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out.mkdir(parents=True, exist_ok=True)
@@ -201,14 +238,19 @@ def main() -> None:
     p.add_argument("--other-task", type=int, default=NullConfig.other_task)
     p.add_argument("--budget", type=int, default=NullConfig.budget)
     p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--references-curve", default="", help="Calibration reference counts to rebuild the fingerprint with, e.g. 5,10,20.")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = NullConfig(a.same_arch_seed, a.same_arch_other_data, a.other_arch, a.other_task, a.budget)
-    entry = run(a.data, a.out, config, a.cache_dir)
+    curve = tuple(int(v) for v in a.references_curve.split(",") if v.strip())
+    entry = run(a.data, a.out, config, a.cache_dir, curve)
     for test, t in entry["by_test"].items():
         print(f"{test}: {t['accused']} of {t['independent_models']} accused, FIR <= {t['fir_upper_95']} (95%), p0 {t['p0']}")
         for fam, f in t["per_family"].items():
             print(f"  {fam}: {f['accused']}/{f['models']} accused, verdicts {f['verdicts']}, agreement {f['agreement_on_points']}")
+    for c in entry.get("references_curve", []):
+        print(f"K={c['calibration_references']}: p0 {c['p0']}, exact copy needs {c['exact_copy_needs']}, "
+              f"{c['accused']} of {c['independent_models']} accused, {c['above_p0']} above p0")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,14 @@ import numpy as np
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
 from deepcore_auditor.fingerprints.quality import quality_problem
-from deepcore_auditor.fingerprints.stats import TESTS, clopper_pearson_lower, clopper_pearson_upper, hoeffding_lower, hoeffding_upper
+from deepcore_auditor.fingerprints.stats import (
+    TESTS,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    hoeffding_lower,
+    hoeffding_upper,
+    prediction_upper,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +179,15 @@ def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float
     if p0 > P1_MAX - MIN_GAP:
         notes.append(f"independent models agree up to {p0:.2f}: only near-copies of the owner can be told apart")
     values = [float(_scores(fp, m, soft).mean()) for m in indep]
+    # What a normal model of the references' spread would need for one more independent model to
+    # fall under p0 with 99% or 95% probability: shown beside p0 (not used: with a handful of
+    # references of several architectures and recipes it is often above 1, see README).
+    predicted = {f"prediction_bound_{round(100 * (1 - lv))}": round(min(1.0, prediction_upper(values, lv)), 4) if len(values) > 1 else None
+                 for lv in (0.01, 0.05)}
     summary = {
         "p0": round(p0, 4),
         "p1": round(p1, 4),
+        **predicted,
         "pirates_floor": round(pirates, 4),
         "test": "betting",
         "independent_models": {m.name: round(v, 4) for m, v in zip(indep, values, strict=True)},

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from deepcore_auditor.fingerprints.stats import (
-    Bettor,
     BettingTest,
+    Bettor,
     SequentialTest,
-    copy_queries,
-    prediction_upper,
     binom_cdf,
     clopper_pearson_lower,
     clopper_pearson_upper,
+    copy_queries,
     expected_queries,
     log_likelihood_ratios,
+    prediction_upper,
 )
 
 
