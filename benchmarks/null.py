@@ -172,7 +172,7 @@ def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str
         build_s = root / ("fp-default.build_s" if k == DEFAULT_CALIBRATION_REFERENCES else f"fp-references-{k}.build_s")
         out.append({
             "calibration_references": k, "p0": p0, "p1": r.summary["p1"],
-            "prediction_bound_99": r.summary.get("prediction_bound_99"), "prediction_bound_95": r.summary.get("prediction_bound_95"),
+            "prediction_bound": r.summary.get("prediction_bound"), "prediction_dof": r.summary.get("prediction_dof"),
             "exact_copy_needs": Bettor(len(fp) * p0, len(fp)).best_case_needs(math.log(1 / config.alpha), len(fp)),
             "independent_models": len(rows), "accused": accused,
             "above_p0": sum(row["agreement_all_points"] > p0 for row in rows.values()),

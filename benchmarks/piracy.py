@@ -296,6 +296,13 @@ def _summarize_sequential(seq: dict[str, dict[str, Any]], evaluated: list[Member
             row["median_queries_caught"] = _median(caught)
             if row["minimum_queries"] and caught:
                 row["ratio_to_minimum"] = round(float(np.median(caught)) / row["minimum_queries"], 2)
+            # The test's own minimum against its null: ln(1/alpha)/KL(q || p0), and for a copy that
+            # always agrees ln(1/alpha)/ln(1/p0).
+            p0 = float(next(iter(seq.values()))["p0"])
+            kl0 = kl_bernoulli(q, p0) if q > p0 else 0.0
+            row["minimum_queries_p0"] = round(math.log(1 / alpha) / kl0, 1) if kl0 > 0 else None
+            if row["minimum_queries_p0"] and caught:
+                row["ratio_to_p0_minimum"] = round(float(np.median(caught)) / row["minimum_queries_p0"], 2)
         fams[f] = row
     first = next(iter(seq.values()))
     return {"reference_agreement": round(p_ref, 4), "p0": first["p0"], "p1": first["p1"], "families": fams,
@@ -303,10 +310,11 @@ def _summarize_sequential(seq: dict[str, dict[str, Any]], evaluated: list[Member
                          for m in evaluated}}
 
 
-BAR_METHODS = ("deepcore-agreement", "deepcore-clustering")  # DeepCore's label-only modes
+BAR_METHODS = ("deepcore-agreement", "deepcore-clustering")
+COPY_FAMILIES = ("fine-tune-own", "fine-tune-other", "prune", "int8", "fp16", "transfer")  # DeepCore's label-only modes
 
 
-def check_bar(results: dict[str, Any], budgets: Sequence[int], method: str) -> list[dict[str, Any]]:
+def check_bar(results: dict[str, Any], budgets: Sequence[int], method: str, alpha: float = 0.01) -> list[dict[str, Any]]:
     """The issue's bar, criterion by criterion, for one label-only DeepCore mode."""
     methods = results["methods"]
     dc = methods.get(method)
@@ -346,6 +354,16 @@ def check_bar(results: dict[str, Any], budgets: Sequence[int], method: str) -> l
     out.append({"criterion": "median queries within 2x of ln(1/alpha)/KL for the measured agreement rates",
                 "met": bool(ratios) and all(v <= 2 for v in ratios.values()),
                 "measured": ", ".join(f"{f} {v}x" for f, v in ratios.items())})
+    ratios0 = {f: r.get("ratio_to_p0_minimum") for f, r in seqf.items() if r.get("ratio_to_p0_minimum") is not None}
+    p0 = float(dc["sequential"]["p0"])
+    copy_min = math.log(1 / alpha) / math.log(1 / p0) if 0 < p0 < 1 else math.inf
+    copies = {f: seqf[f]["median_queries_caught"] for f in COPY_FAMILIES if f in seqf and seqf[f].get("median_queries_caught")}
+    out.append({"criterion": "weight copies: median queries to piracy at most 1.3x ln(1/alpha)/ln(1/p0)",
+                "met": bool(copies) and all(v <= 1.3 * copy_min for v in copies.values()),
+                "measured": f"ln(1/alpha)/ln(1/p0) = {copy_min:.1f} (p0 {p0}); " + ", ".join(f"{f} {v}" for f, v in copies.items())})
+    out.append({"criterion": "every family: median queries at most 1.5x ln(1/alpha)/KL(agreement || p0)",
+                "met": bool(ratios0) and all(v <= 1.5 for v in ratios0.values()),
+                "measured": ", ".join(f"{f} {v}x" for f, v in ratios0.items())})
     return out
 
 
@@ -379,7 +397,7 @@ def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
         if md.name != "deepcore":
             _attach_references(md, zoo.role("calibrate"))
     results = evaluate(zoo, answers, config, say)
-    results["bar"] = {m: check_bar(results, config.budgets, m) for m in BAR_METHODS if m in config.methods}
+    results["bar"] = {m: check_bar(results, config.budgets, m, config.alpha) for m in BAR_METHODS if m in config.methods}
     results.update({
         "data": {"spec": config.data, **data.source, "train": len(data.train), "test": len(data.test)},
         "config": {**asdict(config), "zoo": asdict(config.zoo)},

@@ -23,9 +23,9 @@ from deepcore_auditor.fingerprints.stats import (
     TESTS,
     clopper_pearson_lower,
     clopper_pearson_upper,
+    grouped_prediction_upper,
     hoeffding_lower,
     hoeffding_upper,
-    prediction_upper,
 )
 
 logger = logging.getLogger(__name__)
@@ -165,13 +165,44 @@ def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
     return Rates(mode, p0_i, p1_i, summary)
 
 
+PREDICTION_LEVEL = 0.01  # an unseen independent model of a reference kind exceeds p0 with at most this probability
+MIN_PREDICTION_DOF = 4  # replicate references needed before the seed-to-seed spread is estimated at all
+
+
+def reference_groups(fp: Fingerprint, models: list[ModelAnswers], soft: bool) -> list[list[float]]:
+    """The calibration references' mean scores, grouped by how they were trained (architecture
+    and recipe, as the fingerprint's recorded zoo says); a model the zoo does not name (a
+    reference the owner supplied) is a group of its own."""
+    zoo = {z.get("name"): (z.get("arch"), z.get("recipe", "adam")) for z in fp.method.get("params", {}).get("zoo", [])
+           if isinstance(z, dict)}
+    groups: dict[object, list[float]] = {}
+    for m in models:
+        groups.setdefault(zoo.get(m.name, ("own", m.name)), []).append(float(_scores(fp, m, soft).mean()))
+    return list(groups.values())
+
+
 def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float, indep: list[ModelAnswers],
                    pir: list[ModelAnswers], notes: list[str], soft: bool) -> Rates:
-    """Rates for the betting test. p0 is H0's bound on an independent suspect's mean score. p1,
-    the bound the `independent` verdict tests against (H1: the mean score is at least p1), sits
-    MIN_GAP above p0 — not halfway to the pirates as Wald's does — so that a suspect scoring
+    """Rates for the betting test. p0 is H0's bound on an independent suspect's mean score: the
+    references' own bound (as Wald's), raised to a prediction bound for one more model trained
+    like one of them (`stats.grouped_prediction_upper`, level PREDICTION_LEVEL) once the zoo holds
+    enough replicate references to measure the seed-to-seed spread. The betting test asks points
+    without replacement, so a suspect whose mean over all the points exceeds p0 is accused once
+    enough of them are asked: p0 must bound independent models, not describe them.
+
+    p1, the bound the `independent` verdict tests against (H1: the mean score is at least p1),
+    sits MIN_GAP above p0 — not halfway to the pirates as Wald's does — so that a suspect scoring
     anywhere above p0 + MIN_GAP is cleared with probability at most beta, and a pirate between
     p0 and the held-out pirates' floor gains evidence for piracy instead of being cleared."""
+    groups = reference_groups(fp, indep, soft)
+    predicted = grouped_prediction_upper(groups, PREDICTION_LEVEL)
+    if predicted is not None and predicted[1] >= MIN_PREDICTION_DOF:
+        p0 = max(p0, predicted[0])
+    else:
+        notes.append(f"{len(indep)} calibration references in {len(groups)} kinds leave "
+                     f"{0 if predicted is None else predicted[1]} degrees of freedom for the seed-to-seed spread "
+                     f"(at least {MIN_PREDICTION_DOF} needed): p0 is the references' own bound, with no allowance for "
+                     "an unseen model's variation; build with --calibration-references 10 or more")
     p1 = min(p0 + MIN_GAP, (1 + p0) / 2)
     if pirates < p1:
         notes.append(f"held-out pirates score down to {pirates:.2f}, not clearly above p0 {p0:.2f}: "
@@ -179,15 +210,12 @@ def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float
     if p0 > P1_MAX - MIN_GAP:
         notes.append(f"independent models agree up to {p0:.2f}: only near-copies of the owner can be told apart")
     values = [float(_scores(fp, m, soft).mean()) for m in indep]
-    # What a normal model of the references' spread would need for one more independent model to
-    # fall under p0 with 99% or 95% probability: shown beside p0 (not used: with a handful of
-    # references of several architectures and recipes it is often above 1, see README).
-    predicted = {f"prediction_bound_{round(100 * (1 - lv))}": round(min(1.0, prediction_upper(values, lv)), 4) if len(values) > 1 else None
-                 for lv in (0.01, 0.05)}
     summary = {
         "p0": round(p0, 4),
         "p1": round(p1, 4),
-        **predicted,
+        "prediction_bound": None if predicted is None else round(predicted[0], 4),
+        "prediction_dof": None if predicted is None else predicted[1],
+        "prediction_level": PREDICTION_LEVEL,
         "pirates_floor": round(pirates, 4),
         "test": "betting",
         "independent_models": {m.name: round(v, 4) for m, v in zip(indep, values, strict=True)},

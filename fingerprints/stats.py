@@ -273,6 +273,28 @@ def prediction_upper(values: list[float], level: float) -> float:
     return max(bound, float(arr.max()))
 
 
+def grouped_prediction_upper(groups: list[list[float]], level: float) -> tuple[float, int] | None:
+    """A one-sided (1 - level) prediction bound for one new model of any of the `groups` (models
+    trained alike: same architecture and recipe, other seeds and data subsets), and its degrees of
+    freedom; None when no group holds two models.
+
+    Each group's agreements are taken on the arcsine-square-root scale, where a proportion's
+    sampling variance hardly depends on its level, and modelled as normal around the group's own
+    mean with one spread shared by all groups (the pooled within-group standard deviation, K - G
+    degrees of freedom). The bound is the largest over groups of mean_g + t_{K-G}(1 - level) * s *
+    sqrt(1 + 1/K_g), mapped back; a new model of a kind no group represents is not covered."""
+    groups = [g for g in groups if g]
+    dof = sum(len(g) - 1 for g in groups)
+    if dof < 1:
+        return None
+    z = [np.arcsin(np.sqrt(np.clip(np.asarray(g, dtype=np.float64), 0, 1))) for g in groups]
+    s = math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in z) / dof)
+    t = t_quantile(1 - level, dof)
+    top = max(float(v.mean()) + t * s * math.sqrt(1 + 1 / len(v)) for v in z)
+    bound = math.sin(min(top, math.pi / 2)) ** 2
+    return max(bound, max(max(g) for g in groups)), dof
+
+
 def expected_queries(p0: float, p1: float, alpha: float) -> float:
     """Wald's approximation of the mean queries to flag a pirate: ln(1/alpha) / KL(p1 || p0)."""
     p0, p1 = min(max(p0, _EPS), 1 - _EPS), min(max(p1, _EPS), 1 - _EPS)

@@ -17,6 +17,7 @@ from deepcore_auditor.fingerprints.stats import (
     clopper_pearson_upper,
     copy_queries,
     expected_queries,
+    grouped_prediction_upper,
     log_likelihood_ratios,
     prediction_upper,
 )
@@ -163,3 +164,25 @@ def test_prediction_bound_matches_the_t_formula():
     assert prediction_upper([0.5, 0.5], 0.01) == 0.5
     with pytest.raises(ValueError):
         prediction_upper([0.5], 0.01)
+
+
+def test_grouped_prediction_bound_matches_a_hand_computation():
+    groups = [[0.5, 0.6, 0.4], [0.1, 0.2]]
+    z = [np.arcsin(np.sqrt(np.array(g))) for g in groups]
+    s = math.sqrt(sum(((v - v.mean()) ** 2).sum() for v in z) / 3)
+    top = max(v.mean() + 4.540703 * s * math.sqrt(1 + 1 / len(v)) for v in z)  # t_3(0.99)
+    bound, dof = grouped_prediction_upper(groups, 0.01)
+    assert dof == 3 and bound == pytest.approx(math.sin(top) ** 2, abs=1e-5)
+    assert grouped_prediction_upper([[0.5], [0.1]], 0.01) is None  # no replicate: no spread to estimate
+
+
+def test_grouped_prediction_bound_covers_new_models_at_its_level():
+    """Simulated zoos: kinds of models with their own mean agreement, seed-to-seed spread shared; a
+    new model of the most agreeing kind exceeds the bound at most `level` of the time."""
+    rng = np.random.default_rng(5)
+    means, sd, level, misses, trials = (0.9, 0.5, 0.3), 0.08, 0.05, 0, 3000
+    for _ in range(trials):
+        groups = [list(np.sin(np.clip(rng.normal(m, sd, size=3), 0, math.pi / 2)) ** 2) for m in means]
+        bound, _ = grouped_prediction_upper(groups, level)
+        misses += np.sin(np.clip(rng.normal(means[0], sd), 0, math.pi / 2)) ** 2 > bound
+    assert misses / trials <= level + 0.01
