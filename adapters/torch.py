@@ -52,7 +52,10 @@ def apply_convention_torch(points: torch.Tensor, convention: InputConvention) ->
     return x
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """`auto` (a CUDA GPU when PyTorch sees a usable one, else the CPU), `cpu` or `cuda`, as a
+    torch.device; `cuda` without a usable GPU, or any other name, is refused in one line. Shared
+    by the suspects run here and the fingerprint builder (fingerprints.build)."""
     if device not in _DEVICES:
         raise InputError(f"unknown device {device!r}: use one of {', '.join(_DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -126,7 +129,7 @@ class TorchOracle(Oracle):
         self._point_shape = tuple(int(v) for v in point_shape)
         if len(self._point_shape) != 3:
             raise InputError(f"point_shape must be (C, H, W), got {point_shape}")
-        self._device = _resolve_device(device)
+        self._device = resolve_device(device)
         self._model: torch.nn.Module | None = _set_eval(model.to(self._device))
         self._identity = dict(identity or {})
         self._max_batch = max_batch

@@ -29,7 +29,7 @@ from deepcore_auditor.adapters.errors import DeepCoreError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.auditor.bars import terminal_bars
 from deepcore_auditor.fingerprints.calibration import MODES
-from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, BuildConfig, CoreConfig
+from deepcore_auditor.fingerprints.config import BUILD_DEVICES, DEFAULT_CALIBRATION_REFERENCES, BuildConfig, CoreConfig
 from deepcore_auditor.fingerprints.progress import QUIET
 from deepcore_auditor.fingerprints.stats import TESTS
 
@@ -179,6 +179,10 @@ def cli(verbose: int) -> None:
 @click.option("--epochs", type=int, default=BuildConfig.epochs, show_default=True, help="Least training epochs of simulations and references.")
 @click.option("--max-epochs", type=int, default=BuildConfig.max_epochs, show_default=True, help="Most epochs for a model still below the owner's accuracy (0: 4 x --epochs).")
 @click.option("--seed", type=click.IntRange(min=0), default=BuildConfig.seed, show_default=True)
+@click.option("--device", type=click.Choice(BUILD_DEVICES), default=BuildConfig.device, show_default=True,
+              help="Where the simulated pirates and references train and the core points grow: auto (a CUDA GPU when "
+                   "PyTorch sees one, else the CPU), cpu, or cuda (refused without a GPU). Recorded in the fingerprint; "
+                   "cached models serve either.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where decoded data and trained known models are cached, so a stopped or repeated build reuses them "
                    "[default: $DEEPCORE_CACHE or ~/.cache/deepcore].")

@@ -74,8 +74,10 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
                  train_samples: int = BuildConfig.train_samples, epochs: int = BuildConfig.epochs,
                  max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed,
                  uint8_points: bool = CoreConfig.uint8_points,
-                 calibration_references: int = DEFAULT_CALIBRATION_REFERENCES) -> BuildConfig:
-    """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo."""
+                 calibration_references: int = DEFAULT_CALIBRATION_REFERENCES,
+                 device: str = BuildConfig.device) -> BuildConfig:
+    """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo;
+    `device` (auto, cpu, cuda) is where it trains and grows them (checked by `make_fingerprint`)."""
     try:
         zoo = zoo_with_references(calibration_references)
     except ValueError as e:
@@ -83,7 +85,8 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
     core = CoreConfig(n_candidates=candidates, n_points=n_points, epsilon=epsilon, steps=steps,
                       min_confidence=min_confidence, reference_weight=reference_weight, seed=seed,
                       uint8_points=uint8_points)
-    return BuildConfig(core=core, zoo=zoo, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs, seed=seed)
+    return BuildConfig(core=core, zoo=zoo, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs, seed=seed,
+                       device=device)
 
 
 def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -107,11 +110,12 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
     `progress` gets the build's phase lines, `bars` its progress bars (fingerprints.progress)."""
     from deepcore_auditor.adapters.open import open_suspect
     from deepcore_auditor.adapters.torch import load_torch_model, parse_factory_args
-    from deepcore_auditor.fingerprints.build import build_fingerprint
+    from deepcore_auditor.fingerprints.build import build_device, build_fingerprint
     from deepcore_auditor.fingerprints.data import channel_stats, default_cache_dir, load_data
     from deepcore_auditor.fingerprints.models import Normalized, accuracy
 
     b, c = req.build, req.build.core
+    build_device(b.device)  # --device cuda without a usable GPU: refused before anything is loaded or trained
     _check_positive(points=c.n_points, candidates=c.n_candidates, steps=c.steps, train_samples=b.train_samples, epochs=b.epochs)
     if c.epsilon is not None:
         _check_positive(epsilon=c.epsilon)
@@ -562,6 +566,7 @@ def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env:
         "method": fp.method.get("name"),
         "owner_accuracy": fp.extra.get("owner_holdout_accuracy", fp.extra.get("owner_test_accuracy")),
         "epsilon": fp.method.get("params", {}).get("core", {}).get("epsilon"),
+        "build_device": fp.extra.get("build_device"),  # None: built before it was recorded
         "known_models": [_describe_known(fp, m) for m in fp.known_models],
         "calibration": calibration,
     }

@@ -29,13 +29,23 @@ from torch import nn
 from deepcore_auditor.adapters.base import Access, Oracle
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.adapters.images import to_uint8_grid
+from deepcore_auditor.adapters.torch import resolve_device
 from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.calibration import rates
 from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, KnownModelSpec
 from deepcore_auditor.fingerprints.core import choose_epsilon, optimize_points, plan_candidates, select_core
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
 from deepcore_auditor.fingerprints.model_cache import KnownModelCache
-from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, clone, predict, reinitialize, train
+from deepcore_auditor.fingerprints.models import (
+    Normalized,
+    TrainConfig,
+    build_architecture,
+    clone,
+    model_device,
+    predict,
+    reinitialize,
+    train,
+)
 from deepcore_auditor.fingerprints.progress import QUIET, Progress
 from deepcore_auditor.fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
 
@@ -95,7 +105,8 @@ def training_inputs(spec: KnownModelSpec, config: BuildConfig) -> dict[str, obje
     """The parameters of `config` that `train_known_model` reads for `spec`, and no others: what
     the known-model cache keys an entry by (fingerprints.model_cache), so that a flag which does
     not change a model (a radius for a reference, epochs for a weight copy) does not retrain it.
-    Keep it in step with `train_known_model` and `_recipe`."""
+    Keep it in step with `train_known_model` and `_recipe`. Never the device (`config.device`): a
+    model trained on a GPU is an entry a CPU build reuses, and the other way round."""
     inputs: dict[str, object] = {"seed": config.seed, "train_samples": config.train_samples}
     if spec.family == "prune":
         inputs["prune_ratio"] = config.prune_ratio
@@ -192,11 +203,31 @@ def _labels_of(km: KnownModel, points: np.ndarray) -> np.ndarray:
 
 
 def _skeleton(spec: KnownModelSpec, owner: Normalized, shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """An untrained model of `spec`'s architecture, for a cached state to be loaded into."""
+    """An untrained model of `spec`'s architecture, for a cached state to be loaded into, on the
+    owner's device (initialized on the CPU, as everywhere: the same seed, the same weights)."""
     if spec.arch == "owner":
         return clone(owner)
     c, h, w = (int(v) for v in shape)
-    return Normalized(build_architecture(spec.arch, (c, h, w), num_classes), owner.convention)
+    return Normalized(build_architecture(spec.arch, (c, h, w), num_classes), owner.convention).to(model_device(owner))
+
+
+def build_device(name: str) -> torch.device:
+    """`BuildConfig.device` resolved (adapters.torch.resolve_device: `cuda` without a usable GPU
+    is refused in one line), a GPU with its index."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _describe(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` itself when it computes on `device`, else a copy moved there: the caller's model
+    stays where it was (a benchmark goes on using its owner on the CPU)."""
+    return model if model_device(model) == device else clone(model).to(device)
 
 
 def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, points: np.ndarray, labels: np.ndarray,
@@ -258,8 +289,14 @@ def build_fingerprint(
     kept there and reused by a later build of the same owner, data and training parameters
     (fingerprints.model_cache). `progress` gets a line per stage; `bars` a bar (with an ETA) per
     model trained and for the growth of the core points (fingerprints.progress).
+
+    The zoo trains, and the points grow, on `config.device` (a copy of the owner is moved there;
+    every array in and out stays on the CPU), recorded in `extra["build_device"]`. The owner's
+    held-out answers, which key the known-model cache, are computed where the owner was handed in
+    (the CPU, from the CLI), so that a GPU build and a CPU build share the cached models.
     """
     say = progress or logger.info
+    device = build_device(config.device)
     num_classes = len(classes)
     torch.manual_seed(config.seed)
     if holdout is None:  # a seeded sixth of the data, never trained on
@@ -271,9 +308,10 @@ def build_fingerprint(
     if len(hy) == 0:
         raise InputError("no held-out samples to measure the known models on")
     owner_held = predict(owner, hx)
+    given, owner = owner, _on(owner, device)
     held = Holdout(hx, hy, owner_held.argmax(1))
     owner_accuracy = float(np.mean(held.owner_labels == hy))
-    say(f"owner: held-out accuracy {owner_accuracy:.3f} on {len(hy)} samples")
+    say(f"owner: held-out accuracy {owner_accuracy:.3f} on {len(hy)} samples; training and growing points on {_describe(device)}")
     robustness = None
     t0 = time.monotonic()
     if config.core.epsilon is None:
@@ -281,7 +319,7 @@ def build_fingerprint(
         config = dataclasses.replace(config, core=dataclasses.replace(config.core, epsilon=robustness.epsilon))
         say(f"owner flips at L-inf {robustness.flip_radius * 255:.1f}/255: core points get epsilon "
             f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255; {time.monotonic() - t0:.0f} s)")
-    cache = (KnownModelCache(cache_dir, owner, owner_held, points, labels, hx, hy, num_classes,
+    cache = (KnownModelCache(cache_dir, given, owner_held, points, labels, hx, hy, num_classes,
                              factory_args=owner_identity.get("factory_args", "")) if cache_dir is not None else None)
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
@@ -295,7 +333,7 @@ def build_fingerprint(
         if problem:
             raise InputError(f"refusing a supplied reference: {problem}")
         known.append(km)
-    extra: dict[str, object] = {"owner_holdout_accuracy": round(owner_accuracy, 4)}
+    extra: dict[str, object] = {"owner_holdout_accuracy": round(owner_accuracy, 4), "build_device": _describe(device)}
     if robustness is not None:
         extra["robustness"] = robustness.to_dict()
     t0 = time.monotonic()

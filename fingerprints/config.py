@@ -125,13 +125,22 @@ class BuildConfig:
     sgd_epochs: int = 0  # models of the "sgd" recipe train exactly this long (0: 2 x epochs + 2)
     prune_ratio: float = 0.5
     seed: int = 0
+    # Where the zoo trains and the core points grow: "auto" (a CUDA GPU when PyTorch sees one, else
+    # the CPU), "cpu" or "cuda" (refused without a GPU). Not a parameter of what is built: models
+    # trained, and points grown, on either device are equivalent, so `to_dict` (the fingerprint's
+    # recorded parameters, the benchmark's cache tags) leaves it out, as does the known-model cache's
+    # key (build.training_inputs); the device used is recorded in the fingerprint's
+    # extra["build_device"].
+    device: str = "auto"
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["zoo"] = [asdict(z) for z in self.zoo]
+        del d["device"]
         return d
 
 
 REFERENCE_WEIGHTS = (2.0, 4.0, 8.0, 16.0)  # the automatic reference weight's ladder
+BUILD_DEVICES = ("auto", "cpu", "cuda")  # BuildConfig.device's values (adapters.torch.resolve_device)
 
-__all__ = ["DEFAULT_CALIBRATION_REFERENCES", "DEFAULT_ZOO", "zoo_with_references", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]
+__all__ = ["BUILD_DEVICES", "DEFAULT_CALIBRATION_REFERENCES", "DEFAULT_ZOO", "zoo_with_references", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepcore_auditor.fingerprints.config import CoreConfig
-from deepcore_auditor.fingerprints.models import forward_batched, set_mode, softmax
+from deepcore_auditor.fingerprints.models import forward_batched, model_device, set_mode, softmax
 from deepcore_auditor.fingerprints.progress import QUIET, Advance, Progress
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,9 @@ def optimize_points(
 
     Each batch starts from noise seeded by `config.seed` and its position (`offset` + its start):
     candidates grown in two calls (a probe of the first ones, the rest at `offset`) are the
-    points one call would grow, as long as the probe is a whole number of batches."""
+    points one call would grow, as long as the probe is a whole number of batches. The points grow
+    on the owner's device (every model must lie there: fingerprints.build moves them); the noise
+    is drawn on the CPU, so a seed starts every device from the same points."""
     models = (owner, *students, *references)
     frozen = [(p, p.requires_grad) for m in models for p in m.parameters()]
     for m in models:
@@ -142,11 +144,12 @@ def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Seque
     out = np.empty_like(seeds, dtype=np.float32)
     step = 2.5 * config.epsilon / config.steps
     owner_goal = -float(np.log(1 - (1 - config.min_confidence) / 2))
+    device = model_device(owner)
     for start in range(0, len(seeds), config.batch_size):
-        x0 = torch.from_numpy(np.ascontiguousarray(seeds[start : start + config.batch_size], dtype=np.float32))
-        t = torch.from_numpy(targets[start : start + config.batch_size].astype(np.int64))
+        x0 = torch.from_numpy(np.ascontiguousarray(seeds[start : start + config.batch_size], dtype=np.float32)).to(device)
+        t = torch.from_numpy(targets[start : start + config.batch_size].astype(np.int64)).to(device)
         gen = torch.Generator().manual_seed(config.seed + offset + start)
-        delta = (torch.rand(x0.shape, generator=gen) * 2 - 1) * config.epsilon * 0.5
+        delta = ((torch.rand(x0.shape, generator=gen) * 2 - 1) * config.epsilon * 0.5).to(device)
         for _ in range(config.steps):
             delta.requires_grad_(True)
             x = (x0 + delta).clamp(0, 1)
@@ -163,7 +166,7 @@ def _optimize(owner: nn.Module, students: Sequence[nn.Module], references: Seque
                 delta = (delta - step * grad.sign()).clamp(-config.epsilon, config.epsilon)
                 delta = (x0 + delta).clamp(0, 1) - x0
             advance(len(x0))
-        out[start : start + len(x0)] = (x0 + delta).clamp(0, 1).numpy()
+        out[start : start + len(x0)] = (x0 + delta).clamp(0, 1).cpu().numpy()
     return out
 
 

@@ -8,7 +8,10 @@ classes, the spec (family, architecture, recipe) and its index (its seed is deri
 whether it is the corrected retry, and the parameters of the `BuildConfig` that its recipe reads
 (`build.training_inputs`: a radius for the adversarially fine-tuned copy only, epochs for models
 trained from scratch only, and so on). The key is the sha256 of all of that plus
-`CACHE_VERSION`, which is bumped whenever a recipe or the training loop changes. Models are
+`CACHE_VERSION`, which is bumped whenever a recipe or the training loop changes. Never the
+device a model trained on (`BuildConfig.device`): an entry trained on a GPU serves a CPU build and
+the other way round, so tensors are stored from the CPU and loaded onto it, then copied into the
+skeleton wherever it lies. Models are
 stored as safetensors state dicts (no pickle), written atomically; an unusable entry is a warning
 and the model is trained again, never an error. On a CIFAR-10 owner of 289 k parameters the
 default zoo trains for over an hour on 2 cores.
@@ -71,7 +74,8 @@ class KnownModelCache:
 
     def get(self, spec: KnownModelSpec, index: int, retry: bool, inputs: dict[str, object],
             skeleton: Callable[[], nn.Module]) -> nn.Module | None:
-        """The cached model, loaded into `skeleton()` (the same architecture), or None."""
+        """The cached model, loaded into `skeleton()` (the same architecture, on the device it
+        will run on), or None."""
         from safetensors.torch import load_file
 
         path = self._path(spec, index, retry, inputs)
@@ -79,7 +83,7 @@ class KnownModelCache:
             if not path.is_file():
                 return None
             model = skeleton()
-            state = load_file(str(path))
+            state = load_file(str(path), device="cpu")
             missing = set(model.state_dict()) ^ set(state)
             if missing:
                 raise ValueError(f"tensors that do not match the architecture: {sorted(missing)[:3]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -73,6 +74,16 @@ class Normalized(nn.Module):
         return self.net(apply_convention_torch(points, self.convention))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model` computes: the device of its first parameter (or buffer); the CPU for a model
+    with neither. Every function here runs a model where it lies and moves each batch there, so a
+    caller chooses the device by moving its models (fingerprints.build); numpy arrays in and out
+    stay on the CPU."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def clone(model: nn.Module) -> nn.Module:
     """An independent, trainable copy of any module, TorchScript included.
 
@@ -130,8 +141,13 @@ def reinitialize(model: nn.Module, seed: int) -> nn.Module:
     Each layer gets its own default initialization: an eager module's `reset_parameters` where
     it has one (seeded; the global RNG is left as it was), otherwise `_default_init` by the
     parameters' names and shapes, which also serves TorchScript and torch.export modules.
+    The weights are drawn on the CPU whatever the model's device (the fresh copy is then moved
+    to it), so a seed gives the same model on every device.
     """
+    device = model_device(model)
     fresh = clone(model)
+    if device.type != "cpu":
+        fresh = fresh.to("cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -143,7 +159,7 @@ def reinitialize(model: nn.Module, seed: int) -> nn.Module:
                     module.reset_running_stats()
             else:
                 _default_init(module, gen)
-    return fresh
+    return fresh if device.type == "cpu" else fresh.to(device)
 
 
 def set_mode(model: nn.Module, training: bool) -> None:
@@ -246,7 +262,7 @@ def trainable(model: nn.Module, probe: np.ndarray) -> Iterator[_Trainable]:
     oracle) while its statistics are real ones. A frozen model that cannot be rewritten is
     refused: trained as it is, it would be a degenerate reference (see fingerprints.quality).
     """
-    x = torch.from_numpy(np.ascontiguousarray(probe[:8], dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(probe[:8], dtype=np.float32)).to(model_device(model))
     if batchnorm_trains(model, x):
         net = model
     else:
@@ -308,7 +324,10 @@ def train(
     `until(model)` (the model in eval mode, as trained so far) is asked after each epoch from
     `config.epochs` on; training stops when it says True or at `config.max_epochs`. `progress`
     gets one bar, `label`, over every batch of the longest run (one that stops early ends it early).
+    Trained on `model`'s device (`model_device`): the data stay on the CPU, where the order and the
+    translations are drawn, and each batch is moved there.
     """
+    device = model_device(model)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     x_all = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
@@ -337,17 +356,19 @@ def train(
             for start in range(0, len(points), config.batch_size):
                 idx = order[start : start + config.batch_size]
                 xb = translate(x_all[idx], config.shift, gen) if config.shift else x_all[idx]
+                xb, tb = xb.to(device), t_all[idx].to(device)
                 logits = net(xb)
                 if soft:
-                    loss = -(t_all[idx] * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+                    loss = -(tb * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
                 else:
-                    loss = F.cross_entropy(logits, t_all[idx])
+                    loss = F.cross_entropy(logits, tb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if sched is not None:
                     sched.step()
-                total += loss.item() * len(idx)
+                if log:  # only for the log: on a GPU, reading the loss waits for the batch
+                    total += loss.item() * len(idx)
                 advance(1)
             if log:
                 log(f"epoch {epoch + 1}/{last} loss {total / len(points):.4f}")
@@ -361,7 +382,9 @@ def train(
 def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig, *,
                           progress: Progress = QUIET, label: str = "adversarial fine-tuning") -> nn.Module:
     """Train on a half-clean, half-FGSM (random start) mixture: the usual cheap adversarial
-    (fine-)tuning. `epsilon` is the L-inf radius in canonical [0, 1] space."""
+    (fine-)tuning. `epsilon` is the L-inf radius in canonical [0, 1] space. Trained on `model`'s
+    device, as `train`."""
+    device = model_device(model)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
@@ -373,7 +396,7 @@ def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilo
             order = torch.from_numpy(rng.permutation(len(x)))
             for start in range(0, len(x), config.batch_size):
                 idx = order[start : start + config.batch_size]
-                xb, yb = xs[idx], ys[idx]
+                xb, yb = xs[idx].to(device), ys[idx].to(device)
                 delta = (torch.rand_like(xb) * 2 - 1) * epsilon
                 delta.requires_grad_(True)
                 (g,) = torch.autograd.grad(F.cross_entropy(net((xb + delta).clamp(0, 1)), yb), delta)
@@ -404,12 +427,13 @@ def forward_batched(model: nn.Module, points: np.ndarray, batch_size: int = 512,
                     fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """`fn` of `model`'s float32 outputs (the outputs themselves when None) on canonical points,
     batch by batch without gradients, as one numpy array; [0, 0] for no points. The model's mode
-    is left as it is."""
+    is left as it is; it runs on its own device (`model_device`), each batch moved there."""
+    device = model_device(model)
     out = []
     for start in range(0, len(points), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(points[start : start + batch_size], dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(points[start : start + batch_size], dtype=np.float32)).to(device)
         y = model(x).float()
-        out.append((y if fn is None else fn(y)).numpy())
+        out.append((y if fn is None else fn(y)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -433,5 +457,5 @@ def export_onnx(model: nn.Module, path: Path, point_shape: tuple[int, int, int])
     model = clone(model)
     set_mode(model, False)
     atomic_write(path, lambda tmp: torch.onnx.export(
-        model, (torch.zeros(1, *point_shape),), str(tmp), input_names=["input"], output_names=["logits"],
+        model, (torch.zeros(1, *point_shape, device=model_device(model)),), str(tmp), input_names=["input"], output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False), by_name=True)

@@ -80,7 +80,7 @@ def transfer(owner: Normalized, x: np.ndarray, y: np.ndarray, config: TrainConfi
     parent, name = _last_linear(model.net)
     old = getattr(parent, name)
     torch.manual_seed(config.seed)
-    setattr(parent, name, nn.Linear(old.in_features, old.out_features))
+    setattr(parent, name, nn.Linear(old.in_features, old.out_features).to(old.weight.device))
     return train(model, x, y, config)
 
 
