@@ -48,6 +48,7 @@ from deepcore_auditor.fingerprints.models import (
 )
 from deepcore_auditor.fingerprints.progress import QUIET, Progress
 from deepcore_auditor.fingerprints.quality import OWNER_ARCH_GAP, Quality, accuracy_floor, quality_problem
+from deepcore_auditor.fingerprints.stats import Bettor
 
 logger = logging.getLogger(__name__)
 
@@ -445,20 +446,26 @@ def copy_needs(p0: float, p1: float) -> float:
 def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool = True) -> None:
     """Report the held-out references' agreement on the kept points, and refuse a fingerprint on
     which they agree so highly that no verdict could tell an independent model from a pirate:
-    when even an exact copy, agreeing on every point, would not reach Wald's piracy threshold at
-    alpha = beta = 0.01 within the fingerprint's points."""
+    when even an exact copy, agreeing on every point, would not reach the piracy threshold at
+    alpha = beta = 0.01 within the fingerprint's points — under Wald's test (p0/p1 of old) or
+    under the betting test, the audit's default, whose p0 may be the higher (a prediction bound)."""
     held = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
     for m in held:
         say(f"  held-out reference {m.name}: agreement {float(np.mean(m.labels == fp.owner_labels)):.3f} on the kept points")
-    p0, p1 = _p0_p1(fp)
-    need = copy_needs(p0, p1)
-    say(f"p0 {p0:.3f} (upper bound for independent models), p1 {p1:.3f}: an exact copy is identified "
-        f"after {need} of {len(fp)} points")
+    p0_wald, p1 = _p0_p1(fp)
+    bet = rates(fp, "agreement", "betting")
+    p0_bet = float(bet.p0.max())
+    wald_need = copy_needs(p0_wald, p1)
+    bet_need = Bettor(len(fp) * p0_bet, len(fp)).best_case_needs(math.log(1 / SEPARABLE_ALPHA), len(fp))
+    need, p0 = max((wald_need, p0_wald), (bet_need, p0_bet))
+    say(f"p0 {p0_bet:.3f} (the betting test's bound for independent models; Wald's {p0_wald:.3f}, p1 {p1:.3f}): an exact "
+        f"copy is identified after {bet_need if bet_need <= len(fp) else 'more than ' + str(len(fp))} of {len(fp)} points "
+        f"(Wald's test: {wald_need})")
     if need > len(fp) and not refuse:
         say(f"warning: even an exact copy would need {need} points to be identified; the fingerprint has {len(fp)}")
     elif need > len(fp):
         worst = max(held, key=lambda m: float(np.mean(m.labels == fp.owner_labels)), default=None)
         figure = f" ({worst.name} agrees {float(np.mean(worst.labels == fp.owner_labels)):.3f})" if worst else ""
         raise InputError(f"independent references agree with the owner on the kept points up to p0 {p0:.3f}{figure}: "
-                         f"even an exact copy would need {need} points to be identified and the fingerprint has "
+                         f"even an exact copy would need more than {len(fp)} points to be identified and the fingerprint has "
                          f"{len(fp)}; rebuild with a larger --reference-weight (references pushed away harder), a smaller --epsilon or more --points")

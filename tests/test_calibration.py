@@ -1,0 +1,73 @@
+"""p0 and p1 read off a fingerprint's known models: the betting test's prediction bound, and the
+builder's refusal of a fingerprint no verdict could use."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from deepcore_auditor.adapters.errors import InputError
+from deepcore_auditor.fingerprints.build import check_separable
+from deepcore_auditor.fingerprints.calibration import MIN_PREDICTION_DOF, rates, reference_groups
+from deepcore_auditor.fingerprints.config import zoo_with_references
+from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint
+
+
+def _agreeing(fp: Fingerprint, m: ModelAnswers, share: float, seed: int) -> ModelAnswers:
+    """`m` answering the owner's label on `share` of the points (others: another class)."""
+    rng = np.random.default_rng(seed)
+    labels = fp.owner_labels.copy()
+    flip = rng.permutation(len(labels))[: int(round((1 - share) * len(labels)))]
+    labels[flip] = (labels[flip] + 1) % fp.num_classes
+    return dataclasses.replace(m, labels=labels)
+
+
+def _with_references(fp: Fingerprint, count: int, shares: dict[str, float]) -> Fingerprint:
+    """`fp` as if built with `count` calibration references, each agreeing as `shares` says by kind."""
+    zoo = zoo_with_references(count)
+    template = next(m for m in fp.known_models if m.kind == "independent" and m.role == "calibration")
+    known = [m for m in fp.known_models if not (m.kind == "independent" and m.role == "calibration")]
+    for i, spec in enumerate(z for z in zoo if z.kind == "independent" and z.role == "calibration"):
+        share = shares[f"{spec.arch}/{spec.recipe}"] + 0.02 * (i % 3 - 1)  # seed-to-seed spread
+        known.append(_agreeing(fp, dataclasses.replace(template, name=spec.name, family=spec.family), share, i))
+    method = {**fp.method, "params": {**fp.method["params"], "zoo": [dataclasses.asdict(z) for z in zoo]}}
+    return dataclasses.replace(fp, known_models=tuple(known), method=method)
+
+
+SHARES = {"owner/adam": 0.5, "owner/sgd": 0.2, "lenet/adam": 0.1, "mlp/adam": 0.1, "cnn-wide/adam": 0.15}
+
+
+def test_replicate_references_raise_p0_to_a_prediction_bound(world):
+    fp = load_fingerprint(world.fingerprint)
+    five = rates(_with_references(fp, 5, SHARES), "agreement", "betting").summary
+    assert five["prediction_dof"] in (None, 0) and any("degrees of freedom" in n for n in five["notes"])
+    ten = _with_references(fp, 10, SHARES)
+    groups = reference_groups(ten, [m for m in ten.known_models if m.kind == "independent" and m.role == "calibration"], False)
+    assert sorted(len(g) for g in groups) == [1, 2, 2, 2, 3]  # same-arch Adam x3, SGD x2, lenet x2, mlp x2, cnn-wide
+    bet, wald = rates(ten, "agreement", "betting").summary, rates(ten, "agreement", "sprt").summary
+    assert bet["prediction_dof"] == 5 >= MIN_PREDICTION_DOF
+    assert bet["p0"] == max(wald["p0"], bet["prediction_bound"]) and bet["prediction_bound"] > 0.52  # above the Adam kind
+    assert bet["p1"] == pytest.approx(min(bet["p0"] + 0.1, (1 + bet["p0"]) / 2), abs=1e-4)
+
+
+def test_a_supplied_reference_is_a_kind_of_its_own(world):
+    fp = _with_references(load_fingerprint(world.fingerprint), 10, SHARES)
+    cal = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
+    own = dataclasses.replace(cal[0], name="my-resnet")
+    assert len(reference_groups(fp, cal + [own], False)) == len(reference_groups(fp, cal, False)) + 1
+
+
+def test_builder_refuses_a_fingerprint_no_verdict_could_use(world):
+    fp = load_fingerprint(world.fingerprint)
+    said: list[str] = []
+    check_separable(fp, said.append)  # the suite's own fingerprint is usable
+    assert any("an exact copy is identified after" in s for s in said)
+    painted = dataclasses.replace(fp, known_models=tuple(
+        _agreeing(fp, m, 0.99, i) if m.kind == "independent" and m.role == "calibration" else m
+        for i, m in enumerate(fp.known_models)))
+    with pytest.raises(InputError, match=r"even an exact copy would need more than \d+ points"):
+        check_separable(painted, said.append)
+    check_separable(painted, said.append, refuse=False)
+    assert said[-1].startswith("warning: even an exact copy")
