@@ -19,7 +19,7 @@ from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError
 from deepcore_auditor.auditor.channel import QueryChannel
 from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
-from deepcore_auditor.fingerprints.calibration import MODES, Rates, rates
+from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES, Rates, rates, resolve_test
 from deepcore_auditor.fingerprints.format import Fingerprint
 from deepcore_auditor.fingerprints.stats import TESTS, BettingTest, SequentialTest, expected_queries, log_likelihood_ratios
 
@@ -32,12 +32,13 @@ VERDICTS = ("independent", "piracy", "inconclusive")
 class AuditConfig:
     """How to audit: access mode, identification mode, budget, batch size, error rates, seed,
     and how many points to ask again before concluding `independent` (0: no repeat check).
-    `test` is the sequential test: "betting" (anytime-valid, the default) or "sprt" (Wald's, which
-    reports made before the betting test name and replay under)."""
+    `test` is the sequential test: "betting" (anytime-valid), "sprt" (Wald's, which reports made
+    before the betting test name and replay under) or "auto" (the default: betting when the
+    fingerprint's p0 is a prediction bound, `calibration.resolve_test`); a plan names the one run."""
 
     access: Access = Access.LABELS
     mode: str = "agreement"
-    test: str = "betting"
+    test: str = "auto"
     budget: int = 200
     batch_size: int = 10
     alpha: float = 0.01
@@ -48,8 +49,8 @@ class AuditConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"unknown identification mode {self.mode!r}: use one of {', '.join(MODES)}")
-        if self.test not in TESTS:
-            raise InputError(f"unknown sequential test {self.test!r}: use one of {', '.join(TESTS)}")
+        if self.test not in TEST_CHOICES:
+            raise InputError(f"unknown sequential test {self.test!r}: use one of {', '.join(TEST_CHOICES)}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {self.batch_size}")
         if self.budget < self.batch_size:
@@ -103,10 +104,11 @@ class Plan:
     def make(cls, fp: Fingerprint, config: AuditConfig, r: Rates | None = None) -> Plan:
         """The plan for `config`; `r`, the fingerprint's rates for its mode, if already computed."""
         config.validate()
-        r = r if r is not None else rates(fp, config.mode, config.test)
+        test = resolve_test(fp, config.mode, config.test)
+        r = r if r is not None else rates(fp, config.mode, test)
         order = plan_order(len(fp), config.seed)
         plan = cls(
-            test=config.test,
+            test=test,
             mode=config.mode, access=config.access.value, alpha=config.alpha, beta=config.beta,
             batch_size=config.batch_size, seed=config.seed, repeat_checks=config.repeat_checks,
             indices=tuple(int(i) for i in order),
@@ -413,7 +415,8 @@ def audit(
     the same point differently (a randomized defence) gets `inconclusive` instead.
     """
     config.validate()
-    r = rates(fp, config.mode, config.test)
+    test = resolve_test(fp, config.mode, config.test)
+    r = rates(fp, config.mode, test)
     plan = Plan.make(fp, config, r)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
@@ -422,6 +425,9 @@ def audit(
     check_compatible(fp, channel.oracle, config)
     start = time.perf_counter()
     notes = list(r.summary.get("notes", []))  # type: ignore[arg-type]
+    if config.test == "auto" and test == "sprt" and config.mode != "clustering":
+        notes.append("sequential test: Wald's — the betting test needs a p0 that bounds unseen independent models, "
+                     "which this fingerprint's references do not give (rebuild with --calibration-references 10 or more)")
     indices = np.asarray(plan.indices)
 
     def ask(pos: np.ndarray) -> np.ndarray:

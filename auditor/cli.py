@@ -28,10 +28,9 @@ from deepcore_auditor.adapters.base import LAYOUTS, Access
 from deepcore_auditor.adapters.errors import DeepCoreError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.auditor.bars import terminal_bars
-from deepcore_auditor.fingerprints.calibration import MODES
+from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES
 from deepcore_auditor.fingerprints.config import BUILD_DEVICES, DEFAULT_CALIBRATION_REFERENCES, BuildConfig, CoreConfig
 from deepcore_auditor.fingerprints.progress import QUIET
-from deepcore_auditor.fingerprints.stats import TESTS
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
 EXIT_ERROR = 2
@@ -207,7 +206,7 @@ def fingerprint(**o: Any) -> None:
 @click.option("--batch-size", type=int, default=AuditConfig.batch_size, show_default=True, help="Queries per sequential step.")
 @click.option("--alpha", type=float, default=AuditConfig.alpha, show_default=True, help="False identification rate.")
 @click.option("--beta", type=float, default=AuditConfig.beta, show_default=True, help="Missed identification rate.")
-@click.option("--test", type=click.Choice(TESTS), default=AuditConfig.test, show_default=True, help="Sequential test: betting (anytime-valid, sampling without replacement) or sprt (Wald's, as reports before it).")
+@click.option("--test", type=click.Choice(TEST_CHOICES), default=AuditConfig.test, show_default=True, help="Sequential test: betting (anytime-valid, sampling without replacement), sprt (Wald's, as reports before it), or auto: betting when the fingerprint's p0 is a prediction bound for unseen models, else Wald's.")
 @click.option("--seed", type=click.IntRange(min=0), default=AuditConfig.seed, show_default=True, help="Order in which points are asked.")
 @click.option("--suspect-layout", type=click.Choice(LAYOUTS, case_sensitive=False), help="Suspect input layout (default: owner's).")
 @click.option("--suspect-scale", type=float, help="Suspect input scale (default: owner's).")
@@ -359,7 +358,7 @@ def verify_report(report_path: Path, ledger: Path | None, fingerprint_path: Path
               help="A model the challenger knows to be independent of the owner (any suspect form audit takes); repeatable.")
 @click.option("--budget", type=int, default=AuditConfig.budget, show_default=True, help="Queries of each audit.")
 @click.option("--alpha", type=float, default=AuditConfig.alpha, show_default=True)
-@click.option("--test", type=click.Choice(TESTS), default=AuditConfig.test, show_default=True)
+@click.option("--test", type=click.Choice(TEST_CHOICES), default=AuditConfig.test, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=AuditConfig.seed, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_guarded
@@ -485,7 +484,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--methods", default="", help="Methods to compare, comma-separated (default: all).")
 @click.option("--alpha", type=float, default=0.01, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=BuildConfig.seed, show_default=True)
-@click.option("--test", type=click.Choice(TESTS), default=AuditConfig.test, show_default=True, help="The sequential audits' test (clustering always runs Wald's).")
+@click.option("--test", type=click.Choice(TEST_CHOICES), default=AuditConfig.test, show_default=True, help="The sequential audits' test (clustering always runs Wald's).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the zoo is cached (default ~/.cache/deepcore).")
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,

@@ -83,7 +83,7 @@ class BenchConfig:
     epsilon: float = 0.15  # DeepCore's L-inf radius (the product's default)
     methods: tuple[str, ...] = tuple(SCORES)
     seed: int = 0
-    test: str = "betting"  # the sequential audits' test; the clustering mode's per-point rates run Wald's only
+    test: str = "auto"  # the sequential audits' test (auditor.audit.AuditConfig.test); clustering runs Wald's only
 
     def validate(self) -> None:
         if not self.budgets or any(b < 1 for b in self.budgets) or list(self.budgets) != sorted(set(self.budgets)):

@@ -63,7 +63,8 @@ def test_copies_of_the_owner_are_flagged(world, mode, access, test):
 def test_clustering_mode_runs_under_walds_test_only(world):
     fp, suspect = _open(world, world.pirate_onnx)
     with pytest.raises(InputError, match="clustering"):
-        audit(fp, suspect, AuditConfig(mode="clustering", budget=60))
+        audit(fp, suspect, AuditConfig(mode="clustering", budget=60, test="betting"))
+    assert audit(fp, suspect, AuditConfig(mode="clustering", budget=60)).verdict == "piracy"  # auto: Wald's
 
 
 @pytest.mark.parametrize("mode,access,test", MODES_TESTS)
@@ -79,7 +80,7 @@ def test_trajectory_reports_the_verdict_against_queries(world):
     res = audit(fp, suspect, AuditConfig(budget=60, batch_size=5, test="sprt"))
     qs = [s.queries for s in res.trajectory]
     assert qs == list(range(5, 5 * len(qs) + 1, 5))
-    betting = audit(fp, suspect, AuditConfig(budget=60, batch_size=5))  # batches of at most 5, none past the verdict
+    betting = audit(fp, suspect, AuditConfig(budget=60, batch_size=5, test="betting"))  # batches of at most 5, none past the verdict
     steps = np.diff([0] + [s.queries for s in betting.trajectory])
     assert steps.max() <= 5 and betting.verdict == "piracy" and betting.trajectory[-1].llr_independent is not None
     assert res.trajectory[-1].decision == res.verdict

@@ -10,7 +10,7 @@ import pytest
 
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints.build import check_separable
-from deepcore_auditor.fingerprints.calibration import MIN_PREDICTION_DOF, rates, reference_groups
+from deepcore_auditor.fingerprints.calibration import MIN_PREDICTION_DOF, rates, reference_groups, resolve_test
 from deepcore_auditor.fingerprints.config import zoo_with_references
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint
 
@@ -71,3 +71,14 @@ def test_builder_refuses_a_fingerprint_no_verdict_could_use(world):
         check_separable(painted, said.append)
     check_separable(painted, said.append, refuse=False)
     assert said[-1].startswith("warning: even an exact copy")
+
+
+def test_auto_runs_the_betting_test_only_on_a_p0_that_bounds(world):
+    fp = load_fingerprint(world.fingerprint)
+    five, ten = _with_references(fp, 5, SHARES), _with_references(fp, 10, SHARES)
+    assert resolve_test(five, "agreement", "auto") == "sprt"  # no replicate references: Wald's, as before
+    assert resolve_test(ten, "agreement", "auto") == "betting"
+    assert resolve_test(ten, "clustering", "auto") == "sprt"
+    assert resolve_test(five, "agreement", "betting") == "betting"  # asked for by name: run as asked
+    with pytest.raises(InputError, match="unknown sequential test"):
+        resolve_test(fp, "agreement", "bayes")
