@@ -182,10 +182,12 @@ def resolve_test(fp: Fingerprint, mode: str, test: str) -> str:
     mean a little above p0, accused 3. A p0 that does not bound is no ground for the sharper test."""
     if test not in TEST_CHOICES:
         raise InputError(f"unknown sequential test {test!r}: use one of {', '.join(TEST_CHOICES)}")
+    if mode == "clustering" and test != "sprt":
+        raise InputError("the clustering mode's per-point rates, read off a few references, bound no unseen model "
+                         "(Fashion-MNIST benchmark, 2026-12-06: 6 of 18 independent suspects accused): use the agreement "
+                         "mode; --test sprt repeats an audit made with it")
     if test != "auto":
         return test
-    if mode == "clustering":
-        return "sprt"
     dof = rates(fp, mode, "betting").summary.get("prediction_dof")
     return "betting" if isinstance(dof, int) and dof >= MIN_PREDICTION_DOF else "sprt"
 

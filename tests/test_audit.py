@@ -62,9 +62,10 @@ def test_copies_of_the_owner_are_flagged(world, mode, access, test):
 
 def test_clustering_mode_runs_under_walds_test_only(world):
     fp, suspect = _open(world, world.pirate_onnx)
-    with pytest.raises(InputError, match="clustering"):
-        audit(fp, suspect, AuditConfig(mode="clustering", budget=60, test="betting"))
-    assert audit(fp, suspect, AuditConfig(mode="clustering", budget=60)).verdict == "piracy"  # auto: Wald's
+    for test in ("betting", "auto"):  # the default refuses it too: it bounds no unseen model
+        with pytest.raises(InputError, match="clustering"):
+            audit(fp, suspect, AuditConfig(mode="clustering", budget=60, test=test))
+    assert audit(fp, suspect, AuditConfig(mode="clustering", budget=60, test="sprt")).verdict == "piracy"
 
 
 @pytest.mark.parametrize("mode,access,test", MODES_TESTS)

@@ -78,7 +78,9 @@ def test_auto_runs_the_betting_test_only_on_a_p0_that_bounds(world):
     five, ten = _with_references(fp, 5, SHARES), _with_references(fp, 10, SHARES)
     assert resolve_test(five, "agreement", "auto") == "sprt"  # no replicate references: Wald's, as before
     assert resolve_test(ten, "agreement", "auto") == "betting"
-    assert resolve_test(ten, "clustering", "auto") == "sprt"
+    assert resolve_test(ten, "clustering", "sprt") == "sprt"
+    with pytest.raises(InputError, match="clustering"):
+        resolve_test(ten, "clustering", "auto")
     assert resolve_test(five, "agreement", "betting") == "betting"  # asked for by name: run as asked
     with pytest.raises(InputError, match="unknown sequential test"):
         resolve_test(fp, "agreement", "bayes")
