@@ -65,8 +65,8 @@ class NullConfig:
     same_arch_other_data: int = 50
     other_arch: int = 100
     other_task: int = 50
-    budget: int = 200
-    alpha: float = 0.01
+    budget: int = AuditConfig.budget  # the audit's defaults: what a user's audit would do
+    alpha: float = AuditConfig.alpha
     seed: int = 0
 
     def counts(self) -> dict[str, int]:
