@@ -46,7 +46,7 @@ def test_smoke_writes_every_output(smoke: tuple[Path, dict, str]) -> None:
             assert 0 <= b["auc"] <= 1 and 0 <= b["fir"] <= 1 and 0 <= b["mir"] <= 1
         assert ("sequential" in e) == (e["score"] != "correlation")
     assert set(r["bar"]) == {"deepcore-agreement", "deepcore-clustering"}
-    assert all(len(bar) == 5 and all(isinstance(b["met"], bool) for b in bar) for bar in r["bar"].values())
+    assert all(len(bar) == 7 and all(isinstance(b["met"], bool) for b in bar) for bar in r["bar"].values())
     assert 0 < r["owner"]["test_accuracy"] <= 1
     assert r["environment"]["torch"] and r["run_s"] > 0 and r["config"]["seed"] == 3
     assert "results in" in output
