@@ -1,6 +1,6 @@
 """The statistics of a verdict: confidence and prediction bounds for calibration, and the two
-sequential tests an audit can run — testing by betting (the default) and Wald's SPRT (older
-reports name it and still replay under it).
+sequential tests an audit can run — testing by betting and Wald's SPRT (older reports name it
+and still replay under it); `calibration.resolve_test` says which one an audit runs.
 
 Every identification mode reduces a suspect's answer at fingerprint point i to a score
 s_i in [0, 1] (1 = behaves like the owner) and gives per-point rates p0_i (what an independent
@@ -37,9 +37,9 @@ bet for a 0/1 score, (mu_hat - m_t) / (m_t (1 - m_t)), from a smoothed running m
 MAX_BET of the all-in stake 1/m_t: an exact copy then needs about ln(1/alpha)/ln(1/p0) answers,
 and a pirate anywhere above p0 gains evidence at a rate near KL(its mean || p0) instead of
 drifting away. `independent` has its own guarantee: a second bettor, on the scores 1 - s_t,
-against H1 "the mean score is at least p1" (p1 the held-out pirates' floor), and `independent`
-when its wealth reaches 1/beta: a pirate scoring at least p1 is cleared with probability at most
-beta. The stakes depend only on earlier answers, so the verdict replays exactly from a ledger.
+against H1 "the mean score is at least p1" (p1 = p0 + 0.1, `calibration._betting_rates`), and
+`independent` when its wealth reaches 1/beta: a suspect scoring at least p1 is cleared with
+probability at most beta. The stakes depend only on earlier answers, so the verdict replays exactly from a ledger.
 """
 
 from __future__ import annotations
@@ -259,18 +259,6 @@ def t_quantile(q: float, dof: int) -> float:
     from scipy.stats import t as student_t
 
     return float(student_t.ppf(q, dof))
-
-
-def prediction_upper(values: list[float], level: float) -> float:
-    """A one-sided (1 - level) prediction bound for one new draw from the normal population the
-    `values` are drawn from: mean + t_{K-1}(1 - level) * sd * sqrt(1 + 1/K). Never below the
-    largest value. Needs K >= 2."""
-    k = len(values)
-    if k < 2:
-        raise ValueError("a prediction bound needs at least two values")
-    arr = np.asarray(values, dtype=np.float64)
-    bound = float(arr.mean() + t_quantile(1 - level, k - 1) * arr.std(ddof=1) * math.sqrt(1 + 1 / k))
-    return max(bound, float(arr.max()))
 
 
 def grouped_prediction_upper(groups: list[list[float]], level: float) -> tuple[float, int] | None:

@@ -19,7 +19,6 @@ from deepcore_auditor.fingerprints.stats import (
     expected_queries,
     grouped_prediction_upper,
     log_likelihood_ratios,
-    prediction_upper,
 )
 
 
@@ -155,15 +154,6 @@ def test_a_pirate_between_p0_and_p1_is_called_a_pirate_not_independent():
         llr = np.cumsum(log_likelihood_ratios(rng.permutation(population), np.full(n, p0), np.full(n, 0.65)))
         walds.append(wald.decide(float(llr[np.flatnonzero((llr >= wald.upper) | (llr <= wald.lower))[0]])))
     assert walds.count("independent") > 200  # the drift the betting test removes
-
-
-def test_prediction_bound_matches_the_t_formula():
-    values = [0.2, 0.3, 0.25, 0.4, 0.35]
-    sd = float(np.std(values, ddof=1))
-    assert prediction_upper(values, 0.05) == pytest.approx(0.3 + 2.131847 * sd * math.sqrt(1.2), abs=1e-5)
-    assert prediction_upper([0.5, 0.5], 0.01) == 0.5
-    with pytest.raises(ValueError):
-        prediction_upper([0.5], 0.01)
 
 
 def test_grouped_prediction_bound_matches_a_hand_computation():
