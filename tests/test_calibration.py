@@ -45,7 +45,7 @@ def test_replicate_references_raise_p0_to_a_prediction_bound(world):
     assert five["prediction_dof"] in (None, 0) and any("degrees of freedom" in n for n in five["notes"])
     ten = _with_references(fp, 10, SHARES)
     groups = reference_groups(ten, [m for m in ten.known_models if m.kind == "independent" and m.role == "calibration"], False)
-    assert sorted(len(g) for g in groups) == [1, 2, 2, 2, 3]  # same-arch Adam x3, SGD x2, lenet x2, mlp x2, cnn-wide
+    assert sorted(len(g) for g in groups) == [1, 1, 2, 3, 3]  # same-arch Adam x3 and SGD x3, lenet x2, mlp, cnn-wide
     bet, wald = rates(ten, "agreement", "betting").summary, rates(ten, "agreement", "sprt").summary
     assert bet["prediction_dof"] == 5 >= MIN_PREDICTION_DOF
     assert bet["p0"] == max(wald["p0"], bet["prediction_bound"]) and bet["prediction_bound"] > 0.52  # above the Adam kind
