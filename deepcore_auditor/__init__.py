@@ -9,6 +9,7 @@ benchmarks (checked by import-linter, see pyproject.toml).
 
 from __future__ import annotations
 
+from functools import cache
 from importlib import metadata
 
 try:
@@ -17,8 +18,13 @@ except metadata.PackageNotFoundError:  # a checkout used without installing
     __version__ = "0+unknown"
 
 
+@cache
 def source_commit() -> str | None:
     """The git commit the running code came from, or None when that cannot be told.
+
+    Asked once per process: the code a process runs was read when it started, so a later edit or
+    checkout of the tree changes nothing it does (and a hub auditing thousands of suspects does
+    not start two git processes per audit).
 
     A checkout (editable install): `git rev-parse HEAD` in the folder holding the package, with
     "-dirty" when tracked files differ from it. A wheel or plain install from a VCS URL: the commit

@@ -11,6 +11,8 @@ p1 is what a pirate scores at least: a lower bound from the held-out piracy simu
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -118,7 +120,21 @@ def rate_bound(values: list[np.ndarray], soft: bool, upper: bool) -> float:
 
 def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
     """The test's per-point p0/p1 for `mode` (agreement, similarity, clustering) under `test`
-    ("betting" or "sprt"; the rates a report's plan holds are recomputed under the test it names)."""
+    ("betting" or "sprt"; the rates a report's plan holds are recomputed under the test it names).
+
+    Computed once per fingerprint object (`Fingerprint.derived`): the exact binomial bounds are
+    most of an audit's fixed cost. Each call gets its own summary; p0 and p1 are read-only."""
+    key = ("rates", mode, test)
+    kept = fp.derived.get(key)
+    if kept is None:
+        kept = _rates(fp, mode, test)
+        kept.p0.setflags(write=False)
+        kept.p1.setflags(write=False)
+        fp.derived[key] = kept
+    return dataclasses.replace(kept, summary=copy.deepcopy(kept.summary))
+
+
+def _rates(fp: Fingerprint, mode: str, test: str) -> Rates:
     if mode not in MODES:
         raise InputError(f"unknown identification mode {mode!r}: use one of {', '.join(MODES)}")
     if test not in TESTS:
@@ -188,8 +204,15 @@ def resolve_test(fp: Fingerprint, mode: str, test: str) -> str:
                          "mode; --test sprt repeats an audit made with it")
     if test != "auto":
         return test
-    dof = rates(fp, mode, "betting").summary.get("prediction_dof")
-    return "betting" if isinstance(dof, int) and dof >= MIN_PREDICTION_DOF else "sprt"
+    return "betting" if prediction_dof(fp, mode) >= MIN_PREDICTION_DOF else "sprt"
+
+
+def prediction_dof(fp: Fingerprint, mode: str) -> int:
+    """The degrees of freedom p0's prediction bound would have (`stats.grouped_prediction_upper`:
+    replicate references beyond one per kind), counted without computing any bound: the choice
+    of test is made before every audit, and the bounds are what an audit's fixed cost is made of."""
+    indep, _, _ = _groups(fp)
+    return sum(len(g) - 1 for g in reference_groups(fp, indep, mode == "similarity"))
 
 
 def reference_groups(fp: Fingerprint, models: list[ModelAnswers], soft: bool) -> list[list[float]]:

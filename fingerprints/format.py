@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,13 @@ class Fingerprint:
     # The file's signature block when loaded from a signed file; not part of the content.
     signature: dict[str, Any] | None = field(default=None, compare=False)
 
+    @cached_property
+    def derived(self) -> dict[Any, Any]:
+        """What is computed from this fingerprint alone and asked again and again, kept with it
+        (calibration's rates: a hub audits many suspects with one fingerprint object). Sound
+        because a fingerprint is immutable; a changed one is a new object with an empty memo."""
+        return {}
+
     @property
     def num_classes(self) -> int:
         return int(self.owner_probs.shape[1])
@@ -124,8 +132,11 @@ class Fingerprint:
             "extra": self.extra,
         }
 
-    @property
+    @cached_property
     def digest(self) -> str:
+        """The content's sha256, computed once per object: a fingerprint is immutable (a changed
+        one is a new object, `dataclasses.replace`), and an audit names it several times (its
+        ledger header, its result, its report), which cost a canonical JSON of every array each."""
         return canonical_digest(self.to_content())
 
 

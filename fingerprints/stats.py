@@ -70,15 +70,30 @@ def binom_cdf(k: int, n: int, p: float) -> float:
 
 
 def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
-    """Exact one-sided upper confidence bound on a binomial rate after k successes in n."""
+    """Exact one-sided upper confidence bound on a binomial rate after k successes in n.
+
+    Found by bisection on `binom_cdf`, and bit for bit what that gives: a report's plan holds
+    p0 and p1 as computed, and `verify-report` recomputes them from the fingerprint and asks for
+    equality, so this arithmetic may be made faster but never different (a closed form such as
+    the beta quantile differs in the last bits). The faster form: log C(n, i) is summed once
+    per bound, not once per bisection step, in the same order of operations as
+    `_log_binom_pmf` (tests/test_stats.py checks the two agree exactly)."""
     if n <= 0:
         return 1.0
     if k >= n:
         return 1.0
+    log_choose = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in range(k + 1)]
+
+    def cdf(p: float) -> float:
+        if not 0 < p < 1:
+            return binom_cdf(k, n, p)
+        lp, lq = math.log(p), math.log1p(-p)
+        return min(1.0, sum(math.exp(c + i * lp + (n - i) * lq) for i, c in enumerate(log_choose)))
+
     lo, hi = k / n, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if binom_cdf(k, n, mid) > 1 - confidence:
+        if cdf(mid) > 1 - confidence:
             lo = mid
         else:
             hi = mid

@@ -32,6 +32,30 @@ def test_clopper_pearson_matches_closed_forms():
     assert 0.30 < u < 0.40 and clopper_pearson_lower(30, 100) < 0.30
 
 
+def _upper_by_pmf(k: int, n: int, confidence: float) -> float:
+    """The bound as first written: bisection on `binom_cdf`, every pmf term from lgamma."""
+    if n <= 0 or k >= n:
+        return 1.0
+    lo, hi = k / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if binom_cdf(k, n, mid) > 1 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def test_clopper_pearson_equals_the_first_bisection_bit_for_bit():
+    # A report's plan holds p0 as computed and verify-report asks for equality with a recomputation:
+    # the faster arithmetic must give the very same floats, for every count a fingerprint can have.
+    cases = [(k, n, c) for n in (1, 2, 7, 30) for k in range(n + 1) for c in (0.95, 0.975)]
+    cases += [(k, 200, c) for k in range(0, 201, 7) for c in (0.95, 0.975)] + [(199, 200, 0.95), (1, 1000, 0.95)]
+    for k, n, c in cases:
+        assert clopper_pearson_upper(k, n, c) == _upper_by_pmf(k, n, c), (k, n, c)
+        assert clopper_pearson_lower(k, n, c) == 1.0 - _upper_by_pmf(n - k, n, c), (k, n, c)
+
+
 def test_wald_thresholds_and_decisions():
     t = SequentialTest(alpha=0.01, beta=0.05)
     assert t.upper == pytest.approx(math.log(0.95 / 0.01))
