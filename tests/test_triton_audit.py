@@ -350,6 +350,61 @@ def test_unusable_triton_suspects_are_one_line_errors(world: Any, trial: Trial) 
     one_line_error(run(*audit_args(world, url, "--retries", "0")), "--retries")
 
 
+def test_audit_many_over_triton_with_a_broken_endpoint_a_kill_and_a_resume(world: Any, trial: Trial, local: Callable,
+                                                                          tmp_path: Path) -> None:
+    """20 pairs (pirate and independent, HTTP and gRPC, five point orders), one endpoint that serves
+    no such model, and two slow ones; the scan is killed (SIGKILL: no handler runs) while the slow
+    ones are mid-audit, then run again: every verdict is the single local audit's, the broken pair
+    is the one error, and no ledger holds a point twice."""
+    rows = [{"id": f"{name}-{proto}-{seed}", "fingerprint": str(world.fingerprint), "suspect": trial.server.url(name, proto),
+             "budget": 60, "batch-size": 5, "seed": seed}
+            for name in ("pirate", "independent") for proto in ("http", "grpc") for seed in range(5)]
+    rows += [{"id": f"slow-{proto}", "fingerprint": str(world.fingerprint), "suspect": trial.server.url("slow", proto),
+              "budget": 60, "batch-size": 1, "concurrency": 1} for proto in ("http", "grpc")]
+    rows.append({"id": "broken", "fingerprint": str(world.fingerprint), "suspect": trial.server.url("no-such-model", "grpc")})
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "deepcore_auditor", "audit-many", str(manifest), "--out", str(out), "--jobs", "6"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: all(count_answered(out / f"slow-{proto}" / "ledger.jsonl") >= 2 for proto in ("http", "grpc"))
+                 or p.poll() is not None, 120, "the slow pairs' first answers")
+        p.kill()
+        p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert not (out / "slow-http" / "report.json").exists() and not (out / "slow-grpc" / "report.json").exists()
+    held = {proto: count_answered(out / f"slow-{proto}" / "ledger.jsonl") for proto in ("http", "grpc")}
+
+    r = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    summary = json.loads(r.stdout)
+    by_id = {pr["id"]: pr for pr in summary["pairs"]}
+    assert list(by_id) == [row["id"] for row in rows]
+    assert summary["counts"]["error"] == 1 and "does not serve" in by_id["broken"]["error"]
+    for name in ("pirate", "independent"):
+        for seed in range(5):
+            _, expected = local(name, "--seed", str(seed))
+            for proto in ("http", "grpc"):
+                got = by_id[f"{name}-{proto}-{seed}"]
+                assert (got["status"], got["queries"]) == (expected["verdict"], expected["queries_used"]), got
+                report = json.loads((out / got["id"] / "report.json").read_text())["content"]["result"]
+                assert_same_audit(report, expected)
+    _, slow_expected = local("independent", "--batch-size", "1")
+    for proto in ("http", "grpc"):
+        got = by_id[f"slow-{proto}"]
+        assert got["resumed"] == "continued" and got["status"] == slow_expected["verdict"], got
+        digests = [e["digest"] for e in ledger_lines(out / f"slow-{proto}" / "ledger.jsonl")[1:] if not e.get("repeat")]
+        assert len(digests) == len(set(digests)) >= held[proto]  # repeat checks apart, each point asked once
+    for pid in by_id:
+        if pid != "broken":
+            v = run("verify-report", out / pid / "report.json", "--ledger", out / pid / "ledger.jsonl", "--fingerprint", world.fingerprint)
+            assert v.exit_code == 0, (pid, v.output)
+
+
 @pytest.mark.parametrize(
     "option",
     [["--concurrency", "2"], ["--connect-timeout", "5"], ["--header", "X-A: b"],
