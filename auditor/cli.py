@@ -278,22 +278,23 @@ def audit(**o: Any) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for each pair's ledger and report (OUT/ID/) and the summary; run again with the same folder to resume.")
 @click.option("--jobs", type=int, default=8, show_default=True, help="Audits at once.")
 @click.option("--per-endpoint", type=int, default=4, show_default=True, help="Audits at once against one server (scheme, host, port).")
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="Run the pairs as tasks on a Ray cluster (auto: the one RAY_ADDRESS or `ray start` names); its workers need this package and the same paths.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @_guarded
-def audit_many(manifest: Path, out: Path, jobs: int, per_endpoint: int, as_json: bool) -> None:
+def audit_many(manifest: Path, out: Path, jobs: int, per_endpoint: int, ray_address: str | None, as_json: bool) -> None:
     """Audit every (fingerprint, suspect) pair of MANIFEST (JSON Lines or .csv; keys: the audit
     options, fingerprint, suspect, id); exit 0 when each ended with a verdict, 2 when any errored."""
     from deepcore_auditor.auditor.many import check_limits, read_manifest, run_many
 
     check_limits(jobs, per_endpoint)
     pairs = read_manifest(manifest)
-    _say(f"{len(pairs)} pairs from {manifest}; evidence under {out}")
 
     def said(o: Any) -> None:
         what = o.error if o.status == "error" else f"{o.queries} queries" + ("" if o.resumed == "new" else f", {o.resumed}")
         _say(f"  {o.id}: {o.status} ({what})")
 
-    summary = run_many(pairs, out, jobs=jobs, per_endpoint=per_endpoint, manifest=str(manifest), on_done=None if as_json else said)
+    summary = run_many(pairs, out, jobs=jobs, per_endpoint=per_endpoint, manifest=str(manifest), on_done=None if as_json else said,
+                       ray_address=ray_address)
     d = summary.to_dict()
     if as_json:
         click.echo(json.dumps(d))

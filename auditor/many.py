@@ -30,7 +30,7 @@ import csv
 import json
 import logging
 import re
-import threading
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -91,6 +91,7 @@ class Summary:
     manifest: str
     out: str
     started_utc: str
+    runner: str = "threads"
     outcomes: list[Outcome] = field(default_factory=list)
     finished_utc: str | None = None
 
@@ -101,7 +102,7 @@ class Summary:
     def to_dict(self) -> dict[str, Any]:
         counts = Counter(o.status for o in self.outcomes)
         return {"format": SUMMARY_FORMAT, "version": 1, "manifest": self.manifest, "out": self.out,
-                "started_utc": self.started_utc, "finished_utc": self.finished_utc,
+                "runner": self.runner, "started_utc": self.started_utc, "finished_utc": self.finished_utc,
                 "counts": {k: counts.get(k, 0) for k in (*VERDICTS, "error")},
                 "pairs": [o.to_dict() for o in self.outcomes]}
 
@@ -259,54 +260,139 @@ def _audit_pair(pair: Pair, out: Path) -> Outcome:
     return base
 
 
+class _Threads:
+    """Pairs run on a pool of threads in this process (the default)."""
+
+    name = "threads"
+
+    def __init__(self, jobs: int) -> None:
+        self._pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="audit")
+
+    def start(self, pair: Pair, out: Path) -> Any:
+        return self._pool.submit(_audit_pair, pair, out)
+
+    def wait(self, handles: list[Any]) -> list[Any]:
+        return list(cf.wait(handles, return_when=cf.FIRST_COMPLETED)[0])
+
+    def result(self, handle: Any) -> Outcome:
+        return handle.result()
+
+    def cancel(self, handles: list[Any]) -> None:
+        for h in handles:
+            h.cancel()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse, in one line and within seconds, a HOST:PORT no server listens on: Ray's own client
+    retries an absent cluster for minutes before it gives up."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--ray takes auto or HOST:PORT (a cluster's head), got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError(f"cannot join the Ray cluster at {address}: nothing answers there ({e.strerror or e})") from None
+
+
+class _Ray:
+    """Pairs run as Ray tasks on the cluster at `address` ("auto": the one RAY_ADDRESS or a local
+    `ray start` names). Every worker needs deepcore-auditor installed and must see the paths
+    the manifest names and `--out` (a shared file system): each task writes its pair's ledger
+    and report there itself, exactly as a thread would. A pair with a local model file asks for
+    one CPU (it computes the answers); one with a server suspect asks for none (it waits on the
+    network), so the cluster's CPUs bound the former and --jobs and --per-endpoint the latter."""
+
+    def __init__(self, address: str) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise InputError("--ray needs Ray: pip install 'deepcore-auditor[ray]'") from None
+        self._ray = ray
+        _reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False, include_dashboard=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise InputError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
+        self.name = f"ray {address}"
+        self._task = ray.remote(max_retries=0)(_audit_pair)
+
+    def start(self, pair: Pair, out: Path) -> Any:
+        cpus = 1 if pair.endpoint == "local" else 0
+        return self._task.options(num_cpus=cpus).remote(pair, out)
+
+    def wait(self, handles: list[Any]) -> list[Any]:
+        ready, _ = self._ray.wait(handles, num_returns=1)
+        return list(ready)
+
+    def result(self, handle: Any) -> Outcome:
+        try:
+            return self._ray.get(handle)
+        except Exception as e:  # the task itself never raises (see _audit_pair): its worker died
+            raise DeepCoreError(f"a Ray worker failed: {first_line(e)}") from e
+
+    def cancel(self, handles: list[Any]) -> None:
+        for h in handles:
+            self._ray.cancel(h, force=True)
+
+    def close(self) -> None:
+        self._ray.shutdown()  # leaves the cluster: the cluster itself is its owner's
+
+
 def run_many(pairs: list[Pair], out: Path, *, jobs: int = 8, per_endpoint: int = 4, manifest: str = "",
-             on_done: Callable[[Outcome], None] | None = None) -> Summary:
-    """Audit every pair (see the module doc); the summary is in manifest order."""
+             on_done: Callable[[Outcome], None] | None = None, ray_address: str | None = None) -> Summary:
+    """Audit every pair (see the module doc), on threads here or, with `ray_address`, as Ray
+    tasks; the summary is in manifest order."""
     check_limits(jobs, per_endpoint)
     out = Path(out)
+    runner: _Threads | _Ray = _Ray(ray_address) if ray_address else _Threads(jobs)  # a cluster refused: nothing written
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        runner.close()
         raise InputError(f"cannot create output folder {out}: {e.strerror or e}") from None
-    summary = Summary(manifest=manifest, out=str(out), started_utc=utc_now())
+    summary = Summary(manifest=manifest, out=str(out), started_utc=utc_now(), runner=runner.name)
     done: dict[str, Outcome] = {}
-    lock = threading.Lock()
     pending = list(pairs)
     busy: Counter[str] = Counter()
-    running: dict[cf.Future[Outcome], Pair] = {}
+    running: dict[Any, Pair] = {}
 
     def publish() -> None:
         summary.outcomes = [done[p.id] for p in pairs if p.id in done]
         summary.write()
 
-    with cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="audit") as pool:
-        try:
-            while pending or running:
-                # Start every pair whose endpoint has room, in manifest order, up to `jobs` at once.
-                for pair in list(pending):
-                    if len(running) >= jobs:
-                        break
-                    if pair.endpoint != "local" and busy[pair.endpoint] >= per_endpoint:
-                        continue
-                    pending.remove(pair)
-                    busy[pair.endpoint] += 1
-                    running[pool.submit(_audit_pair, pair, out)] = pair
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for future in finished:
-                    pair = running.pop(future)
-                    busy[pair.endpoint] -= 1
-                    outcome = future.result()
-                    with lock:
-                        done[pair.id] = outcome
-                        publish()
-                    if on_done is not None:
-                        on_done(outcome)
-        except KeyboardInterrupt:
-            for future in running:
-                future.cancel()
-            pending.clear()
-            publish()
-            raise
+    try:
+        while pending or running:
+            # Start every pair whose endpoint has room, in manifest order, up to `jobs` at once.
+            for pair in list(pending):
+                if len(running) >= jobs:
+                    break
+                if pair.endpoint != "local" and busy[pair.endpoint] >= per_endpoint:
+                    continue
+                pending.remove(pair)
+                busy[pair.endpoint] += 1
+                running[runner.start(pair, out)] = pair
+            for handle in runner.wait(list(running)):
+                pair = running.pop(handle)
+                busy[pair.endpoint] -= 1
+                try:
+                    outcome = runner.result(handle)
+                except DeepCoreError as e:
+                    outcome = Outcome(pair.id, str(pair.request.fingerprint_path), pair.request.suspect, "error", error=first_line(e))
+                done[pair.id] = outcome
+                publish()
+                if on_done is not None:
+                    on_done(outcome)
+    except KeyboardInterrupt:
+        runner.cancel(list(running))
+        publish()
+        raise
+    finally:
+        runner.close()
     summary.finished_utc = utc_now()
     publish()
     return summary

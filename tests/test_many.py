@@ -5,6 +5,13 @@ audits, errors that stop nobody, a summary, resume, and one-line errors for bad 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +171,56 @@ def test_endpoints_and_defaults_read_from_a_manifest(tmp_path: Path) -> None:
     assert p.id == "0001-a.onnx" and p.request.fingerprint_path == tmp_path / "fp.json"
     assert p.request.suspect == str(tmp_path / "a.onnx") and p.request.config.alpha == 0.001
     assert p.request.config.test == "sprt" and p.request.headers == ("X-A: 1",)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    """A real local Ray cluster (`ray start --head`, 2 CPUs, on 127.0.0.1); always stopped.
+    Its temporary folder is short: Ray's unix sockets live under it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run([*ray, "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                              "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp],
+                             capture_output=True, text=True, timeout=180, env=env)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([*ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_same_scan_through_a_local_ray_cluster(world: Any, scanned: tuple[Path, Path, Any], ray_cluster: str,
+                                                   tmp_path: Path) -> None:
+    manifest, _, r = scanned
+    threads = {p["id"]: p for p in json.loads(r.stdout)["pairs"]}
+    got = run_deepcore("audit-many", manifest, "--out", tmp_path / "out", "--ray", ray_cluster, "--json", timeout=600)
+    assert got.returncode == 2, got.stderr[-3000:]
+    summary = json.loads(got.stdout)
+    assert summary["runner"] == f"ray {ray_cluster}"
+    by_id = {p["id"]: p for p in summary["pairs"]}
+    assert list(by_id) == list(threads)
+    for pid, p in by_id.items():
+        assert (p["status"], p["queries"]) == (threads[pid]["status"], threads[pid]["queries"]), pid
+        if p["status"] != "error":
+            v = run("verify-report", tmp_path / "out" / pid / "report.json", "--ledger", tmp_path / "out" / pid / "ledger.jsonl",
+                    "--fingerprint", world.fingerprint)
+            assert v.exit_code == 0, v.output
+            # The same answers: a ledger written by a Ray worker holds what the thread's did.
+            mine = [json.loads(x) for x in (tmp_path / "out" / pid / "ledger.jsonl").read_text().splitlines()[1:]]
+            theirs = [json.loads(x) for x in (Path(threads[pid]["report"]).parent / "ledger.jsonl").read_text().splitlines()[1:]]
+            assert [(e.get("digest"), e.get("answer")) for e in mine] == [(e.get("digest"), e.get("answer")) for e in theirs]
+
+
+def test_a_ray_address_nobody_answers_is_one_line_and_writes_nothing(world: Any, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manifest = write_jsonl(tmp_path / "m.jsonl", [pair(world, "p", world.pirate_onnx)])
+    one_line_error(run("audit-many", manifest, "--out", tmp_path / "out", "--ray", f"127.0.0.1:{port}"), "Ray cluster", str(port))
+    one_line_error(run("audit-many", manifest, "--out", tmp_path / "out", "--ray", "nowhere"), "HOST:PORT")
+    assert not (tmp_path / "out").exists()
