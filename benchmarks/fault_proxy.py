@@ -132,6 +132,9 @@ class _FaultProxy:
         self._closing = threading.Event()  # wakes stalled requests on close
         self._released = threading.Event()
         self.held = threading.Event()  # set once a "hold" request waits for release()
+        # Seconds added to every request (metadata ones too) before it is relayed: a distant
+        # server's round trip, for benchmarks of many audits (benchmarks/mass_audit.py).
+        self.latency_s = 0.0
 
     @property
     def upstream_port(self) -> int:
@@ -201,6 +204,8 @@ class _HttpHandler(BaseHTTPRequestHandler):
     def _relay(self) -> None:
         proxy = self.server.proxy
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if proxy.latency_s:
+            proxy._closing.wait(proxy.latency_s)
         infer = self.command == "POST" and self.path.split("?")[0].rstrip("/").endswith("/infer")
         samples = _http_samples(self.headers, body) if infer else 0
         fault = proxy._take() if infer else None
@@ -335,6 +340,8 @@ class _GrpcRelay(grpc.GenericRpcHandler):
 
     def _relay(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         proxy = self.proxy
+        if proxy.latency_s:
+            proxy._closing.wait(proxy.latency_s)
         infer = method == _INFER
         samples = _grpc_samples(request) if infer else 0
         fault = proxy._take() if infer else None
