@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from deepcore_auditor.adapters.base import Access
 from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, Plan, audit
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
