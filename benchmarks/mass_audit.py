@@ -82,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=32)
     ap.add_argument("--per-endpoint", type=int, default=4)
     ap.add_argument("--out", type=Path, help="write the rows here as JSON")
+    ap.add_argument("--demo-cache", type=Path, help="a demo cache folder to take the models from [default: the current demo's]")
     a = ap.parse_args(argv)
     from deepcore_auditor.auditor.demo import RECIPE, prepare
     from deepcore_auditor.fingerprints.data import default_cache_dir
 
-    cache = Path(default_cache_dir()) / RECIPE
+    cache = a.demo_cache or Path(default_cache_dir()) / RECIPE
     _, paths, _ = prepare(cache, lambda m: print(m, file=sys.stderr))
     work = Path(tempfile.mkdtemp(prefix="mass-audit-"))
     ray_counts = {int(x) for x in a.ray.split(",") if x.strip()}

@@ -90,7 +90,7 @@ def plan_models(config: NullConfig, owner_arch: str) -> list[Member]:
 def default_fingerprint(zoo: Any, root: Path, references: int = DEFAULT_CALIBRATION_REFERENCES) -> Fingerprint:
     """The fingerprint `deepcore fingerprint` makes for the zoo's owner with default flags (and
     `--calibration-references references`)."""
-    path = root / ("fp-default.json" if references == DEFAULT_CALIBRATION_REFERENCES else f"fp-references-{references}.json")
+    path = root / f"fp-references-{references}.json"
     if path.is_file():
         return load_fingerprint(path)
     x, y = zoo.halves["A"]
@@ -98,7 +98,7 @@ def default_fingerprint(zoo: Any, root: Path, references: int = DEFAULT_CALIBRAT
     logger.info("building the default fingerprint with %d calibration references", references)
     t0 = time.perf_counter()
     fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(zoo=zoo_with_references(references)),
-                           progress=logger.info, require_separable=False)
+                           progress=logger.info, require_separable=False, cache_dir=root)  # K=20 reuses K=10's models
     save_fingerprint(fp, path)
     (path.with_suffix(".build_s")).write_text(f"{time.perf_counter() - t0:.1f}")
     return fp
@@ -169,7 +169,7 @@ def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str
         rows = _audit_all(fp, models, paths, config, tests=("betting",))
         accused = sum(row["betting"]["verdict"] == "piracy" for row in rows.values())
         p0 = float(r.summary["p0"])  # type: ignore[arg-type]
-        build_s = root / ("fp-default.build_s" if k == DEFAULT_CALIBRATION_REFERENCES else f"fp-references-{k}.build_s")
+        build_s = root / f"fp-references-{k}.build_s"
         out.append({
             "calibration_references": k, "p0": p0, "p1": r.summary["p1"],
             "prediction_bound": r.summary.get("prediction_bound"), "prediction_dof": r.summary.get("prediction_dof"),
