@@ -11,6 +11,7 @@ its line is written and flushed to stdout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -293,8 +294,11 @@ def audit_many(manifest: Path, out: Path, jobs: int, per_endpoint: int, ray_addr
         what = o.error if o.status == "error" else f"{o.queries} queries" + ("" if o.resumed == "new" else f", {o.resumed}")
         _say(f"  {o.id}: {o.status} ({what})")
 
-    summary = run_many(pairs, out, jobs=jobs, per_endpoint=per_endpoint, manifest=str(manifest), on_done=None if as_json else said,
-                       ray_address=ray_address)
+    # Ray's driver prints its cluster's warnings on stdout ("(raylet) WARNING: ..."): they go to
+    # stderr here, so that stdout holds the summary alone (one JSON object with --json).
+    with contextlib.redirect_stdout(sys.stderr) if ray_address else contextlib.nullcontext():
+        summary = run_many(pairs, out, jobs=jobs, per_endpoint=per_endpoint, manifest=str(manifest),
+                           on_done=None if as_json else said, ray_address=ray_address)
     d = summary.to_dict()
     if as_json:
         click.echo(json.dumps(d))

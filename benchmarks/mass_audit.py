@@ -62,9 +62,12 @@ def run_once(fp: Path, proxies: list[HttpFaultProxy], n: int, latency: float, ou
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     cpu1, maxrss = _children()
-    if done.returncode not in (0, 2) or not done.stdout.strip():
-        raise SystemExit(f"audit-many failed ({done.returncode}): {done.stderr[-2000:]}")
-    pairs = json.loads(done.stdout)["pairs"]
+    last = (done.stdout.strip().splitlines() or [""])[-1]
+    if done.returncode not in (0, 2) or not last.startswith("{"):
+        raise SystemExit(f"audit-many failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-2000:]}")
+    if done.stdout.strip() != last:
+        print(f"note: audit-many printed more than its JSON on stdout: {done.stdout[:300]!r}", file=sys.stderr)
+    pairs = json.loads(last)["pairs"]
     right = sum(p["status"] == MODELS[names[int(p["id"][1:]) % 2]][1] for p in pairs)
     return {"suspects": n, "latency_s": latency, "runner": "ray" if ray else "threads", "jobs": jobs,
             "per_endpoint": per_endpoint, "endpoints": len(proxies), "wall_s": round(wall, 1),
