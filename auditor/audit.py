@@ -19,7 +19,7 @@ from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError
 from deepcore_auditor.auditor.channel import QueryChannel
 from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
-from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES, Rates, rates, resolve_test
+from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES, Rates, rates, resolve_test, why_not_betting
 from deepcore_auditor.fingerprints.format import Fingerprint
 from deepcore_auditor.fingerprints.stats import TESTS, BettingTest, SequentialTest, expected_queries, log_likelihood_ratios
 
@@ -104,7 +104,7 @@ class Plan:
     def make(cls, fp: Fingerprint, config: AuditConfig, r: Rates | None = None) -> Plan:
         """The plan for `config`; `r`, the fingerprint's rates for its mode, if already computed."""
         config.validate()
-        test = resolve_test(fp, config.mode, config.test)
+        test = resolve_test(fp, config.mode, config.test, config.alpha, config.budget)
         r = r if r is not None else rates(fp, config.mode, test)
         order = plan_order(len(fp), config.seed)
         plan = cls(
@@ -417,7 +417,7 @@ def audit(
     the same point differently (a randomized defence) gets `inconclusive` instead.
     """
     config.validate()
-    test = resolve_test(fp, config.mode, config.test)
+    test = resolve_test(fp, config.mode, config.test, config.alpha, config.budget)
     r = rates(fp, config.mode, test)
     plan = Plan.make(fp, config, r)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
@@ -428,8 +428,7 @@ def audit(
     start = time.perf_counter()
     notes = list(r.summary.get("notes", []))  # type: ignore[arg-type]
     if config.test == "auto" and test == "sprt" and config.mode != "clustering":
-        notes.append("sequential test: Wald's — the betting test needs a p0 that bounds unseen independent models, "
-                     "which this fingerprint's references do not give (rebuild with --calibration-references 10 or more)")
+        notes.append(why_not_betting(fp, config.mode, config.alpha, config.budget) or "sequential test: Wald's")
     indices = np.asarray(plan.indices)
 
     def ask(pos: np.ndarray) -> np.ndarray:

@@ -421,7 +421,7 @@ def run_challenge(fingerprint_path: Path, independents: list[str], config: Audit
         raise InputError("give at least one --independent model to challenge the fingerprint with")
     fp = load_fingerprint(fingerprint_path)
     config.validate()
-    config = dataclasses.replace(config, test=resolve_test(fp, config.mode, config.test))
+    config = dataclasses.replace(config, test=resolve_test(fp, config.mode, config.test, config.alpha, config.budget))
     p0 = float(rates(fp, config.mode, config.test).p0.mean())
     rows = []
     for suspect in independents:
@@ -549,7 +549,7 @@ def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env:
     key = resolve_key(key_file, hmac_key_env)
     fp = load_fingerprint(path, key)
     try:
-        calibration: Any = rates(fp, "agreement", resolve_test(fp, "agreement", AuditConfig.test)).summary
+        calibration: Any = rates(fp, "agreement", resolve_test(fp, "agreement", AuditConfig.test, AuditConfig.alpha, AuditConfig.budget)).summary
     except InputError as e:  # shown, not raised: inspect is where a user sees why audits refuse it
         calibration = f"refused: {e}"
     sig = fp.signature

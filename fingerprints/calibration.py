@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
 from deepcore_auditor.fingerprints.quality import quality_problem
 from deepcore_auditor.fingerprints.stats import (
     TESTS,
+    Bettor,
     clopper_pearson_lower,
     clopper_pearson_upper,
     grouped_prediction_upper,
@@ -188,7 +190,7 @@ MIN_PREDICTION_DOF = 4  # replicate references needed before the seed-to-seed sp
 TEST_CHOICES = ("auto", *TESTS)
 
 
-def resolve_test(fp: Fingerprint, mode: str, test: str) -> str:
+def resolve_test(fp: Fingerprint, mode: str, test: str, alpha: float = 0.01, budget: int = 200) -> str:
     """The sequential test an audit runs: `test` itself, or for "auto" (the default) the betting
     test when the fingerprint's references give p0 as a prediction bound for unseen models, and
     Wald's otherwise. The betting test asks without replacement and gains evidence from any mean
@@ -204,7 +206,30 @@ def resolve_test(fp: Fingerprint, mode: str, test: str) -> str:
                          "mode; --test sprt repeats an audit made with it")
     if test != "auto":
         return test
-    return "betting" if prediction_dof(fp, mode) >= MIN_PREDICTION_DOF else "sprt"
+    return "sprt" if why_not_betting(fp, mode, alpha, budget) else "betting"
+
+
+def why_not_betting(fp: Fingerprint, mode: str, alpha: float, budget: int) -> str | None:
+    """Why `auto` runs Wald's test on this fingerprint (a note for the audit), or None when it runs
+    the betting test: p0 must be a prediction bound (enough replicate references), and under
+    that bound an exact copy must still be identifiable within the audit's budget — where the
+    references vary so much from seed to seed that even an answer of 1 to every query would not
+    reach 1/alpha before the budget runs out, the betting test could only ever say
+    `inconclusive` to a pirate."""
+    dof = prediction_dof(fp, mode)
+    if dof < MIN_PREDICTION_DOF:
+        return (f"sequential test: Wald's — the betting test needs a p0 that bounds unseen independent models, which "
+                f"this fingerprint's references do not give ({dof} degrees of freedom; rebuild with "
+                "--calibration-references 10 or more)")
+    n = len(fp)
+    limit = min(budget, n)
+    p0 = float(np.mean(rates(fp, mode, "betting").p0))
+    if Bettor(n * p0, n).best_case_needs(math.log(1 / alpha), limit) > limit:
+        return (f"sequential test: Wald's — the references vary so much that their prediction bound puts p0 at "
+                f"{p0:.3f}, where not even an exact copy could be identified within {limit} queries at alpha {alpha:g}; "
+                "Wald's test assumes independent models agree at most its own p0 (the references' bound): rebuild with "
+                "more points or more references, or raise the budget, for the betting test's bound")
+    return None
 
 
 def prediction_dof(fp: Fingerprint, mode: str) -> int:

@@ -4,15 +4,17 @@ builder's refusal of a fingerprint no verdict could use."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints.build import check_separable
-from deepcore_auditor.fingerprints.calibration import MIN_PREDICTION_DOF, rates, reference_groups, resolve_test
+from deepcore_auditor.fingerprints.calibration import MIN_PREDICTION_DOF, rates, reference_groups, resolve_test, why_not_betting
 from deepcore_auditor.fingerprints.config import zoo_with_references
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint
+from deepcore_auditor.fingerprints.stats import Bettor
 
 
 def _agreeing(fp: Fingerprint, m: ModelAnswers, share: float, seed: int) -> ModelAnswers:
@@ -84,3 +86,22 @@ def test_auto_runs_the_betting_test_only_on_a_p0_that_bounds(world):
     assert resolve_test(five, "agreement", "betting") == "betting"  # asked for by name: run as asked
     with pytest.raises(InputError, match="unknown sequential test"):
         resolve_test(fp, "agreement", "bayes")
+    assert "degrees of freedom" in why_not_betting(five, "agreement", 0.01, 200) and why_not_betting(ten, "agreement", 0.01, 200) is None
+
+
+def test_auto_runs_walds_test_where_the_bound_leaves_no_copy_identifiable(world):
+    # References of one kind that vary wildly from seed to seed (as the suite's 100-point world's
+    # Adam references do at ten: 0.49-0.79) put the prediction bound so high that an exact copy
+    # could not reach 1/alpha within the budget: the betting test could only say inconclusive.
+    fp = load_fingerprint(world.fingerprint)
+    wide = _with_references(fp, 10, {**SHARES, "owner/adam": 0.7})
+    spread = dataclasses.replace(wide, known_models=tuple(
+        _agreeing(wide, m, [0.2, 0.99, 0.6][i % 3], i) if m.name.endswith("adam") and "same-arch" in m.name else m
+        for i, m in enumerate(wide.known_models)))
+    bound = float(rates(spread, "agreement", "betting").summary["p0"])
+    needs = Bettor(len(fp) * bound, len(fp)).best_case_needs(math.log(100), len(fp))
+    assert bound > 0.95 and 60 < needs <= len(fp)
+    assert resolve_test(spread, "agreement", "auto", 0.01, 60) == "sprt"
+    note = why_not_betting(spread, "agreement", 0.01, 60)
+    assert note and "not even an exact copy" in note and f"{bound:.3f}" in note and "within 60 queries" in note
+    assert resolve_test(spread, "agreement", "auto", 0.01, needs) == "betting"  # a budget that lets a copy through

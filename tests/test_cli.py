@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import TINY, audit_args, one_line_error
 
 from deepcore_auditor.auditor.cli import cli
-from deepcore_auditor.fingerprints.config import DEFAULT_ZOO
+from deepcore_auditor.fingerprints.config import BASE_ZOO
 from deepcore_auditor.fingerprints.models import build_architecture, export_onnx
 
 
@@ -80,7 +80,7 @@ def test_inspect_shows_every_known_models_quality(world):
     # up to --points 100: only candidates that reach the owner's confidence are kept
     assert 50 <= d["points"] <= 100 and d["point_shape"] == [1, 28, 28] and d["owner"]["sha256"]
     assert 0.7 < d["owner_accuracy"] <= 1 and 0 < d["epsilon"] <= 0.15
-    assert len(d["known_models"]) == len(DEFAULT_ZOO) == 23  # 11 that choose the points, 2 held-out pirates, 10 held-out references
+    assert len(d["known_models"]) == len(BASE_ZOO) == 18  # 11 that choose the points, 2 held-out pirates, 5 references (TINY)
     for line in d["known_models"]:
         acc = float(line.split("held-out accuracy ")[1].split(",")[0])
         assert acc >= 0.38, line  # the loosest floor: chance + 0.4 of the owner's skill above it
