@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -40,11 +39,6 @@ from deepcore_auditor.benchmarks.fault_proxy import HttpFaultProxy
 MODELS = {"copy": ("fine-tuned", "piracy"), "indep": ("same-arch-seed-1", "independent")}
 
 
-def _children() -> tuple[float, int]:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime, r.ru_maxrss
-
-
 def run_once(fp: Path, proxies: list[HttpFaultProxy], n: int, latency: float, out: Path, jobs: int, per_endpoint: int,
              ray: str | None) -> dict[str, Any]:
     for p in proxies:
@@ -57,11 +51,16 @@ def run_once(fp: Path, proxies: list[HttpFaultProxy], n: int, latency: float, ou
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cmd = [sys.executable, "-m", "deepcore_auditor", "audit-many", str(manifest), "--out", str(out / "run"),
            "--jobs", str(jobs), "--per-endpoint", str(per_endpoint), "--json", *(["--ray", ray] if ray else [])]
-    cpu0, _ = _children()
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    cpu1, maxrss = _children()
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this process's own CPU time and peak memory
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        out_f.seek(0)
+        err_f.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out_f.read(), err_f.read())
+    cpu, maxrss = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
     last = (done.stdout.strip().splitlines() or [""])[-1]
     if done.returncode not in (0, 2) or not last.startswith("{"):
         raise SystemExit(f"audit-many failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-2000:]}")
@@ -71,7 +70,7 @@ def run_once(fp: Path, proxies: list[HttpFaultProxy], n: int, latency: float, ou
     right = sum(p["status"] == MODELS[names[int(p["id"][1:]) % 2]][1] for p in pairs)
     return {"suspects": n, "latency_s": latency, "runner": "ray" if ray else "threads", "jobs": jobs,
             "per_endpoint": per_endpoint, "endpoints": len(proxies), "wall_s": round(wall, 1),
-            "suspects_per_hour": round(3600 * n / wall), "cpu_s_per_suspect": round((cpu1 - cpu0) / n, 4),
+            "suspects_per_hour": round(3600 * n / wall), "cpu_s_per_suspect": round(cpu / n, 4),
             "peak_rss_mib": round(maxrss / 1024), "median_queries": statistics.median(p["queries"] or 0 for p in pairs),
             "right": right, "errors": sum(p["status"] == "error" for p in pairs)}
 
