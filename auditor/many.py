@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import hashlib
 import json
 import logging
 import re
@@ -181,6 +182,16 @@ def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         yield number, row
 
 
+def default_id(row: dict[str, Any]) -> str:
+    """A line's id when it gives none: the suspect's last path part and a digest of the whole
+    line (canonical JSON), so that it names the same audit however the manifest is reordered or
+    grown — a resumed scan finds each pair's folder again (an id by position would hand one
+    pair's ledger to another, which the ledger's own header check would then refuse)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", str(row["suspect"]).rstrip("/").rsplit("/", 1)[-1]).lstrip("._-") or "suspect"
+    digest = hashlib.sha256(json.dumps(row, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    return f"{stem[:80]}-{digest[:12]}"
+
+
 def read_manifest(path: Path) -> list[Pair]:
     """Every pair of the manifest at `path` (`.csv`: CSV with a header row; anything else: JSON
     Lines, `#` lines and blank lines skipped); a malformed line is a one-line InputError that
@@ -199,7 +210,7 @@ def read_manifest(path: Path) -> list[Pair]:
             raise InputError(f"{where}: unknown key {unknown[0]!r} (the keys are deepcore audit's options, "
                              "plus fingerprint, suspect and id)")
         suspect = str(row["suspect"])
-        pid = str(row.get("id") or f"{len(pairs) + 1:04d}-{re.sub(r'[^A-Za-z0-9._-]', '_', suspect.rstrip('/').rsplit('/', 1)[-1])}"[:100])
+        pid = str(row.get("id") or default_id(row))
         if not _ID.match(pid):
             raise InputError(f"{where}: id {pid!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)")
         if pid in seen:

@@ -66,7 +66,9 @@ def test_every_pair_gets_the_verdict_its_single_audit_gets(world: Any, scanned: 
     summary = json.loads(r.stdout)
     assert summary == json.loads((out / "summary.json").read_text())
     by_id = {p["id"]: p for p in summary["pairs"]}
-    assert list(by_id) == [row["id"] if "id" in row else "0009-m" for row in map(json.loads, manifest.read_text().splitlines())]
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    closed = next(pid for pid in by_id if pid.startswith("m-"))  # the closed port's line gives no id: one is made
+    assert list(by_id) == [row.get("id", closed) for row in rows]
     for name in ("pirate", "independent", "distilled"):
         for seed in (0, 1):
             got = by_id[f"{name}-{seed}"]
@@ -84,7 +86,7 @@ def test_every_pair_gets_the_verdict_its_single_audit_gets(world: Any, scanned: 
     counts = summary["counts"]
     assert counts["error"] == 2 and sum(counts.values()) == len(by_id)
     assert "no-such-model.onnx" in by_id["missing"]["error"] and "\n" not in by_id["missing"]["error"]
-    assert "unreachable" in by_id["0009-m"]["error"]
+    assert "unreachable" in by_id[closed]["error"]
     table = (out / "summary.md").read_text().splitlines()
     assert len(table) == 2 + len(by_id) and all(f"| {pid} |" in "\n".join(table) for pid in by_id)
 
@@ -168,7 +170,11 @@ def test_endpoints_and_defaults_read_from_a_manifest(tmp_path: Path) -> None:
     m = write_jsonl(tmp_path / "m.jsonl", [{"fingerprint": "fp.json", "suspect": "a.onnx", "alpha": 0.001,
                                             "headers": ["X-A: 1"], "test": "sprt"}])
     (p,) = read_manifest(m)
-    assert p.id == "0001-a.onnx" and p.request.fingerprint_path == tmp_path / "fp.json"
+    assert p.id.startswith("a.onnx-") and p.request.fingerprint_path == tmp_path / "fp.json"
+    # The id names the line, not its place: the same line after another gets the same id.
+    other = {"fingerprint": "fp.json", "suspect": "b.onnx"}
+    grown = write_jsonl(tmp_path / "m2.jsonl", [other, json.loads(m.read_text())])
+    assert read_manifest(grown)[1].id == p.id != read_manifest(grown)[0].id
     assert p.request.suspect == str(tmp_path / "a.onnx") and p.request.config.alpha == 0.001
     assert p.request.config.test == "sprt" and p.request.headers == ("X-A: 1",)
 
