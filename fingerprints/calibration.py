@@ -192,7 +192,8 @@ TEST_CHOICES = ("auto", *TESTS)
 
 def resolve_test(fp: Fingerprint, mode: str, test: str, alpha: float = 0.01, budget: int = 200) -> str:
     """The sequential test an audit runs: `test` itself, or for "auto" (the default) the betting
-    test when the fingerprint's references give p0 as a prediction bound for unseen models, and
+    test when the fingerprint's references give p0 as a prediction bound for unseen models under
+    which an exact copy is identifiable within `budget` at `alpha` (`why_not_betting`), and
     Wald's otherwise. The betting test asks without replacement and gains evidence from any mean
     above p0, so it accuses every independent model that p0 fails to bound — on the CIFAR-10
     regression world (5 references, p0 0.767, same-architecture competitors at 0.80-0.84) it
