@@ -55,7 +55,7 @@ _CONFIG_KEYS = {f.name for f in fields(AuditConfig)}
 # The request fields a manifest line may set (the CLI's audit options); the rest are the command's.
 _REQUEST_KEYS = {f.name for f in fields(AuditRequest)} - {"config", "ledger", "resume", "report", "no_report", "force",
                                                          "fingerprint_path", "suspect"}
-_PATH_KEYS = ("fingerprint", "commitment", "key_file", "ssl_root_certificates")
+_PATH_KEYS = ("commitment", "key_file", "ssl_root_certificates")
 _BOOL_KEYS = ("ssl", "ssl_insecure", "lossy_images")
 
 
@@ -229,6 +229,10 @@ def read_manifest(path: Path) -> list[Pair]:
         except ValueError:
             raise InputError(f"{where}: access must be one of {', '.join(a.value for a in Access)}") from None
         config = AuditConfig(access=access, **{k: values.pop(k) for k in list(values) if k in _CONFIG_KEYS})
+        try:
+            config.validate()
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
         request = AuditRequest(fingerprint_path=fingerprint, suspect=suspect, config=config, **values)
         pairs.append(Pair(pid, number, request, endpoint_of(suspect)))
     if not pairs:

@@ -142,6 +142,7 @@ def test_a_csv_manifest_with_relative_paths(world: Any, tmp_path: Path) -> None:
     ('{"fingerprint": "f", "suspect": "s", "budget": "many"}\n', ["line 1", "budget must be a number"]),
     ('{"fingerprint": "f", "suspect": "s", "access": "weights"}\n', ["line 1", "access must be one of"]),
     ('{"fingerprint": "f", "suspect": "s", "ssl": "perhaps"}\n', ["line 1", "ssl must be true or false"]),
+    ('{"fingerprint": "f", "suspect": "s"}\n{"fingerprint": "f", "suspect": "t", "alpha": 0.7}\n', ["line 2", "alpha must lie in"]),
     ('# nothing\n', ["lists no pair"]),
 ])
 def test_a_bad_manifest_is_one_line_before_any_audit(tmp_path: Path, content: str, words: list[str]) -> None:
