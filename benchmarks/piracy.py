@@ -43,7 +43,7 @@ from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bern
 from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
-from deepcore_auditor.fingerprints.calibration import rate_bound, rates
+from deepcore_auditor.fingerprints.calibration import rate_bound, rates, resolve_test
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
@@ -215,7 +215,8 @@ def _sequential(zoo: Zoo, md: MethodData, name: str, members: list[Member], conf
         with open_suspect(str(zoo.paths[m.name]), convention=md.fp.convention, point_shape=md.fp.point_shape,
                           num_classes=md.fp.num_classes) as oracle:
             r = audit(md.fp, oracle, ac)
-        out[m.name] = {"verdict": r.verdict, "queries": r.queries_used, "elapsed_s": r.elapsed_s, "p0": r.p0, "p1": r.p1}
+        out[m.name] = {"verdict": r.verdict, "queries": r.queries_used, "elapsed_s": r.elapsed_s, "p0": r.p0, "p1": r.p1,
+                       "test": resolve_test(md.fp, mode, ac.test, ac.alpha, ac.budget)}
     return out
 
 
@@ -305,7 +306,7 @@ def _summarize_sequential(seq: dict[str, dict[str, Any]], evaluated: list[Member
                 row["ratio_to_p0_minimum"] = round(float(np.median(caught)) / row["minimum_queries_p0"], 2)
         fams[f] = row
     first = next(iter(seq.values()))
-    return {"reference_agreement": round(p_ref, 4), "p0": first["p0"], "p1": first["p1"], "families": fams,
+    return {"reference_agreement": round(p_ref, 4), "p0": first["p0"], "p1": first["p1"], "test": first.get("test"), "families": fams,
             "verdicts": {m.name: {"family": m.family, "verdict": seq[m.name]["verdict"], "queries": seq[m.name]["queries"]}
                          for m in evaluated}}
 

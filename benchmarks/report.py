@@ -72,7 +72,7 @@ def markdown(r: dict[str, Any]) -> str:
                   *_table(["family", *methods], rows), ""]
     seq_methods = {n: e for n, e in methods.items() if "sequential" in e}
     if seq_methods:
-        lines += ["## Sequential audit (Wald's test, batch 1, no repeat check): verdicts and median queries", "",
+        lines += ["## Sequential audit (batch 1, no repeat check; each method's test in the table below): verdicts and median queries", "",
                   "Per family: piracy / independent / inconclusive verdicts, median queries of the caught, the minimum "
                   "ln(1/alpha)/KL(p_family || p_references) for the measured agreement rates, and their ratio.", ""]
         fams = next(iter(seq_methods.values()))["sequential"]["families"]
@@ -89,8 +89,9 @@ def markdown(r: dict[str, Any]) -> str:
                 row.append(cell)
             rows.append(row)
         lines += _table(["family", *seq_methods], rows) + [""]
-        lines += _table(["method", "p0 (test)", "p1 (test)", "reference agreement"],
-                        [[n, e["sequential"]["p0"], e["sequential"]["p1"], e["sequential"]["reference_agreement"]] for n, e in seq_methods.items()])
+        lines += _table(["method", "test", "p0 (test)", "p1 (test)", "reference agreement"],
+                        [[n, e["sequential"].get("test") or "sprt", e["sequential"]["p0"], e["sequential"]["p1"],
+                          e["sequential"]["reference_agreement"]] for n, e in seq_methods.items()])
         lines.append("")
     lines += ["## Cost", "",
               *_table(["fingerprint", "build s", "points"], [[n, e["build_s"], e["points"]] for n, e in methods.items()
