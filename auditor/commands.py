@@ -292,8 +292,11 @@ def suspect_convention(fp: Fingerprint, req: AuditRequest) -> InputConvention:
     )
 
 
-def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None = None) -> AuditResult:
-    """Open fingerprint and suspect, check they fit, audit, write the report if asked."""
+def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None = None,
+                      load: Callable[[Path, Any], Fingerprint] = load_fingerprint) -> AuditResult:
+    """Open fingerprint and suspect, check they fit, audit, write the report if asked. `load`
+    reads (and verifies, with the key) the fingerprint: `load_fingerprint`, or a scan's cache of
+    it (auditor.many), so that one fingerprint read for a thousand suspects is read once."""
     from deepcore_auditor.adapters.open import open_suspect
 
     if req.resume and req.ledger is None:
@@ -314,7 +317,7 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
                                               "--ssl-root-certificates": req.ssl_root_certificates}, force=req.force)
     options = triton_options(req)
     key = resolve_key(req.key_file, req.hmac_key_env)
-    fp = load_fingerprint(req.fingerprint_path, key)
+    fp = load(req.fingerprint_path, key)
     commitment = None
     if req.commitment is not None:
         commitment = load_commitment(req.commitment)

@@ -53,6 +53,7 @@ def scanned(world: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
             for s in (0, 1)]
     rows += [pair(world, "pirate-probs", world.pirate_onnx, access="probs"),
              pair(world, "missing", world.root / "no-such-model.onnx"),
+             {**pair(world, "no-fingerprint", world.pirate_onnx), "fingerprint": str(world.root / "no-such-fp.json")},
              {"fingerprint": str(world.fingerprint), "suspect": "triton+http://127.0.0.1:9/m", "connect_timeout": 1}]
     manifest = write_jsonl(root / "manifest.jsonl", rows)
     out = root / "out"
@@ -62,7 +63,7 @@ def scanned(world: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
 def test_every_pair_gets_the_verdict_its_single_audit_gets(world: Any, scanned: tuple[Path, Path, Any]) -> None:
     manifest, out, r = scanned
-    assert r.returncode == 2, r.stderr  # two pairs errored
+    assert r.returncode == 2, r.stderr  # three pairs errored
     summary = json.loads(r.stdout)
     assert summary == json.loads((out / "summary.json").read_text())
     by_id = {p["id"]: p for p in summary["pairs"]}
@@ -84,7 +85,8 @@ def test_every_pair_gets_the_verdict_its_single_audit_gets(world: Any, scanned: 
     probs = single(world, world.pirate_onnx, "--access", "probs")
     assert (by_id["pirate-probs"]["status"], by_id["pirate-probs"]["queries"]) == (probs["verdict"], probs["queries_used"])
     counts = summary["counts"]
-    assert counts["error"] == 2 and sum(counts.values()) == len(by_id)
+    assert counts["error"] == 3 and sum(counts.values()) == len(by_id)
+    assert "no-such-fp.json" in by_id["no-fingerprint"]["error"]  # one bad fingerprint file: its pair, not the scan
     assert "no-such-model.onnx" in by_id["missing"]["error"] and "\n" not in by_id["missing"]["error"]
     assert "unreachable" in by_id[closed]["error"]
     table = (out / "summary.md").read_text().splitlines()
