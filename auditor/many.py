@@ -21,6 +21,8 @@ Invariants, and why:
 - At most `jobs` audits run at once, and at most `per_endpoint` against one server (scheme,
   host and port), so no server is flooded by the scan; local files share the `jobs` limit only.
   Within an audit, a server suspect's own `--concurrency` still bounds its requests in flight.
+- A fingerprint file is read and verified once per scan (`FingerprintCache`): a file changed
+  while a scan runs is not seen by it; the reports name the digest that was used.
 """
 
 from __future__ import annotations
