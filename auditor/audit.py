@@ -19,7 +19,7 @@ from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError
 from deepcore_auditor.auditor.channel import QueryChannel
 from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
-from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES, Rates, rates, resolve_test, why_not_betting
+from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES, rates, resolve_test, why_not_betting
 from deepcore_auditor.fingerprints.format import Fingerprint
 from deepcore_auditor.fingerprints.stats import TESTS, BettingTest, SequentialTest, expected_queries, log_likelihood_ratios
 
@@ -101,11 +101,12 @@ class Plan:
     test: str = "sprt"  # a ledger written before the betting test names none: it ran Wald's
 
     @classmethod
-    def make(cls, fp: Fingerprint, config: AuditConfig, r: Rates | None = None) -> Plan:
-        """The plan for `config`; `r`, the fingerprint's rates for its mode, if already computed."""
+    def make(cls, fp: Fingerprint, config: AuditConfig) -> Plan:
+        """The plan for `config`, under the test it resolves to (`calibration.resolve_test`); the
+        rates are the fingerprint's own, computed once per fingerprint object."""
         config.validate()
         test = resolve_test(fp, config.mode, config.test, config.alpha, config.budget)
-        r = r if r is not None else rates(fp, config.mode, test)
+        r = rates(fp, config.mode, test)
         order = plan_order(len(fp), config.seed)
         plan = cls(
             test=test,
@@ -416,10 +417,8 @@ def audit(
     `independent` verdict, `config.repeat_checks` points are asked again: a suspect that answers
     the same point differently (a randomized defence) gets `inconclusive` instead.
     """
-    config.validate()
-    test = resolve_test(fp, config.mode, config.test, config.alpha, config.budget)
-    r = rates(fp, config.mode, test)
-    plan = Plan.make(fp, config, r)
+    plan = Plan.make(fp, config)  # validates the config and resolves the test
+    r = rates(fp, config.mode, plan.test)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
     channel = QueryChannel(suspect, fp.num_classes, ledger, max(0, config.budget - prior), retries=retries,
@@ -427,7 +426,7 @@ def audit(
     check_compatible(fp, channel.oracle, config)
     start = time.perf_counter()
     notes = list(r.summary.get("notes", []))  # type: ignore[arg-type]
-    if config.test == "auto" and test == "sprt" and config.mode != "clustering":
+    if config.test == "auto" and plan.test == "sprt" and config.mode != "clustering":
         notes.append(why_not_betting(fp, config.mode, config.alpha, config.budget) or "sequential test: Wald's")
     indices = np.asarray(plan.indices)
 
