@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 import click
 
 from deepcore_auditor.adapters.base import LAYOUTS, Access
-from deepcore_auditor.adapters.errors import DeepCoreError, first_line
+from deepcore_auditor.adapters.errors import DeepCoreError, InputError, first_line
 from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.auditor.bars import terminal_bars
 from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES
@@ -153,6 +154,21 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+_RAY_TRAINS = ("Train the simulated pirates and references (the benchmark's zoo, for bench) as tasks on a Ray cluster "
+               "(auto: the one RAY_ADDRESS or `ray start` names), each with this run's torch threads, so the results "
+               "are the local run's; its workers need this package with its owner extra.")
+
+
+def _source_date() -> str | None:
+    """SOURCE_DATE_EPOCH (reproducible-builds.org) as the ISO 8601 time a built file records."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise InputError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {raw!r}")
+    return datetime.datetime.fromtimestamp(int(raw), datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 @cli.command()
 @click.option("--owner", required=True, help="TorchScript file, torch.export .pt2, or package.module:factory.")
 @click.option("--owner-weights", help="Weights for a factory owner: .safetensors or a state dict.")
@@ -186,13 +202,18 @@ def cli(verbose: int) -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where decoded data and trained known models are cached, so a stopped or repeated build reuses them "
                    "[default: $DEEPCORE_CACHE or ~/.cache/deepcore].")
+@click.option("--ray", metavar="auto|ADDRESS", help=_RAY_TRAINS)
 @_key_options
 @click.option("--force", is_flag=True, help="Replace an existing output file (never one of the inputs or a key).")
 @_guarded
 def fingerprint(**o: Any) -> None:
-    """Build a DeepCore fingerprint from the owner's model and data."""
+    """Build a DeepCore fingerprint from the owner's model and data.
+
+    SOURCE_DATE_EPOCH, when set, is the time the file records (whole seconds since 1970): two
+    builds of the same owner, data and options then write the same bytes (its sha256 equal)."""
     from deepcore_auditor.auditor.commands import FingerprintRequest, build_config, make_fingerprint
 
+    o["created"] = _source_date()
     build = build_config(**{k: o.pop(k) for k in signature(build_config).parameters})
     fp, digest = make_fingerprint(FingerprintRequest(build=build, **o), progress=_say, bars=terminal_bars())
     click.echo(f"wrote {o['out']}: {len(fp)} core points, sha256 {digest}")
@@ -520,10 +541,14 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--seed", type=click.IntRange(min=0), default=BuildConfig.seed, show_default=True)
 @click.option("--test", type=click.Choice(TEST_CHOICES), default=AuditConfig.test, show_default=True, help="The sequential audits' test (clustering always runs Wald's).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the zoo is cached (default ~/.cache/deepcore).")
+@click.option("--ray", metavar="auto|ADDRESS", help=_RAY_TRAINS)
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
-          epsilon: float, budgets: str, methods: str, alpha: float, seed: int, test: str, cache_dir: Path | None) -> None:
-    """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects."""
+          epsilon: float, budgets: str, methods: str, alpha: float, seed: int, test: str, cache_dir: Path | None,
+          ray: str | None) -> None:
+    """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects.
+
+    SOURCE_DATE_EPOCH, when set, is the time DeepCore's fingerprint records (see fingerprint)."""
     from deepcore_auditor.benchmarks.piracy import SCORES, BenchConfig, run_bench
     from deepcore_auditor.benchmarks.zoo import ZooConfig
 
@@ -531,7 +556,7 @@ def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, a
     zoo = ZooConfig(members=members, epochs=epochs, train_samples=train_samples, adv_epsilon=adv_epsilon, seed=seed)
     config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
                          candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed, test=test)
-    results = run_bench(config, out, cache_dir=cache_dir, progress=_say, bars=terminal_bars())
+    results = run_bench(config, out, cache_dir=cache_dir, progress=_say, bars=terminal_bars(), ray=ray, created=_source_date())
     for mode, bar in results["bar"].items():
         for b in bar:
             click.echo(f"{mode}: {'met' if b['met'] else 'NOT MET':<8} {b['criterion']}: {b['measured']}")

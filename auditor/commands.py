@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -19,6 +20,7 @@ from deepcore_auditor.adapters.errors import InputError, OracleError, TransientO
 from deepcore_auditor.adapters.files import atomic_write, check_output, same_file
 from deepcore_auditor.adapters.images import ImageEncoding, require_pillow, transport_problem
 from deepcore_auditor.auditor.audit import AuditConfig, AuditResult, Step, audit, ledger_header, utc_now
+from deepcore_auditor.auditor.cluster import RayCluster, reachable
 from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
@@ -66,6 +68,47 @@ class FingerprintRequest:
     key_file: Path | None = None  # sign the fingerprint with this Ed25519 private key (PEM)
     hmac_key_env: str | None = None  # or with the HMAC key held in this environment variable
     force: bool = False  # replace an existing --out (never one of the inputs)
+    ray: str | None = None  # train the known models as tasks on this Ray cluster (auditor.cluster)
+    created: str | None = None  # the time the file records (ISO 8601; None: now), for reproducible builds
+
+
+@dataclass(frozen=True)
+class ShippedOwner:
+    """The owner as it was given (its file's bytes, or a factory's name, weights' bytes and
+    arguments) and the convention it sees, loaded again by a worker that may not see this disk:
+    a TorchScript or torch.export owner does not pickle, and loading it through the same
+    `load_torch_model` keeps its checks. A factory's module must be importable on the workers."""
+
+    spec: str  # a file's name, or package.module:factory
+    owner_file: bytes | None
+    weights_name: str | None
+    weights: bytes | None
+    factory_args: tuple[str, ...]
+    convention: InputConvention
+
+    @classmethod
+    def of(cls, req: FingerprintRequest, convention: InputConvention) -> ShippedOwner:
+        owner = Path(req.owner)
+        weights = Path(req.owner_weights) if req.owner_weights else None
+        return cls(owner.name if owner.is_file() else req.owner, owner.read_bytes() if owner.is_file() else None,
+                   weights.name if weights else None, weights.read_bytes() if weights else None, req.owner_args, convention)
+
+    def __call__(self) -> Any:
+        import tempfile
+
+        from deepcore_auditor.adapters.torch import load_torch_model, parse_factory_args
+        from deepcore_auditor.fingerprints.models import Normalized
+
+        with tempfile.TemporaryDirectory(prefix="deepcore-owner-") as d:
+            spec, weights = self.spec, None
+            if self.owner_file is not None:
+                spec = str(Path(d) / self.spec)
+                Path(spec).write_bytes(self.owner_file)
+            if self.weights is not None and self.weights_name:
+                weights = str(Path(d) / self.weights_name)
+                Path(weights).write_bytes(self.weights)
+            net, _ = load_torch_model(spec, factory_weights=weights, factory_args=parse_factory_args(self.factory_args))
+        return Normalized(net, self.convention)
 
 
 def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreConfig.n_candidates,
@@ -131,6 +174,8 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
         raise InputError(f"cannot write fingerprint: directory {Path(req.out).parent} does not exist")
     check_output(req.out, "--out", {"--owner": req.owner, "--owner-weights": req.owner_weights, "--data": req.data,
                                     "--reference": list(req.references), "--key": req.key_file}, force=req.force)
+    if req.ray:
+        reachable(req.ray)  # an address nobody answers at: refused before the owner and data load
     key = resolve_key(req.key_file, req.hmac_key_env)  # before the long build: a bad key fails now
     if key is not None and not key.can_sign:
         raise InputError(f"{req.key_file} is a public key: signing needs the private key")
@@ -157,11 +202,30 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
         extra.append((KnownModelSpec(f"user-ref-{i + 1}:{Path(ref).name}", "independent", "user", "calibration", "supplied"), oracle))
     config = req.build
     holdout = (data.test.points(), data.test.y) if len(data.test) else None
-    fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, holdout=holdout,
-                           extra_references=extra, progress=say, bars=bars,
-                           cache_dir=req.cache_dir if req.cache_dir is not None else default_cache_dir())
+    with contextlib.ExitStack() as stack:
+        fan_out = None
+        if req.ray:
+            cluster = stack.enter_context(RayCluster(req.ray))
+            say(f"training the known models on the Ray cluster at {req.ray}")
+            fan_out = zoo_on(cluster, ShippedOwner.of(req, convention), config.device)
+        fp = build_fingerprint(owner, points, labels, data.train.classes, identity, config, holdout=holdout,
+                               extra_references=extra, progress=say, bars=bars, fan_out=fan_out, created=req.created,
+                               cache_dir=req.cache_dir if req.cache_dir is not None else default_cache_dir())
     fp = dataclasses.replace(fp, extra={**fp.extra, "owner_test_accuracy": None if math.isnan(test_acc) else round(test_acc, 4), "data": data.source})
     return fp, save_fingerprint(fp, req.out, key)
+
+
+def zoo_on(cluster: RayCluster, owner: Callable[[], Any], device: str) -> Callable[[Any, Any], Any]:
+    """`build_fingerprint`'s fan-out onto `cluster`: each known model a task, run with this
+    process's torch threads (auditor.cluster: identical weights need as many) and a GPU when the
+    build trains on one."""
+    import torch
+
+    from deepcore_auditor.fingerprints.build import build_device, train_shipped
+
+    gpus, threads = (1 if build_device(device).type == "cuda" else 0), torch.get_num_threads()
+    cluster.require(threads, gpus)  # now, not after the owner's radius is measured
+    return lambda work, indices: cluster.map(train_shipped, (owner, work), list(indices), threads=threads, gpus=gpus)
 
 
 def probe_owner(owner: Any, points: Any, num_classes: int) -> None:

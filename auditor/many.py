@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from collections import Counter
@@ -47,6 +46,7 @@ from deepcore_auditor.adapters.base import Access
 from deepcore_auditor.adapters.errors import DeepCoreError, InputError, first_line
 from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.auditor.audit import AuditConfig, utc_now
+from deepcore_auditor.auditor.cluster import RayCluster
 from deepcore_auditor.auditor.commands import AuditRequest, run_audit_request, verify_report_file
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
 
@@ -328,20 +328,6 @@ class _Threads:
         self._pool.shutdown(wait=True)
 
 
-def _reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse, in one line and within seconds, a HOST:PORT no server listens on: Ray's own client
-    retries an absent cluster for minutes before it gives up."""
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"--ray takes auto or HOST:PORT (a cluster's head), got {address!r}")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise InputError(f"cannot join the Ray cluster at {address}: nothing answers there ({e.strerror or e})") from None
-
-
 class _Ray:
     """Pairs run as Ray tasks on the cluster at `address` ("auto": the one RAY_ADDRESS or a local
     `ray start` names). Every worker needs deepcore-auditor installed and must see the paths
@@ -351,18 +337,10 @@ class _Ray:
     network), so the cluster's CPUs bound the former and --jobs and --per-endpoint the latter."""
 
     def __init__(self, address: str) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise InputError("--ray needs Ray: pip install 'deepcore-auditor[ray]'") from None
-        self._ray = ray
-        _reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False, include_dashboard=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise InputError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
-        self.name = f"ray {address}"
-        self._task = ray.remote(max_retries=0)(_audit_pair)
+        self._cluster = RayCluster(address)
+        self._ray = self._cluster.ray
+        self.name = self._cluster.name
+        self._task = self._ray.remote(max_retries=0)(_audit_pair)
 
     def start(self, pair: Pair, out: Path) -> Any:
         cpus = 1 if pair.endpoint == "local" else 0
@@ -383,7 +361,7 @@ class _Ray:
             self._ray.cancel(h, force=True)
 
     def close(self) -> None:
-        self._ray.shutdown()  # leaves the cluster: the cluster itself is its owner's
+        self._cluster.close()
 
 
 def run_many(pairs: list[Pair], out: Path, *, jobs: int = 8, per_endpoint: int = 4, manifest: str = "",

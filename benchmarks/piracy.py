@@ -18,6 +18,7 @@ One run (`deepcore bench --data D --out DIR`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,16 +34,19 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+import torch
 
 from deepcore_auditor.adapters.base import Access
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.adapters.onnx import file_sha256
 from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit, plan_order
+from deepcore_auditor.auditor.cluster import RayCluster
+from deepcore_auditor.auditor.commands import zoo_on
 from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bernoulli
 from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
-from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
+from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import rate_bound, rates, resolve_test
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
@@ -116,7 +120,8 @@ class MethodData:
 
 
 def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
-                  bars: Progress = QUIET) -> dict[str, tuple[Fingerprint, float]]:
+                  bars: Progress = QUIET, fan_out: FanOut | None = None,
+                  created: str | None = None) -> dict[str, tuple[Fingerprint, float]]:
     """Each method's fingerprint, built once and cached beside the zoo under a digest of exactly
     what it was built from (so changing one method's parameters rebuilds that method only)."""
     wanted = sorted({SCORES[m][0] for m in config.methods})
@@ -139,7 +144,7 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
         if method == "deepcore":
             fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, build,
                                    holdout=(zoo.data.test.points(), zoo.data.test.y), progress=lambda m: logger.info(m),
-                                   require_separable=False, bars=bars)
+                                   require_separable=False, bars=bars, fan_out=fan_out, created=created)
         else:
             sur = [zoo.torch_models[m.name] for m in zoo.role("cae-surrogate")] if method == "cae" else []
             ref = [zoo.torch_models[m.name] for m in zoo.role("cae-reference")] if method == "cae" else []
@@ -378,18 +383,36 @@ def environment() -> dict[str, Any]:
 
 
 def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
-              progress: Callable[[str], None] | None = None, bars: Progress = QUIET) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None, bars: Progress = QUIET, ray: str | None = None,
+              created: str | None = None) -> dict[str, Any]:
     """Run the whole benchmark and write results.json, results.md and the plots into `out`;
-    `progress` gets its phase lines, `bars` bars for the zoo and the DeepCore build."""
+    `progress` gets its phase lines, `bars` bars for the zoo and the DeepCore build. With `ray`
+    (auto or a cluster's HOST:PORT), the zoo's members and DeepCore's known models train as
+    tasks on that Ray cluster (auditor.cluster), with the results of the local run; `created`
+    is the time DeepCore's fingerprint records (SOURCE_DATE_EPOCH, by the CLI), for runs whose
+    files are to be compared."""
     config.validate()
     out = Path(out)
     if not out.parent.is_dir():
         raise InputError(f"cannot write results to {out}: directory {out.parent} does not exist")
     say = progress or logger.info
     t0 = time.perf_counter()
-    data = load_data(config.data, cache_dir=cache_dir)
-    zoo = build_zoo(data, Path(cache_dir or default_cache_dir()) / "bench", config.zoo, say, bars)
-    fps = _fingerprints(zoo, config, say, bars)
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(RayCluster(ray)) if ray else None
+        data = load_data(config.data, cache_dir=cache_dir)
+        members = None
+        if cluster is not None:
+            threads = torch.get_num_threads()
+            cluster.require(threads)
+            members = lambda fn, shared, items: cluster.map(fn, shared, items, threads=threads)  # noqa: E731
+        zoo = build_zoo(data, Path(cache_dir or default_cache_dir()) / "bench", config.zoo, say, bars, fan_out=members)
+        known = zoo_on(cluster, Given(zoo.owner), BuildConfig.device) if cluster is not None else None
+        fps = _fingerprints(zoo, config, say, bars, known, created)
+    return _finish(config, out, data, zoo, fps, say, t0, cluster.name if cluster is not None else "local")
+
+
+def _finish(config: BenchConfig, out: Path, data: Any, zoo: Zoo, fps: dict[str, tuple[Fingerprint, float]],
+            say: Callable[[str], None], t0: float, runner: str) -> dict[str, Any]:
     small = [m for m, (fp, _) in fps.items() if len(fp) < max(config.budgets)]
     if small:
         raise InputError(f"fingerprint(s) {', '.join(small)} have fewer points than the largest budget {max(config.budgets)}")
@@ -405,6 +428,7 @@ def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
         "owner": zoo.meta["owner"],
         "zoo": {m.name: {**zoo.meta["members"][m.name], "seed": m.seed} for m in zoo.role("evaluate") + zoo.role("calibrate")},
         "zoo_build_s": zoo.meta.get("build_s"),
+        "runner": runner,  # where the zoo trained: local, or a Ray cluster's tasks
         "answer_queries_per_s": round(asked / ask_s, 1) if ask_s else None,
         "audit_queries_per_s": round(results["audit_queries"] / results["audit_s"], 1) if results["audit_s"] else None,
         "environment": environment(),

@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from deepcore_auditor.adapters.base import InputConvention
 from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.data import DataSplits, channel_stats
+from deepcore_auditor.fingerprints.model_cache import load_state, state_bytes
 from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, accuracy, build_architecture, clone, export_onnx, train
 from deepcore_auditor.fingerprints.progress import QUIET, Progress
 
@@ -190,6 +191,28 @@ def train_member(m: Member, owner: Normalized, halves: dict[str, tuple[np.ndarra
     raise ValueError(f"unknown recipe {m.recipe!r}")
 
 
+WEIGHT_COPIES = ("fine-tune", "prune", "adv", "transfer")  # recipes whose model is the owner's architecture
+
+# Trains the members with `fn(shared, member)` elsewhere (a cluster's tasks: auditor.cluster's
+# `RayCluster.map`) and yields (member, result) as each is done, in any order.
+MemberFanOut = Callable[[Callable[[Any, Member], Any], Any, list[Member]], Iterable[tuple[Member, Any]]]
+
+
+def train_shipped_member(shared: tuple[Normalized, dict[str, tuple[np.ndarray, np.ndarray]], ZooConfig, int],
+                         m: Member) -> tuple[bytes, float]:
+    """One member trained by a worker: its state (fingerprints.model_cache.state_bytes) and seconds."""
+    owner, halves, config, k = shared
+    t0 = time.perf_counter()
+    model = train_member(m, owner, halves, config, k)
+    return state_bytes(model), time.perf_counter() - t0
+
+
+def _skeleton(m: Member, owner: Normalized, shape: tuple[int, int, int], k: int) -> Normalized:
+    net = clone(owner) if m.recipe in WEIGHT_COPIES else _fresh(m.arch, owner, shape, k, 0)
+    assert isinstance(net, Normalized)
+    return net
+
+
 def _halves(data: DataSplits, config: ZooConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     points, labels = data.train.points(), data.train.y
     perm = np.random.default_rng(config.seed).permutation(len(points))
@@ -210,8 +233,13 @@ def _load_state(model: nn.Module, path: Path) -> nn.Module:
 
 
 def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[str], None] = logger.info,
-              bars: Progress = QUIET) -> Zoo:
-    """Train (or reuse from `cache`) the owner and every member; returns the zoo."""
+              bars: Progress = QUIET, fan_out: MemberFanOut | None = None) -> Zoo:
+    """Train (or reuse from `cache`) the owner and every member; returns the zoo.
+
+    With `fan_out`, the members the cache lacks that train in torch are trained elsewhere first,
+    all at once (the owner, which they all derive from, trains here); each comes back as its
+    weights and is then measured, exported and cached here exactly as one trained here is, so
+    the zoo's files are the local run's. int8/fp16 members convert their base's file here."""
     root = cache / config.key(data.source.get("sha256", data.source.get("spec", "")))
     root.mkdir(parents=True, exist_ok=True)
     meta_path = root / "meta.json"
@@ -221,6 +249,11 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
     convention = InputConvention(mean=mean, std=std)
     halves = _halves(data, config)
     test_x, test_y = data.test.points(), data.test.y
+    # Seeded before it is built: torch's own seed differs from process to process, and an owner
+    # initialized from it made every uncached zoo another one (found 2026-12-07, when the same zoo
+    # trained twice differed in every file). Zoos cached before hold one such draw each; they stay
+    # valid as they are (their owner.pt is what is reused), so RECIPE is unchanged.
+    torch.manual_seed(1 + 1000 * config.seed)
     owner = Normalized(build_architecture(config.owner_arch, shape, k), convention)
     owner_state = root / "owner.pt"
     if owner_state.is_file() and "owner" in meta:
@@ -228,7 +261,6 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
     else:
         say(f"training the owner ({config.owner_arch}, half A: {len(halves['A'][0])} samples, {config.epochs} epochs)")
         t0 = time.perf_counter()
-        torch.manual_seed(1 + 1000 * config.seed)
         owner = train(owner, *halves["A"], TrainConfig(epochs=config.epochs, seed=1 + 1000 * config.seed))
         _save_state(owner, owner_state)
         meta["owner"] = {"test_accuracy": round(accuracy(owner, test_x, test_y), 4), "train_s": round(time.perf_counter() - t0, 1),
@@ -241,37 +273,52 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
     members = plan_members(config)
     paths: dict[str, Path] = {"owner": owner_onnx}
     torch_models: dict[str, nn.Module] = {}
+    ready: dict[str, tuple[nn.Module, float]] = {}
+    if fan_out is not None:
+        todo = [m for m in members if m.recipe not in ("int8", "fp16") and not _cached(m, root, meta)]
+        say(f"training {len(todo)} members as tasks elsewhere ({len(members) - len(todo)} cached or converted here)")
+        with bars.bar(f"benchmark zoo ({len(todo)} tasks)", len(todo)) as advance:
+            for m, (blob, train_s) in fan_out(train_shipped_member, (owner, halves, config, k), todo):
+                ready[m.name] = (load_state(_skeleton(m, owner, shape, k), blob), train_s)
+                advance(1)
     with bars.bar(f"benchmark zoo ({len(members)} models)", len(members)) as advance:
         for m in members:
-            _member(m, root, owner, shape, k, halves, config, test_x, test_y, meta, meta_path, paths, torch_models, say)
+            _member(m, root, owner, shape, k, halves, config, test_x, test_y, meta, meta_path, paths, torch_models, say,
+                    ready.pop(m.name, None))
             advance(1)
     meta["build_s"] = round(meta.get("owner", {}).get("train_s", 0) + sum(v.get("train_s", 0) for v in meta["members"].values()), 1)
     atomic_write(meta_path, json.dumps(meta, indent=1).encode())
     return Zoo(root, owner, convention, data, halves, members, paths, meta, torch_models)
 
 
+def _cached(m: Member, root: Path, meta: dict[str, Any]) -> bool:
+    """Whether `m` is in the zoo already: recorded, its file there (and its state, CAE's side)."""
+    done = m.name in meta["members"] and (root / f"{m.name}.onnx").is_file()
+    return done and (not m.role.startswith("cae-") or (root / f"{m.name}.pt").is_file())
+
+
 def _member(m: Member, root: Path, owner: Normalized, shape: tuple[int, int, int], k: int,
             halves: dict[str, tuple[np.ndarray, np.ndarray]], config: ZooConfig, test_x: np.ndarray, test_y: np.ndarray,
             meta: dict[str, Any], meta_path: Path, paths: dict[str, Path], torch_models: dict[str, nn.Module],
-            say: Callable[[str], None]) -> None:
-    """Train (or find cached) one member of the zoo, export it, record it in the metadata."""
+            say: Callable[[str], None], ready: tuple[nn.Module, float] | None = None) -> None:
+    """Train (or find cached, or take the one trained elsewhere: `ready`, with its training
+    seconds) one member of the zoo, export it, record it in the metadata."""
     path = root / f"{m.name}.onnx"
     paths[m.name] = path
     owner_side = m.role.startswith("cae-")
     state = root / f"{m.name}.pt"
-    if m.name in meta["members"] and path.is_file() and (not owner_side or state.is_file()):  # cached
+    if _cached(m, root, meta):
         if owner_side:
-            net = _fresh(m.arch, owner, shape, k, 0) if m.recipe != "fine-tune" else clone(owner)
-            torch_models[m.name] = _load_state(net, state)
+            torch_models[m.name] = _load_state(_skeleton(m, owner, shape, k), state)
         return
-    say(f"training {m.name} ({m.kind}, {m.family}, {m.role})")
-    t0 = time.perf_counter()
+    say(f"training {m.name} ({m.kind}, {m.family}, {m.role})" if ready is None else f"{m.name}: trained elsewhere")
+    t0 = time.perf_counter() - (ready[1] if ready else 0.0)
     info: dict[str, Any] = {"kind": m.kind, "family": m.family, "role": m.role, "arch": m.arch, "data": m.data}
     if m.recipe in ("int8", "fp16"):
         recipes.RECIPES[m.recipe](paths[m.base], path)  # int8 / fp16: fingerprints.recipes
         info["base"] = m.base
     else:
-        model = train_member(m, owner, halves, config, k)
+        model = ready[0] if ready else train_member(m, owner, halves, config, k)
         info["test_accuracy"] = round(accuracy(model, test_x, test_y), 4)
         assert isinstance(model, Normalized)
         export_onnx(model.net, path, shape)

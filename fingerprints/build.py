@@ -18,7 +18,7 @@ import datetime as _dt
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from deepcore_auditor.fingerprints.calibration import rates
 from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, KnownModelSpec
 from deepcore_auditor.fingerprints.core import choose_epsilon, optimize_points, plan_candidates, select_core
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
-from deepcore_auditor.fingerprints.model_cache import KnownModelCache
+from deepcore_auditor.fingerprints.model_cache import KnownModelCache, load_state, state_bytes
 from deepcore_auditor.fingerprints.models import (
     Normalized,
     TrainConfig,
@@ -72,6 +72,52 @@ class Holdout:
     def measure(self, labels: np.ndarray) -> Quality:
         return Quality(accuracy=float(np.mean(labels == self.labels)), agreement=float(np.mean(labels == self.owner_labels)),
                        samples=len(self.labels))
+
+
+@dataclass(frozen=True)
+class ZooWork:
+    """What training any known model of one build reads, but the owner: everything a worker
+    elsewhere needs (`build_fingerprint(fan_out=...)` ships it once to every worker), and the one
+    way a known model is trained here too, so that both train the same model."""
+
+    points: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    config: BuildConfig  # its epsilon resolved
+    holdout: Holdout
+    owner_accuracy: float
+
+    def train(self, owner: Normalized, index: int, retry: bool = False, bars: Progress = QUIET) -> nn.Module:
+        """Train `config.zoo[index]` from `owner` (on the device it lies on)."""
+        spec = self.config.zoo[index]
+        return train_known_model(spec, owner, self.points, self.labels, self.num_classes, self.config, index,
+                                 target_accuracy=self.owner_accuracy - OWNER_ARCH_GAP / 2,
+                                 floor=accuracy_floor(spec.family, spec.arch, self.owner_accuracy, self.num_classes),
+                                 holdout=self.holdout, retry=retry, progress=bars)
+
+
+# Trains the known models at these indices elsewhere (a cluster's tasks, `train_shipped`) and
+# yields each one's state (`model_cache.state_bytes`) as it is done, in any order.
+FanOut = Callable[[ZooWork, Sequence[int]], Iterable[tuple[int, bytes]]]
+
+
+class Given:
+    """An owner handed to workers as itself: an eager module, which pickles (a TorchScript or
+    torch.export owner does not, and is shipped as its file instead: auditor.commands.ShippedOwner)."""
+
+    def __init__(self, owner: Normalized) -> None:
+        self.owner = owner
+
+    def __call__(self) -> Normalized:
+        return self.owner
+
+
+def train_shipped(shipped: tuple[Callable[[], Normalized], ZooWork], index: int) -> bytes:
+    """One known model trained by a worker: the owner loaded there (`shipped[0]()`), moved to the
+    build's device, trained as `build_fingerprint` trains it; its state goes back as bytes."""
+    load_owner, work = shipped
+    owner = _on(load_owner(), build_device(work.config.device))
+    return state_bytes(work.train(owner, index))
 
 
 HOLDOUT_SAMPLES = 2000  # enough for a standard error of about 0.01 on an accuracy
@@ -231,31 +277,29 @@ def _on(model: nn.Module, device: torch.device) -> nn.Module:
     return model if model_device(model) == device else clone(model).to(device)
 
 
-def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, points: np.ndarray, labels: np.ndarray,
-                         num_classes: int, config: BuildConfig, index: int, holdout: Holdout, owner_accuracy: float,
-                         say: Callable[[str], None], cache: KnownModelCache | None = None,
-                         bars: Progress = QUIET) -> KnownModel:
-    """Train one known model (or reuse the one `cache` holds), measure it, retrain once with the
-    corrected recipe if it is below its floor, and refuse the build (one line naming it) if it
-    still is: never is a degenerate model used for selection or calibration. A cached model is
-    measured again like a fresh one."""
-    floor = accuracy_floor(spec.family, spec.arch, owner_accuracy, num_classes)
-    target = owner_accuracy - OWNER_ARCH_GAP / 2
+def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, work: ZooWork, index: int, say: Callable[[str], None],
+                         cache: KnownModelCache | None = None, bars: Progress = QUIET,
+                         ready: nn.Module | None = None) -> KnownModel:
+    """Train one known model (or reuse the one `cache` holds, or the one trained elsewhere,
+    `ready`), measure it, retrain once here with the corrected recipe if it is below its floor,
+    and refuse the build (one line naming it) if it still is: never is a degenerate model used for
+    selection or calibration. A cached model is measured again like a fresh one."""
+    floor = accuracy_floor(spec.family, spec.arch, work.owner_accuracy, work.num_classes)
     problem = ""
     for attempt in range(2):
         t0 = time.monotonic()
         retry = attempt == 1
-        inputs = training_inputs(spec, config)
-        model = cache.get(spec, index, retry, inputs, lambda: _skeleton(spec, owner, points.shape[1:], num_classes)) if cache else None
+        inputs = training_inputs(spec, work.config)
+        skeleton = lambda: _skeleton(spec, owner, work.points.shape[1:], work.num_classes)  # noqa: E731
+        model = cache.get(spec, index, retry, inputs, skeleton) if cache else None
         if model is None:
-            model = train_known_model(spec, owner, points, labels, num_classes, config, index, target_accuracy=target,
-                                      floor=floor, holdout=holdout, retry=retry, progress=bars)
+            model = ready if ready is not None and not retry else work.train(owner, index, retry, bars)
             if cache is not None:
                 cache.put(spec, index, retry, inputs, model)
-        q = holdout.measure(predict(model, holdout.points).argmax(1))
+        q = work.holdout.measure(predict(model, work.holdout.points).argmax(1))
         say(f"  {spec.name}: held-out accuracy {q.accuracy:.3f} (floor {floor:.3f}), agreement with the owner "
             f"{q.agreement:.3f} ({time.monotonic() - t0:.0f} s)")
-        problem = quality_problem(spec.name, spec.family, spec.arch, q.accuracy, owner_accuracy, num_classes) or ""
+        problem = quality_problem(spec.name, spec.family, spec.arch, q.accuracy, work.owner_accuracy, work.num_classes) or ""
         if not problem:
             return KnownModel(spec, model=model, quality=q)
         if attempt == 0:
@@ -280,6 +324,8 @@ def build_fingerprint(
     require_separable: bool = True,
     cache_dir: Path | None = None,
     bars: Progress = QUIET,
+    fan_out: FanOut | None = None,
+    created: str | None = None,
 ) -> Fingerprint:
     """Build a DeepCore fingerprint for `owner` from its training data (canonical points).
 
@@ -295,6 +341,13 @@ def build_fingerprint(
     every array in and out stays on the CPU), recorded in `extra["build_device"]`. The owner's
     held-out answers, which key the known-model cache, are computed where the owner was handed in
     (the CPU, from the CLI), so that a GPU build and a CPU build share the cached models.
+
+    With `fan_out`, the known models the cache lacks are first trained elsewhere (a Ray
+    cluster's tasks: auditor.cluster), all at once, then measured here like cached ones; a model
+    below its floor is retrained here. The models are the ones this process would train (the
+    same `ZooWork.train`), so the fingerprint is the same. `created` (ISO 8601) replaces the time
+    the file records (its only field that changes from one identical build to the next), for
+    builds whose digests are to be compared (`SOURCE_DATE_EPOCH`, by the CLI).
     """
     say = progress or logger.info
     device = build_device(config.device)
@@ -322,11 +375,12 @@ def build_fingerprint(
             f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255; {time.monotonic() - t0:.0f} s)")
     cache = (KnownModelCache(cache_dir, given, owner_held, points, labels, hx, hy, num_classes,
                              factory_args=owner_identity.get("factory_args", "")) if cache_dir is not None else None)
+    work = ZooWork(points, labels, num_classes, config, held, owner_accuracy)
+    ready = _trained_elsewhere(work, owner, fan_out, cache, say, bars) if fan_out is not None else {}
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")
-        known.append(_trained_and_checked(spec, owner, points, labels, num_classes, config, i, held, owner_accuracy, say, cache,
-                                          bars))
+        known.append(_trained_and_checked(spec, owner, work, i, say, cache, bars, ready.pop(i, None)))
     for spec, m in extra_references:
         km = KnownModel(spec, model=m) if isinstance(m, nn.Module) else KnownModel(spec, oracle=m)
         km.quality = held.measure(_labels_of(km, hx))
@@ -340,8 +394,26 @@ def build_fingerprint(
     t0 = time.monotonic()
     fp = _grow(owner, known, points, labels, classes, owner_identity, config, extra, say, bars)
     say(f"core points grown in {time.monotonic() - t0:.0f} s")
+    if created is not None:
+        fp = dataclasses.replace(fp, created=created)
     check_separable(fp, say, refuse=require_separable)
     return fp
+
+
+def _trained_elsewhere(work: ZooWork, owner: Normalized, fan_out: FanOut, cache: KnownModelCache | None,
+                       say: Callable[[str], None], bars: Progress) -> dict[int, nn.Module]:
+    """The zoo's models the cache lacks, trained by `fan_out`, each loaded into its skeleton here."""
+    zoo = work.config.zoo
+    todo = [i for i, spec in enumerate(zoo) if cache is None or not cache.has(spec, i, False, training_inputs(spec, work.config))]
+    say(f"training {len(todo)} known models as tasks elsewhere ({len(zoo) - len(todo)} cached)")
+    ready: dict[int, nn.Module] = {}
+    t0 = time.monotonic()
+    with bars.bar(f"known models ({len(todo)} tasks)", len(todo)) as advance:
+        for i, blob in fan_out(work, todo):
+            ready[i] = load_state(_skeleton(zoo[i], owner, work.points.shape[1:], work.num_classes), blob)
+            advance(1)
+    say(f"{len(todo)} known models trained elsewhere in {time.monotonic() - t0:.0f} s")
+    return ready
 
 
 def _grow(owner: Normalized, known: Sequence[KnownModel], points: np.ndarray, labels: np.ndarray, classes: Sequence[str],

@@ -45,6 +45,27 @@ def _digest_arrays(h: "hashlib._Hash", *arrays: np.ndarray) -> None:
         h.update(memoryview(a).cast("B"))
 
 
+def state_bytes(model: nn.Module) -> bytes:
+    """A model's state dict from the CPU, as safetensors (no pickle): how a trained known model is
+    kept on disk and how a task on a cluster hands it back."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def load_state(skeleton: nn.Module, blob: bytes) -> nn.Module:
+    """`blob` (from `state_bytes`) loaded into `skeleton`, a model of the same architecture lying
+    wherever it will run; a tensor missing or extra is refused (ValueError)."""
+    from safetensors.torch import load
+
+    state = load(blob)
+    mismatched = set(skeleton.state_dict()) ^ set(state)
+    if mismatched:
+        raise ValueError(f"tensors that do not match the architecture: {sorted(mismatched)[:3]}")
+    skeleton.load_state_dict(state)
+    return skeleton
+
+
 class KnownModelCache:
     """`cache_dir/known-models/<key>.safetensors`, for one build (one owner, data and config)."""
 
@@ -72,22 +93,19 @@ class KnownModelCache:
         key = hashlib.sha256(f"{self._base}:{what}".encode()).hexdigest()[:32]
         return self.dir / f"{spec.name}-{key}.safetensors"
 
+    def has(self, spec: KnownModelSpec, index: int, retry: bool, inputs: dict[str, object]) -> bool:
+        """Whether an entry is there (it may still prove unusable to `get`)."""
+        return self._path(spec, index, retry, inputs).is_file()
+
     def get(self, spec: KnownModelSpec, index: int, retry: bool, inputs: dict[str, object],
             skeleton: Callable[[], nn.Module]) -> nn.Module | None:
         """The cached model, loaded into `skeleton()` (the same architecture, on the device it
         will run on), or None."""
-        from safetensors.torch import load_file
-
         path = self._path(spec, index, retry, inputs)
         try:
             if not path.is_file():
                 return None
-            model = skeleton()
-            state = load_file(str(path), device="cpu")
-            missing = set(model.state_dict()) ^ set(state)
-            if missing:
-                raise ValueError(f"tensors that do not match the architecture: {sorted(missing)[:3]}")
-            model.load_state_dict(state)
+            model = load_state(skeleton(), path.read_bytes())
         except Exception as e:  # any unreadable or mismatched entry: train again
             logger.warning("ignoring unusable cached model %s (%s): training it again", path, first_line(e, whole=True))
             return None
@@ -96,15 +114,12 @@ class KnownModelCache:
 
     def put(self, spec: KnownModelSpec, index: int, retry: bool, inputs: dict[str, object], model: nn.Module) -> None:
         """Store a trained model; a failure to write costs only a warning."""
-        from safetensors.torch import save
-
         path = self._path(spec, index, retry, inputs)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            atomic_write(path, save(state))
+            atomic_write(path, state_bytes(model))
         except (OSError, RuntimeError, ValueError) as e:
             logger.warning("could not cache %s in %s: %s", spec.name, self.dir, first_line(e, whole=True))
 
 
-__all__ = ["CACHE_VERSION", "KnownModelCache"]
+__all__ = ["CACHE_VERSION", "KnownModelCache", "load_state", "state_bytes"]

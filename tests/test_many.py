@@ -5,13 +5,7 @@ audits, errors that stop nobody, a summary, resume, and one-line errors for bad 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,27 +174,6 @@ def test_endpoints_and_defaults_read_from_a_manifest(tmp_path: Path) -> None:
     assert read_manifest(grown)[1].id == p.id != read_manifest(grown)[0].id
     assert p.request.suspect == str(tmp_path / "a.onnx") and p.request.config.alpha == 0.001
     assert p.request.config.test == "sprt" and p.request.headers == ("X-A: 1",)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[str]:
-    """A real local Ray cluster (`ray start --head`, 2 CPUs, on 127.0.0.1); always stopped.
-    Its temporary folder is short: Ray's unix sockets live under it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray = [sys.executable, "-m", "ray.scripts.scripts"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    started = subprocess.run([*ray, "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                              "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp],
-                             capture_output=True, text=True, timeout=180, env=env)
-    try:
-        assert started.returncode == 0, started.stderr[-2000:]
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([*ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_same_scan_through_a_local_ray_cluster(world: Any, scanned: tuple[Path, Path, Any], ray_cluster: str,
