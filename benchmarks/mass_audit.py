@@ -22,6 +22,7 @@ independent).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from typing import Any
 
 from deepcore_auditor.adapters.triton.serve import ServedModel, TritonServer, write_model_repository
 from deepcore_auditor.benchmarks.fault_proxy import HttpFaultProxy
+from deepcore_auditor.benchmarks.local_ray import local_cluster
 
 MODELS = {"copy": ("fine-tuned", "piracy"), "indep": ("same-arch-seed-1", "independent")}
 
@@ -93,42 +95,29 @@ def main(argv: list[str] | None = None) -> int:
     _, paths, _ = prepare(cache, lambda m: print(m, file=sys.stderr))
     work = Path(tempfile.mkdtemp(prefix="mass-audit-"))
     ray_counts = {int(x) for x in a.ray.split(",") if x.strip()}
-    ray_address, ray_temp = None, None
     results: list[dict[str, Any]] = []
     try:
         repo = write_model_repository({name: ServedModel(paths[file]) for name, (file, _) in MODELS.items()},
                                       work / "repository", max_batch_size=64)
-        with TritonServer(repo, log_path=work / "tritonserver.log") as server:
+        with TritonServer(repo, log_path=work / "tritonserver.log") as server, contextlib.ExitStack() as stack:
             proxies = [HttpFaultProxy(server.http_port) for _ in range(a.endpoints)]
-            try:
-                if ray_counts:
-                    ray_temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-                    port = 6380 + os.getpid() % 100
-                    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus", "2",
-                                    "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
-                                    "--disable-usage-stats", "--temp-dir", ray_temp], check=True, capture_output=True)
-                    ray_address = f"127.0.0.1:{port}"
-                print(f"{'suspects':>8} {'latency':>7} {'runner':>7} {'wall s':>7} {'per hour':>9} {'cpu s/suspect':>13} "
-                      f"{'peak MiB':>8} {'queries':>7} {'right':>7}", flush=True)
-                for latency in (float(x) for x in a.latency.split(",")):
-                    for n in (int(x) for x in a.suspects.split(",")):
-                        for ray in (None, ray_address) if n in ray_counts else (None,):
-                            out = work / f"{n}-{latency}-{'ray' if ray else 'threads'}"
-                            out.mkdir()
-                            row = run_once(cache / "fingerprint.json", proxies, n, latency, out, a.jobs, a.per_endpoint, ray)
-                            results.append(row)
-                            print(f"{n:>8} {latency:>7} {row['runner']:>7} {row['wall_s']:>7} {row['suspects_per_hour']:>9} "
-                                  f"{row['cpu_s_per_suspect']:>13} {row['peak_rss_mib']:>8} {row['median_queries']:>7} "
-                                  f"{row['right']:>4}/{n}", flush=True)
-                            shutil.rmtree(out / "run", ignore_errors=True)
-            finally:
-                for p in proxies:
-                    p.close()
+            for p in proxies:
+                stack.callback(p.close)
+            ray_address = stack.enter_context(local_cluster(cpus=2)) if ray_counts else None
+            print(f"{'suspects':>8} {'latency':>7} {'runner':>7} {'wall s':>7} {'per hour':>9} {'cpu s/suspect':>13} "
+                  f"{'peak MiB':>8} {'queries':>7} {'right':>7}", flush=True)
+            for latency in (float(x) for x in a.latency.split(",")):
+                for n in (int(x) for x in a.suspects.split(",")):
+                    for ray in (None, ray_address) if n in ray_counts else (None,):
+                        out = work / f"{n}-{latency}-{'ray' if ray else 'threads'}"
+                        out.mkdir()
+                        row = run_once(cache / "fingerprint.json", proxies, n, latency, out, a.jobs, a.per_endpoint, ray)
+                        results.append(row)
+                        print(f"{n:>8} {latency:>7} {row['runner']:>7} {row['wall_s']:>7} {row['suspects_per_hour']:>9} "
+                              f"{row['cpu_s_per_suspect']:>13} {row['peak_rss_mib']:>8} {row['median_queries']:>7} "
+                              f"{row['right']:>4}/{n}", flush=True)
+                        shutil.rmtree(out / "run", ignore_errors=True)
     finally:
-        if ray_address:
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-        if ray_temp:
-            shutil.rmtree(ray_temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -298,7 +298,7 @@ def _trained_and_checked(spec: KnownModelSpec, owner: Normalized, work: ZooWork,
                 cache.put(spec, index, retry, inputs, model)
         q = work.holdout.measure(predict(model, work.holdout.points).argmax(1))
         say(f"  {spec.name}: held-out accuracy {q.accuracy:.3f} (floor {floor:.3f}), agreement with the owner "
-            f"{q.agreement:.3f} ({time.monotonic() - t0:.0f} s)")
+            f"{q.agreement:.3f} ({time.monotonic() - t0:.1f} s)")
         problem = quality_problem(spec.name, spec.family, spec.arch, q.accuracy, work.owner_accuracy, work.num_classes) or ""
         if not problem:
             return KnownModel(spec, model=model, quality=q)

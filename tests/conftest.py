@@ -4,18 +4,16 @@ and independent suspects exported to ONNX, a scaled-down fingerprint) and CLI he
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from deepcore_auditor.benchmarks.local_ray import local_cluster
 from deepcore_auditor.benchmarks.small_world import TINY, World, build_world
 from deepcore_auditor.fingerprints.data import load_data
 
@@ -101,20 +99,7 @@ def reports_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A real local Ray cluster (`ray start --head`, 2 CPUs, on 127.0.0.1), one a module that asks
-    for it; always stopped. Its temporary folder is short: Ray's unix sockets live under it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray = [sys.executable, "-m", "ray.scripts.scripts"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    started = subprocess.run([*ray, "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                              "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp],
-                             capture_output=True, text=True, timeout=180, env=env)
-    try:
-        assert started.returncode == 0, started.stderr[-2000:]
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([*ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
-        shutil.rmtree(temp, ignore_errors=True)
+    """A real local Ray cluster (benchmarks.local_ray: `ray start --head`, 2 CPUs, on 127.0.0.1),
+    one a module that asks for it; always stopped."""
+    with local_cluster(cpus=2) as address:
+        yield address
