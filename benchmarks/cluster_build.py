@@ -67,7 +67,7 @@ def fingerprint(owner: str, data: str, options: list[str], address: str, work: P
     driver = runs["plain"]["wall_s"] - sum(tasks)
     return {"plain_s": runs["plain"]["wall_s"], "ray_s": runs["ray"]["wall_s"], "overhead_s": round(overhead, 1),
             "same_file": runs["plain"]["sha256"] == runs["ray"]["sha256"], "sha256": runs["plain"]["sha256"],
-            "tasks": len(tasks), "task_s_sum": sum(tasks), "task_s_max": max(tasks, default=0.0),
+            "tasks": len(tasks), "task_s_sum": round(sum(tasks), 1), "task_s_max": max(tasks, default=0.0),
             "driver_s": round(driver, 1), "projected_s_by_workers": _projection(driver, tasks, overhead)}
 
 
@@ -75,8 +75,11 @@ def bench(address: str, work: Path, env: dict[str, str]) -> dict[str, Any]:
     """Both benchmark runs; the per-member times are the plain run's zoo (its meta.json)."""
     runs: dict[str, Any] = {}
     for name, more in (("plain", []), ("ray", ["--ray", address])):
-        cache = work / f"cache-bench-{name}"
+        # One cache path for both runs (the first moved aside after): the benchmark's fingerprints
+        # name the owner's file, whose path holds the cache's.
+        cache = work / "cache-bench"
         wall, _ = _run(["bench", *BENCH, "--out", str(work / f"bench-{name}"), "--cache-dir", str(cache), *more], env)
+        cache = cache.rename(work / f"cache-bench-{name}")
         (zoo,) = (cache / "bench").iterdir()
         files = {p.name: _digest(p) for p in sorted(zoo.iterdir()) if p.suffix in (".onnx", ".pt", ".json") and p.name != "meta.json"}
         runs[name] = {"wall_s": round(wall, 1), "files": files, "meta": json.loads((zoo / "meta.json").read_text())}
@@ -85,6 +88,7 @@ def bench(address: str, work: Path, env: dict[str, str]) -> dict[str, Any]:
     driver = runs["plain"]["wall_s"] - sum(members)
     return {"plain_s": runs["plain"]["wall_s"], "ray_s": runs["ray"]["wall_s"], "overhead_s": round(overhead, 1),
             "same_files": runs["plain"]["files"] == runs["ray"]["files"], "files": len(runs["plain"]["files"]),
+            "files_differing": sorted(k for k in runs["plain"]["files"] if runs["plain"]["files"][k] != runs["ray"]["files"].get(k)),
             "tasks": len(members), "task_s_sum": round(sum(members), 1), "task_s_max": max(members, default=0.0),
             "driver_s": round(driver, 1), "projected_s_by_workers": _projection(driver, members, overhead)}
 

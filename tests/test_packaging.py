@@ -63,3 +63,22 @@ def test_an_onnx_audit_never_imports_torch(world) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 1, done.stderr[-2000:]
     assert json.loads(done.stdout)["verdict"] == "piracy"
+
+
+def test_nothing_imports_ray_without_the_ray_flag(world, tmp_path) -> None:
+    """Ray made unimportable: every module of the package still imports, and `audit-many`
+    without `--ray` scans (only `--ray` reaches for Ray, in auditor.cluster)."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"fingerprint": str(world.fingerprint), "suspect": str(world.pirate_onnx), "budget": 60}) + "\n")
+    code = (
+        "import sys, importlib, pkgutil; sys.modules['ray'] = None\n"
+        "import deepcore_auditor\n"
+        "for m in pkgutil.walk_packages(deepcore_auditor.__path__, 'deepcore_auditor.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "from deepcore_auditor.auditor.cli import main\n"
+        f"sys.argv = ['deepcore', 'audit-many', {str(manifest)!r}, '--out', {str(tmp_path / 'out')!r}, '--json']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["pairs"][0]["status"] == "piracy"

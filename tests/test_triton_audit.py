@@ -351,11 +351,12 @@ def test_unusable_triton_suspects_are_one_line_errors(world: Any, trial: Trial) 
 
 
 def test_audit_many_over_triton_with_a_broken_endpoint_a_kill_and_a_resume(world: Any, trial: Trial, local: Callable,
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path, ray_cluster: str) -> None:
     """20 pairs (pirate and independent, HTTP and gRPC, five point orders), one endpoint that serves
     no such model, and two slow ones; the scan is killed (SIGKILL: no handler runs) while the slow
     ones are mid-audit, then run again: every verdict is the single local audit's, the broken pair
-    is the one error, and no ledger holds a point twice."""
+    is the one error, and no ledger holds a point twice. Then the same scan through a real local
+    Ray cluster, from scratch: the same summary."""
     rows = [{"id": f"{name}-{proto}-{seed}", "fingerprint": str(world.fingerprint), "suspect": trial.server.url(name, proto),
              "budget": 60, "batch-size": 5, "seed": seed}
             for name in ("pirate", "independent") for proto in ("http", "grpc") for seed in range(5)]
@@ -403,6 +404,13 @@ def test_audit_many_over_triton_with_a_broken_endpoint_a_kill_and_a_resume(world
         if pid != "broken":
             v = run("verify-report", out / pid / "report.json", "--ledger", out / pid / "ledger.jsonl", "--fingerprint", world.fingerprint)
             assert v.exit_code == 0, (pid, v.output)
+
+    r = subprocess.run([sys.executable, "-m", "deepcore_auditor", "audit-many", str(manifest), "--out", str(tmp_path / "ray"),
+                        "--ray", ray_cluster, "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    on_ray = json.loads(r.stdout)
+    assert on_ray["runner"] == f"ray {ray_cluster}"
+    assert [(p["id"], p["status"], p["queries"]) for p in on_ray["pairs"]] == [(p["id"], p["status"], p["queries"]) for p in summary["pairs"]]
 
 
 @pytest.mark.parametrize(
