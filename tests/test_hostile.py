@@ -711,3 +711,21 @@ class TestCrashingServer:
             r = run_audit(world, server.url("strings-as-fp32", "http"), "--ledger", ledger, "--retries", 2, "--connect-timeout", 3)
             error_line(r, r"connection|unreachable|classification|object|Triton")
             assert ledger_records(ledger)[1] == []
+
+
+def test_a_pirate_lying_on_what_its_detector_flags(world: Any, tmp_path: Path) -> None:
+    """benchmarks/stealth.py on the world's fine-tuned copy: the honest copy is a pirate; lying on
+    every query (a perfect detector) makes it look independent, so the harness can tell; the
+    detectors' thresholds flag their share of natural images."""
+    from deepcore_auditor.benchmarks.stealth import main
+
+    out = tmp_path / "stealth.json"
+    assert main(["--fingerprint", str(world.fingerprint), "--pirate", str(world.pirate_onnx), "--data", "fashion-mnist",
+                 "--natural", "500", "--orders", "2", "--budget", "60", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["honest"]["verdicts"] == {"piracy": 2}
+    assert r["every_point_flagged"]["verdicts"] == {"independent": 2}
+    assert set(r["detectors"]) == {"energy", "msp"}
+    for d in r["detectors"].values():
+        assert 0.0 <= d["core_points_flagged"] <= 1.0 and 0.0 <= d["auroc_core_vs_natural"] <= 1.0
+        assert sum(d["evasive"]["verdicts"].values()) == 2
