@@ -93,6 +93,15 @@ class RayCluster:
         if gpus > self.largest_node("GPU"):
             raise InputError(f"no node of the Ray cluster at {self.address} has a GPU: give --device cpu, or join a cluster with one")
 
+    def training(self, gpus: int = 0) -> Callable[[Callable[[S, T], R], S, Sequence[T]], Iterator[tuple[T, R]]]:
+        """`map` for tasks that train: each with this process's torch threads (see the module
+        doc), a cluster too small for them refused now, before any work."""
+        import torch
+
+        threads = torch.get_num_threads()
+        self.require(threads, gpus)
+        return lambda fn, shared, items: self.map(fn, shared, items, threads=threads, gpus=gpus)
+
     def map(self, fn: Callable[[S, T], R], shared: S, items: Sequence[T], *, threads: int, gpus: int = 0) -> Iterator[tuple[T, R]]:
         """`fn(shared, item)` for every item, each a task asking for `threads` CPUs (and `gpus`
         GPUs), torch on `threads` threads; yields (item, result) as tasks finish. `fn` must be

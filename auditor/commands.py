@@ -218,14 +218,11 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
 def zoo_on(cluster: RayCluster, owner: Callable[[], Any], device: str) -> Callable[[Any, Any], Any]:
     """`build_fingerprint`'s fan-out onto `cluster`: each known model a task, run with this
     process's torch threads (auditor.cluster: identical weights need as many) and a GPU when the
-    build trains on one."""
-    import torch
-
+    build trains on one; a cluster too small is refused now, not after the owner's radius."""
     from deepcore_auditor.fingerprints.build import build_device, train_shipped
 
-    gpus, threads = (1 if build_device(device).type == "cuda" else 0), torch.get_num_threads()
-    cluster.require(threads, gpus)  # now, not after the owner's radius is measured
-    return lambda work, indices: cluster.map(train_shipped, (owner, work), list(indices), threads=threads, gpus=gpus)
+    run = cluster.training(gpus=1 if build_device(device).type == "cuda" else 0)
+    return lambda work, indices: run(train_shipped, (owner, work), list(indices))
 
 
 def probe_owner(owner: Any, points: Any, num_classes: int) -> None:

@@ -34,7 +34,6 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-import torch
 
 from deepcore_auditor.adapters.base import Access
 from deepcore_auditor.adapters.errors import InputError
@@ -400,11 +399,7 @@ def run_bench(config: BenchConfig, out: Path, *, cache_dir: Path | None = None,
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(RayCluster(ray)) if ray else None
         data = load_data(config.data, cache_dir=cache_dir)
-        members = None
-        if cluster is not None:
-            threads = torch.get_num_threads()
-            cluster.require(threads)
-            members = lambda fn, shared, items: cluster.map(fn, shared, items, threads=threads)  # noqa: E731
+        members = cluster.training() if cluster is not None else None
         zoo = build_zoo(data, Path(cache_dir or default_cache_dir()) / "bench", config.zoo, say, bars, fan_out=members)
         known = zoo_on(cluster, Given(zoo.owner), BuildConfig.device) if cluster is not None else None
         fps = _fingerprints(zoo, config, say, bars, known, created)

@@ -56,18 +56,14 @@ def test_a_fingerprint_built_on_the_cluster_is_the_local_one(world: Any, ray_clu
 def test_the_benchmark_zoo_trained_on_the_cluster_is_the_local_one(fmnist: Any, ray_cluster: str, tmp_path: Path) -> None:
     """`bench --ray`'s zoo (benchmarks.zoo.build_zoo with the cluster's map): every member but
     the owner and the int8/fp16 conversions a task; every model file the local run's."""
-    import torch
-
     from deepcore_auditor.auditor.cluster import RayCluster
     from deepcore_auditor.benchmarks.zoo import ZooConfig, build_zoo
 
     config = ZooConfig(members=1, epochs=1, train_samples=600, calibration_references=2, seed=5)
     local = build_zoo(fmnist, tmp_path / "local", config)
     said: list[str] = []
-    threads = torch.get_num_threads()
     with RayCluster(ray_cluster) as cluster:
-        ray = build_zoo(fmnist, tmp_path / "ray", config, said.append,
-                        fan_out=lambda fn, shared, items: cluster.map(fn, shared, items, threads=threads))
+        ray = build_zoo(fmnist, tmp_path / "ray", config, said.append, fan_out=cluster.training())
     assert any("members as tasks elsewhere (2 cached or converted here)" in s for s in said), said
     files = {name: {p.name: sha256(p) for p in sorted(zoo.root.iterdir()) if p.suffix in (".onnx", ".pt")}
              for name, zoo in (("local", local), ("ray", ray))}
