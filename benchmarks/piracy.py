@@ -42,7 +42,7 @@ from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit, plan_order
 from deepcore_auditor.auditor.cluster import RayCluster
 from deepcore_auditor.auditor.commands import zoo_on
-from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bernoulli
+from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bernoulli, tpr_at_fpr
 from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
@@ -56,6 +56,7 @@ from deepcore_auditor.fingerprints.stats import log_likelihood_ratios
 logger = logging.getLogger(__name__)
 
 BUDGETS = (10, 20, 50, 100, 200, 400)
+MAX_FPR = 0.01  # the field's headline operating point: TPR at FPR <= 1%
 # A method's scores: label agreement (binomial threshold), or a continuous score.
 SCORES = {
     "deepcore-agreement": ("deepcore", "agreement"),
@@ -259,9 +260,14 @@ def evaluate(zoo: Zoo, data: dict[str, MethodData], config: BenchConfig, say: Ca
                 else:
                     row["fir"] = round(row["flagged"] / len(ms), 4)
                 fam[f] = row
+            tpr, fpr = tpr_at_fpr([scores[m.name] for m in pirates], neg, MAX_FPR)
             per_budget[str(b)] = {
                 "threshold": round(t, 6),
                 "auc": round(auc([scores[m.name] for m in pirates], neg), 4),
+                # Read on the evaluated homologous models themselves (an oracle threshold, as the
+                # field reports it), unlike FIR/MIR, whose threshold comes from the references only.
+                "tpr_at_fpr_1pct": round(tpr, 4),
+                "fpr_at_that_threshold": round(fpr, 4),
                 "fir": round(float(np.mean([flagged[m.name] for m in homologous])), 4),
                 "mir": round(float(np.mean([not flagged[m.name] for m in pirates])), 4),
                 "families": fam,
@@ -355,6 +361,17 @@ def check_bar(results: dict[str, Any], budgets: Sequence[int], method: str, alph
                 losses.append(f"{name}@{b}: {e['budgets'][str(b)]['auc']} > {mine}")
     out.append({"criterion": "DeepCore AUC at or above every baseline at every budget from 20",
                 "met": not losses, "measured": "; ".join(losses) or "no baseline above"})
+    below = []
+    for b in budgets:
+        if b < 20:
+            continue
+        mine = dc["budgets"][str(b)]["tpr_at_fpr_1pct"]
+        for name, e in methods.items():
+            if not name.startswith("deepcore") and e["budgets"][str(b)]["tpr_at_fpr_1pct"] > mine:
+                below.append(f"{name}@{b}: {e['budgets'][str(b)]['tpr_at_fpr_1pct']} > {mine}")
+    out.append({"criterion": "DeepCore TPR at FPR <= 1% at or above every baseline's at every budget from 20",
+                "met": not below, "measured": "; ".join(below) or "no baseline above: DeepCore " + ", ".join(
+                    f"{dc['budgets'][str(b)]['tpr_at_fpr_1pct']}@{b}" for b in budgets if b >= 20)})
     ratios = {f: r.get("ratio_to_minimum") for f, r in seqf.items() if r.get("ratio_to_minimum") is not None}
     out.append({"criterion": "median queries within 2x of ln(1/alpha)/KL for the measured agreement rates",
                 "met": bool(ratios) and all(v <= 2 for v in ratios.values()),

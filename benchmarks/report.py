@@ -55,6 +55,12 @@ def markdown(r: dict[str, Any]) -> str:
         *_table(["method", "label-only", *[f"{b} q" for b in budgets]],
                 [[n, "yes" if e["label_only"] else "no", *[e["budgets"][str(b)]["auc"] for b in budgets]] for n, e in methods.items()]),
         "",
+        "## TPR at FPR <= 1% (the threshold read on the homologous suspects; under 100 of them, FPR 0)",
+        "",
+        *_table(["method", "label-only", *[f"{b} q" for b in budgets]],
+                [[n, "yes" if e["label_only"] else "no", *[e["budgets"][str(b)].get("tpr_at_fpr_1pct", "-") for b in budgets]]
+                 for n, e in methods.items()]),
+        "",
         f"## FIR / MIR at the calibrated threshold (alpha {r['config']['alpha']})",
         "",
         *_table(["method", *[f"{b} q" for b in budgets]],

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import one_line_error
 
 from deepcore_auditor.auditor.cli import cli
-from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bernoulli, roc_curve
+from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bernoulli, roc_curve, tpr_at_fpr
 from deepcore_auditor.benchmarks.piracy import SCORES
 from deepcore_auditor.fingerprints.stats import binom_cdf
 
@@ -38,7 +38,7 @@ def test_smoke_writes_every_output(smoke: tuple[Path, dict, str]) -> None:
     for name in ("roc.png", "errors.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
-    assert "## The bar" in md and "test accuracy" in md
+    assert "## The bar" in md and "test accuracy" in md and "## TPR at FPR <= 1%" in md
     assert set(r["methods"]) == set(SCORES)
     for name, e in r["methods"].items():
         assert list(e["budgets"]) == ["10", "20"], name
@@ -46,7 +46,7 @@ def test_smoke_writes_every_output(smoke: tuple[Path, dict, str]) -> None:
             assert 0 <= b["auc"] <= 1 and 0 <= b["fir"] <= 1 and 0 <= b["mir"] <= 1
         assert ("sequential" in e) == (e["score"] != "correlation")
     assert set(r["bar"]) == {"deepcore-agreement", "deepcore-clustering"}
-    assert all(len(bar) == 7 and all(isinstance(b["met"], bool) for b in bar) for bar in r["bar"].values())
+    assert all(len(bar) == 8 and all(isinstance(b["met"], bool) for b in bar) for bar in r["bar"].values())
     assert 0 < r["owner"]["test_accuracy"] <= 1
     assert r["environment"]["torch"] and r["run_s"] > 0 and r["config"]["seed"] == 3
     assert "results in" in output
@@ -65,6 +65,8 @@ def test_smoke_tells_weight_copies_from_another_task(smoke: tuple[Path, dict, st
     assert all(v["verdict"] != "piracy" for k, v in verdicts.items() if r["zoo"][k]["kind"] == "homologous"), verdicts
     assert all(v["verdict"] != "independent" for k, v in verdicts.items() if k.startswith(("int8", "fp16"))), verdicts
     assert all(v["queries"] <= 20 for v in verdicts.values())
+    assert dc["budgets"]["20"]["tpr_at_fpr_1pct"] > 0 and dc["budgets"]["20"]["fpr_at_that_threshold"] == 0
+    assert any(b["criterion"].startswith("DeepCore TPR at FPR <= 1%") for b in r["bar"]["deepcore-agreement"])
     # thresholds come from the calibration references, never from evaluated suspects
     assert len(dc["budgets"]["20"]["reference_scores"]) == 6
     assert set(dc["budgets"]["20"]["reference_scores"]).isdisjoint(scores)
@@ -78,6 +80,17 @@ def test_auc_and_roc() -> None:
     fpr, tpr = roc_curve([0.9, 0.4], [0.5, 0.1])
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
     assert all(a <= b for a, b in zip(fpr, fpr[1:], strict=False)) and all(a <= b for a, b in zip(tpr, tpr[1:], strict=False))
+
+
+def test_tpr_at_fpr() -> None:
+    # Under 100 negatives, FPR <= 1% admits no false positive: only positives above every negative count.
+    assert tpr_at_fpr([0.9, 0.7, 0.5], [0.1, 0.6, 0.2], 0.01) == (2 / 3, 0.0)
+    assert tpr_at_fpr([0.6], [0.6], 0.01) == (0.0, 0.0)  # a tie with a negative is not above it
+    # With 200 negatives two may be flagged: the threshold is the third highest.
+    neg = [0.0] * 197 + [0.8, 0.9, 0.95]
+    assert tpr_at_fpr([0.85, 0.92, 0.5], neg, 0.01) == (2 / 3, 0.01)
+    assert tpr_at_fpr([0.99], neg, 0.0) == (1.0, 0.0)
+    assert all(math.isnan(v) for v in tpr_at_fpr([], [0.1], 0.01))
 
 
 @pytest.mark.parametrize("p0,n", [(0.3, 10), (0.5, 50), (0.1, 400), (0.8, 20)])
