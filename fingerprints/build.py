@@ -367,20 +367,27 @@ def build_fingerprint(
     owner_accuracy = float(np.mean(held.owner_labels == hy))
     say(f"owner: held-out accuracy {owner_accuracy:.3f} on {len(hy)} samples; training and growing points on {_describe(device)}")
     robustness = None
-    t0 = time.monotonic()
+    stages: dict[str, float] = {}  # seconds per stage, printed at the end (never recorded: the file stays reproducible)
+    t0 = start = time.monotonic()
     if config.core.epsilon is None:
         robustness = choose_epsilon(owner, points, labels, config.core.min_confidence, seed=config.seed, progress=bars)
         config = dataclasses.replace(config, core=dataclasses.replace(config.core, epsilon=robustness.epsilon))
         say(f"owner flips at L-inf {robustness.flip_radius * 255:.1f}/255: core points get epsilon "
             f"{robustness.epsilon:.4f} ({robustness.epsilon * 255:.1f}/255; {time.monotonic() - t0:.0f} s)")
+    stages["robustness"] = time.monotonic() - t0
     cache = (KnownModelCache(cache_dir, given, owner_held, points, labels, hx, hy, num_classes,
                              factory_args=owner_identity.get("factory_args", "")) if cache_dir is not None else None)
     work = ZooWork(points, labels, num_classes, config, held, owner_accuracy)
+    t0 = time.monotonic()
     ready = _trained_elsewhere(work, owner, fan_out, cache, say, bars) if fan_out is not None else {}
+    if fan_out is not None:
+        stages["trained elsewhere"] = time.monotonic() - t0
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")
+        t1 = time.monotonic()
         known.append(_trained_and_checked(spec, owner, work, i, say, cache, bars, ready.pop(i, None)))
+        stages[f"{spec.role} models"] = stages.get(f"{spec.role} models", 0.0) + time.monotonic() - t1
     for spec, m in extra_references:
         km = KnownModel(spec, model=m) if isinstance(m, nn.Module) else KnownModel(spec, oracle=m)
         km.quality = held.measure(_labels_of(km, hx))
@@ -393,7 +400,9 @@ def build_fingerprint(
         extra["robustness"] = robustness.to_dict()
     t0 = time.monotonic()
     fp = _grow(owner, known, points, labels, classes, owner_identity, config, extra, say, bars)
-    say(f"core points grown in {time.monotonic() - t0:.0f} s")
+    stages["core points"] = time.monotonic() - t0
+    say(f"core points grown in {stages['core points']:.0f} s")
+    say(f"built in {time.monotonic() - start:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
     if created is not None:
         fp = dataclasses.replace(fp, created=created)
     check_separable(fp, say, refuse=require_separable)

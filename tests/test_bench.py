@@ -129,3 +129,14 @@ def test_missing_data_and_output_directory(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["bench", "--data", "fashion-mnist", "--out", str(tmp_path / "no" / "r")])
     one_line_error(result, "does not exist")
     assert not (tmp_path / "r").exists() and not (tmp_path / "no").exists()
+
+
+def test_core_speed_script_times_both_loops_on_the_same_work(tmp_path: Path) -> None:
+    """benchmarks/core_speed.py (its figures are in the README): both loops run and the ratio is theirs."""
+    from deepcore_auditor.benchmarks.core_speed import main
+
+    out = tmp_path / "speed.json"
+    assert main(["--students", "2", "--references", "1", "--candidates", "8", "--steps", "2", "--repeats", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["candidates"] == 8 and r["steps"] == 2 and r["models"] == {"owner": "cnn", "students": 2, "references": 1}
+    assert len(r["seconds"]["optimize_points"]) == len(r["seconds"]["bare_loop"]) == 1 and r["ratio"] > 0
