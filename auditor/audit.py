@@ -19,7 +19,15 @@ from deepcore_auditor.adapters.errors import IncompatibleSuspect, InputError
 from deepcore_auditor.auditor.channel import QueryChannel
 from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
-from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES, rates, resolve_test, why_not_betting
+from deepcore_auditor.fingerprints.calibration import (
+    MODES,
+    SET_NAMES,
+    TEST_CHOICES,
+    point_sets,
+    rates,
+    resolve_test,
+    why_not_betting,
+)
 from deepcore_auditor.fingerprints.format import Fingerprint
 from deepcore_auditor.fingerprints.stats import TESTS, BettingTest, SequentialTest, expected_queries, log_likelihood_ratios
 
@@ -99,6 +107,9 @@ class Plan:
     p0: tuple[float, ...]
     p1: tuple[float, ...]
     test: str = "sprt"  # a ledger written before the betting test names none: it ran Wald's
+    # Per position, the set of its point (calibration.SET_NAMES: 0 core, 1 the owner's mistakes);
+    # empty (a ledger written before error points, or a fingerprint without them): all core points.
+    sets: tuple[int, ...] = ()
 
     @classmethod
     def make(cls, fp: Fingerprint, config: AuditConfig) -> Plan:
@@ -107,6 +118,7 @@ class Plan:
         config.validate()
         test = resolve_test(fp, config.mode, config.test, config.alpha, config.budget)
         r = rates(fp, config.mode, test)
+        sets = point_sets(fp)
         order = plan_order(len(fp), config.seed)
         plan = cls(
             test=test,
@@ -117,6 +129,7 @@ class Plan:
             owner_labels=tuple(int(fp.owner_labels[i]) for i in order),
             p0=tuple(float(r.p0[i]) for i in order),
             p1=tuple(float(r.p1[i]) for i in order),
+            sets=tuple(int(k) for k in sets[order]) if sets.max() > 0 else (),
         )
         problem = plan.problem()
         if problem:  # the very check a verifier applies to the plan read back from the ledger
@@ -137,6 +150,8 @@ class Plan:
             return f"the seed must be 0 or more, got {self.seed}"
         if not 0 <= self.repeat_checks <= n:
             return f"repeat checks must lie between 0 and the fingerprint's {n} points, got {self.repeat_checks}"
+        if self.sets and (len(self.sets) != n or any(k not in range(len(SET_NAMES)) for k in self.sets)):
+            return f"point sets must be one of 0..{len(SET_NAMES) - 1} per point"
         if any(not 0 <= v < 2**31 for v in self.owner_labels):
             return "owner label out of range"
         if any(not (math.isfinite(v) and 0 <= v <= 1) for v in self.p0 + self.p1):
@@ -160,6 +175,7 @@ class Plan:
                 owner_labels=tuple(int(v) for v in d["owner_labels"]),
                 p0=tuple(float(v) for v in d["p0"]), p1=tuple(float(v) for v in d["p1"]),
                 test=str(d.get("test", "sprt")),
+                sets=tuple(int(v) for v in d.get("sets", ())),
             )
         except (KeyError, TypeError, OverflowError) as e:
             raise ValueError(f"malformed plan ({type(e).__name__}: {e})") from e
@@ -170,6 +186,15 @@ class Plan:
 
     def __len__(self) -> int:
         return len(self.digests)
+
+    def set_of(self) -> np.ndarray:
+        """Per position, its point's set (all 0 without error points)."""
+        return np.asarray(self.sets, dtype=np.int64) if self.sets else np.zeros(len(self), dtype=np.int64)
+
+    def set_alpha(self) -> float:
+        """Each set's test accuses at alpha / the number of sets (a union bound: an independent
+        model is accused with probability at most alpha whichever set's test would do it)."""
+        return self.alpha / len(np.unique(self.set_of()))
 
 
 def score_answers(answers: np.ndarray, owner_labels: np.ndarray, access: Access, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -203,14 +228,15 @@ class Outcome:
     llr: float = 0.0
     trajectory: list[Step] = field(default_factory=list)
     stop_note: str | None = None
+    per_set: dict[str, tuple[float, int]] = field(default_factory=dict)  # set name -> (agreement, answers)
 
 
 class _Wald:
-    """Wald's SPRT over the plan's per-point rates, batch by batch of the plan's size."""
+    """Wald's SPRT over one set's per-point rates (indexed by plan position), batch by batch."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.test = SequentialTest(plan.alpha, plan.beta)
-        self.p0, self.p1 = np.asarray(plan.p0), np.asarray(plan.p1)
+    def __init__(self, alpha: float, beta: float, p0: np.ndarray, p1: np.ndarray) -> None:
+        self.test = SequentialTest(alpha, beta)
+        self.p0, self.p1 = p0, p1
         self.llr = 0.0
 
     def batch(self, limit: int) -> int:
@@ -225,11 +251,12 @@ class _Wald:
 
 
 class _Betting:
-    """The two bettors of `stats.BettingTest`, looked at after every answer; a batch is never
-    larger than the answers after which the test could decide (`useful_batch`)."""
+    """The two bettors of `stats.BettingTest` over one set's points, looked at after every
+    answer; a batch is never larger than the answers after which the test could decide
+    (`useful_batch`)."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.test = BettingTest.start(plan.alpha, plan.beta, np.asarray(plan.p0), np.asarray(plan.p1))
+    def __init__(self, alpha: float, beta: float, p0: np.ndarray, p1: np.ndarray, members: np.ndarray) -> None:
+        self.test = BettingTest.start(alpha, beta, p0[members], p1[members])
 
     def batch(self, limit: int) -> int:
         return self.test.useful_batch(limit)
@@ -244,13 +271,59 @@ class _Betting:
         return self.test.piracy.log_wealth, self.test.independence.log_wealth
 
 
+class _PerSet:
+    """One test per set of points (`Plan.sets`), each at `Plan.set_alpha`: `piracy` as soon as
+    any set's test says so; `independent` once every set's test has said so (a pirate is cleared
+    only if the test of the set it copies clears it: at most beta). A set whose test said
+    `independent` is not scored further; its points still asked in plan order are spent without
+    evidence (the plan's order is fixed before the first answer, which keeps resume and replay
+    exact). One set: the plan's test alone, as before sets existed."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.sets = plan.set_of()
+        p0, p1 = np.asarray(plan.p0), np.asarray(plan.p1)
+        alpha = plan.set_alpha()
+        self.tests: dict[int, _Wald | _Betting] = {}
+        for k in np.unique(self.sets).tolist():
+            members = np.flatnonzero(self.sets == k)
+            self.tests[k] = (_Betting(alpha, plan.beta, p0, p1, members) if plan.test == "betting"
+                             else _Wald(alpha, plan.beta, p0, p1))
+        self.decided: dict[int, str] = {}
+
+    def batch(self, limit: int) -> int:
+        return min(t.batch(limit) for k, t in self.tests.items() if k not in self.decided)
+
+    def add(self, pos: np.ndarray, s: np.ndarray) -> str | None:
+        for k, test in self.tests.items():
+            if k in self.decided:
+                continue
+            mine = self.sets[pos] == k
+            if mine.any():
+                d = test.add(pos[mine], s[mine])
+                if d == "piracy":
+                    return d
+                if d is not None:
+                    self.decided[k] = d
+        return "independent" if len(self.decided) == len(self.tests) else None
+
+    def evidence(self) -> tuple[float, float | None]:
+        """The evidence for piracy of the set nearest to accusing, and against piracy of the one
+        farthest from clearing: each crosses its threshold (`thresholds`) exactly when the
+        combined test decides."""
+        ev = [t.evidence() for t in self.tests.values()]
+        against = [e[1] for e in ev if e[1] is not None]
+        return max(e[0] for e in ev), (min(against) if against else None)
+
+
 def thresholds(plan: Plan) -> dict[str, float]:
     """The test's thresholds as a report states them: on Wald's log-likelihood ratio, or for the
     betting test on the log wealth against independence (piracy, ln(1/alpha)) and minus the log
-    wealth against piracy (independent, ln(beta)), so both plot on one axis."""
+    wealth against piracy (independent, ln(beta)), so both plot on one axis; alpha is each set's
+    share (`Plan.set_alpha`)."""
+    alpha = plan.set_alpha()
     if plan.test == "betting":
-        return {"piracy": round(math.log(1 / plan.alpha), 4), "independent": round(math.log(plan.beta), 4)}
-    test = SequentialTest(plan.alpha, plan.beta)
+        return {"piracy": round(math.log(1 / alpha), 4), "independent": round(math.log(plan.beta), 4)}
+    test = SequentialTest(alpha, plan.beta)
     return {"piracy": round(test.upper, 4), "independent": round(test.lower, 4)}
 
 
@@ -264,8 +337,9 @@ def run_test(
     answers) until it decides, or the budget or the points run out. The audit and the report
     verifier both run this, so a report is checked by the very code that made it."""
     access = Access(plan.access)
-    test: _Wald | _Betting = _Betting(plan) if plan.test == "betting" else _Wald(plan)
+    test = _PerSet(plan)
     labels = np.asarray(plan.owner_labels)
+    sets = plan.set_of()
     out = Outcome()
     agree: list[float] = []
     scores: list[float] = []
@@ -292,6 +366,10 @@ def run_test(
         out.trajectory.append(step)
         if progress:
             progress(step)
+    if plan.sets and agree:
+        asked = sets[: len(agree)]
+        out.per_set = {SET_NAMES[k]: (round(float(np.mean(np.asarray(agree)[asked == k])), 4), int((asked == k).sum()))
+                       for k in np.unique(asked).tolist()}
     return out
 
 
@@ -436,6 +514,9 @@ def audit(
     out = run_test(plan, ask, config.budget, progress)
     if out.stop_note:
         notes.append(out.stop_note)
+    if out.per_set:
+        notes.append("agreement per set of points (each its own test at alpha/{}): ".format(len(out.per_set)) + ", ".join(
+            f"{name} {a:.3f} over {k}" for name, (a, k) in out.per_set.items()))
     decision = out.decision
     if decision is None and out.asked >= len(plan):
         notes.append(f"the fingerprint's {len(plan)} points ran out before the test decided")
@@ -446,7 +527,8 @@ def audit(
         decision, repeat = _repeat_check(fp, plan, channel, out.asked, notes)
     if channel.retried:  # after the repeat check, whose failed attempts are charged too
         notes.append(f"{channel.retried} failed attempts were retried; each was charged to the budget")
-    p0, p1 = float(r.p0.mean()), float(r.p1.mean())
+    core = point_sets(fp) == 0  # p0 and p1 as one figure: the core points' (the error points' are in the calibration)
+    p0, p1 = float(r.p0[core].mean()), float(r.p1[core].mean())
     return AuditResult(
         verdict=decision or "inconclusive",
         queries_used=prior + channel.spent,

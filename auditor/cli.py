@@ -189,6 +189,9 @@ def _source_date() -> str | None:
 @click.option("--steps", type=int, default=CoreConfig.steps, show_default=True, help="Optimization steps per point.")
 @click.option("--min-confidence", type=float, default=CoreConfig.min_confidence, show_default=True, help="Owner confidence a core point must reach.")
 @click.option("--uint8-points", is_flag=True, help="Keep the core points on the 8-bit grid (values k/255), so they travel unchanged as PNG images (audit --image-format png).")
+@click.option("--error-points", type=click.IntRange(min=0), default=CoreConfig.error_points, show_default=True,
+              help="Also keep up to this many held-out samples the owner gets wrong and its simulated students copy: "
+                   "a second set of points with its own test, for students of other architectures (0: core points only).")
 @click.option("--reference-weight", default="auto", show_default=True, callback=_auto_or_float,
               help="Weight of pushing references away; auto: the smallest of 2, 4, 8, 16 on which an exact copy is identified within a quarter of the points.")
 @click.option("--train-samples", type=int, default=BuildConfig.train_samples, show_default=True, help="Owner-data samples for each simulation/reference (train them as well as the owner: weak references understate p0).")

@@ -116,7 +116,7 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
                  min_confidence: float = CoreConfig.min_confidence, reference_weight: float | None = CoreConfig.reference_weight,
                  train_samples: int = BuildConfig.train_samples, epochs: int = BuildConfig.epochs,
                  max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed,
-                 uint8_points: bool = CoreConfig.uint8_points,
+                 uint8_points: bool = CoreConfig.uint8_points, error_points: int = CoreConfig.error_points,
                  calibration_references: int = DEFAULT_CALIBRATION_REFERENCES,
                  device: str = BuildConfig.device) -> BuildConfig:
     """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo;
@@ -127,7 +127,7 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
         raise InputError(f"--calibration-references: {e}") from None
     core = CoreConfig(n_candidates=candidates, n_points=n_points, epsilon=epsilon, steps=steps,
                       min_confidence=min_confidence, reference_weight=reference_weight, seed=seed,
-                      uint8_points=uint8_points)
+                      uint8_points=uint8_points, error_points=error_points)
     return BuildConfig(core=core, zoo=zoo, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs, seed=seed,
                        device=device)
 

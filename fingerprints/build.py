@@ -33,7 +33,7 @@ from deepcore_auditor.adapters.torch import resolve_device
 from deepcore_auditor.fingerprints import recipes
 from deepcore_auditor.fingerprints.calibration import rates
 from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, KnownModelSpec
-from deepcore_auditor.fingerprints.core import choose_epsilon, optimize_points, plan_candidates, select_core
+from deepcore_auditor.fingerprints.core import choose_epsilon, optimize_points, plan_candidates, select_core, select_error_points
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
 from deepcore_auditor.fingerprints.model_cache import KnownModelCache, load_state, state_bytes
 from deepcore_auditor.fingerprints.models import (
@@ -402,6 +402,9 @@ def build_fingerprint(
     fp = _grow(owner, known, points, labels, classes, owner_identity, config, extra, say, bars)
     stages["core points"] = time.monotonic() - t0
     say(f"core points grown in {stages['core points']:.0f} s")
+    t0 = time.monotonic()
+    fp = _with_error_points(fp, owner, known, holdout, config, say)
+    stages["error points"] = time.monotonic() - t0
     say(f"built in {time.monotonic() - start:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
     if created is not None:
         fp = dataclasses.replace(fp, created=created)
@@ -506,6 +509,38 @@ def _grow(owner: Normalized, known: Sequence[KnownModel], points: np.ndarray, la
     fp = fingerprint(weight, cand, core.n_points, ladder)
     say(f"kept {len(fp)} core points (reference weight {weight:g})")
     return fp
+
+
+MIN_ERROR_POINTS = 20  # fewer error points than this make no test worth running: none are kept
+
+
+def _with_error_points(fp: Fingerprint, owner: Normalized, known: Sequence[KnownModel],
+                       natural: tuple[np.ndarray, np.ndarray], config: BuildConfig, say: Callable[[str], None]) -> Fingerprint:
+    """`fp` with the owner's mistakes on the natural held-out samples appended as a second set of
+    points (`core.select_error_points`, `calibration.point_sets`), every known model's answers
+    recorded on them too: calibration references set their p0 as they set the core points'.
+    Their count is `extra["error_points"]`; `seed_index` and `selection_score` stay the core
+    points' own. Fewer than MIN_ERROR_POINTS qualifying (an owner that is rarely wrong on its
+    held-out data, or whose mistakes its simulated students do not share): none are kept."""
+    want = config.core.error_points
+    if want <= 0:
+        return fp
+    students = [k.model for k in known if k.spec.kind == "piracy" and k.spec.role == "selection" and k.model is not None]
+    refs = [k.model for k in known if k.spec.kind == "independent" and k.spec.role == "selection" and k.model is not None]
+    ep = select_error_points(owner, students, refs, natural[0], natural[1], want, config.seed)
+    if len(ep.index) < MIN_ERROR_POINTS:
+        say(f"no error points: {len(ep.index)} of the owner's {ep.candidates} mistakes on {len(natural[1])} held-out "
+            f"samples are copied more by its simulated students than by its references (at least {MIN_ERROR_POINTS} needed)")
+        return dataclasses.replace(fp, extra={**fp.extra, "error_candidates": ep.candidates})
+    x = natural[0][ep.index].astype(np.float32)
+    points = np.concatenate([fp.points, x])
+    labels = np.concatenate([fp.owner_labels, ep.owner_labels])
+    extra = {**fp.extra, "error_points": len(ep.index), "error_candidates": ep.candidates,
+             "error_selection_score": ep.score.round(4).tolist()}
+    say(f"kept {len(ep.index)} error points: held-out samples the owner gets wrong ({ep.candidates} of "
+        f"{len(natural[1])}) that its simulated students copy more than its references")
+    return dataclasses.replace(fp, points=points, owner_labels=labels, owner_probs=np.concatenate([fp.owner_probs, predict(owner, x)]),
+                               known_models=tuple(_answers(k.spec, k, points, labels) for k in known), extra=extra)
 
 
 SEPARABLE_ALPHA = 0.01  # the audit's default alpha and beta

@@ -120,16 +120,56 @@ def rate_bound(values: list[np.ndarray], soft: bool, upper: bool) -> float:
     return float(max(0.0, min(min(each), means.mean() - spread)))
 
 
+# The kinds of points a fingerprint holds, by set number (`point_sets`): core points, grown far
+# past the owner's boundary, and the owner's own mistakes on natural held-out data
+# (fingerprints.build: error points), which follow its core points in the file.
+SET_NAMES = ("core", "errors")
+
+
+def point_sets(fp: Fingerprint) -> np.ndarray:
+    """Per point, the number of its set in SET_NAMES: the last `extra["error_points"]` points are
+    the owner's mistakes, the others core points (all of them in a fingerprint without any)."""
+    sets = np.zeros(len(fp), dtype=np.int64)
+    k = int(fp.extra.get("error_points", 0) or 0)
+    if not 0 <= k < len(fp):
+        raise InputError(f"the fingerprint names {k} error points among its {len(fp)} points")
+    if k:
+        sets[len(fp) - k:] = 1
+    return sets
+
+
+def subset(fp: Fingerprint, index: np.ndarray) -> Fingerprint:
+    """The fingerprint restricted to the points at `index`, every known model's answers with them,
+    as one set of points of its own (no error points named)."""
+    extra = {k: v for k, v in fp.extra.items() if k != "error_points"}
+    known = tuple(dataclasses.replace(m, labels=m.labels[index], owner_prob=m.owner_prob[index]) for m in fp.known_models)
+    return dataclasses.replace(fp, points=fp.points[index], owner_labels=fp.owner_labels[index],
+                               owner_probs=fp.owner_probs[index], known_models=known, extra=extra, signature=None)
+
+
 def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
     """The test's per-point p0/p1 for `mode` (agreement, similarity, clustering) under `test`
     ("betting" or "sprt"; the rates a report's plan holds are recomputed under the test it names).
+
+    Each set of points (`point_sets`) gets its own rates, from the known models' answers on that
+    set alone: an independent model that agrees little with the owner's core points may agree
+    more with its mistakes, and the reverse (the audit runs one test per set). The summary is the
+    core points' one, with the error points' own under "error_points".
 
     Computed once per fingerprint object (`Fingerprint.derived`): the exact binomial bounds are
     most of an audit's fixed cost. Each call gets its own summary; p0 and p1 are read-only."""
     key = ("rates", mode, test)
     kept = fp.derived.get(key)
     if kept is None:
-        kept = _rates(fp, mode, test)
+        sets = point_sets(fp)
+        if sets.max() == 0:
+            kept = _rates(fp, mode, test)
+        else:
+            parts = [_rates(subset(fp, np.flatnonzero(sets == k)), mode, test) for k in range(len(SET_NAMES))]
+            p0, p1 = np.empty(len(fp)), np.empty(len(fp))
+            for k, r in enumerate(parts):
+                p0[sets == k], p1[sets == k] = r.p0, r.p1
+            kept = Rates(mode, p0, p1, {**parts[0].summary, "error_points": parts[1].summary})
         kept.p0.setflags(write=False)
         kept.p1.setflags(write=False)
         fp.derived[key] = kept
@@ -224,6 +264,11 @@ def why_not_betting(fp: Fingerprint, mode: str, alpha: float, budget: int) -> st
                 "--calibration-references 10 or more)")
     n = len(fp)
     limit = min(budget, n)
+    sets = point_sets(fp)
+    if sets.max() > 0:  # the core points' own test, at its share of alpha and of the queries
+        core = np.flatnonzero(sets == 0)
+        alpha, limit = alpha / len(SET_NAMES), max(1, limit * len(core) // n)
+        fp, n = subset(fp, core), len(core)
     p0 = float(np.mean(rates(fp, mode, "betting").p0))
     if Bettor(n * p0, n).best_case_needs(math.log(1 / alpha), limit) > limit:
         return (f"sequential test: Wald's — the references vary so much that their prediction bound puts p0 at "

@@ -234,6 +234,36 @@ def select_core(
     )
 
 
+@dataclass(frozen=True)
+class ErrorPoints:
+    index: np.ndarray  # int64 [m]: which of the natural samples offered
+    owner_labels: np.ndarray  # int64 [m]: the owner's (wrong) label there
+    score: np.ndarray  # float64 [m]: students copying - references copying
+    candidates: int  # how many of the samples offered the owner got wrong
+
+
+def select_error_points(owner: nn.Module, students: Sequence[nn.Module], references: Sequence[nn.Module],
+                        points: np.ndarray, labels: np.ndarray, n: int, seed: int) -> ErrorPoints:
+    """Up to `n` natural samples (`points`, true `labels`, never trained on by the owner) that the
+    owner gets wrong, ranked as core points are (students copying the owner's label minus
+    references giving it), ties broken by a seeded draw; only samples that the students copy more
+    than the references are kept. An independent model errs where the task is ambiguous, and so
+    does the owner, but each in its own way; a model trained on the owner's answers errs the
+    owner's way, in any architecture."""
+    o_lab = _labels(owner, points)[0]
+    wrong = np.flatnonzero(o_lab != labels)
+    if len(wrong) == 0 or n <= 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return ErrorPoints(empty, empty, np.zeros(0), len(wrong))
+    x, target = points[wrong], o_lab[wrong]
+    follow = np.mean([_labels(s, x)[0] == target for s in students], axis=0) if students else np.ones(len(x))
+    refuse = np.mean([_labels(r, x)[0] == target for r in references], axis=0) if references else np.zeros(len(x))
+    score = follow - refuse
+    order = np.lexsort((np.random.default_rng(seed).random(len(x)), -score))
+    keep = np.sort(np.asarray([i for i in order if score[i] > 0][:n], dtype=np.int64))
+    return ErrorPoints(wrong[keep].astype(np.int64), target[keep].astype(np.int64), score[keep].astype(np.float64), len(wrong))
+
+
 def build_core_points(
     owner: nn.Module,
     students: Sequence[nn.Module],
