@@ -24,7 +24,7 @@ from deepcore_auditor.auditor.cluster import RayCluster, reachable
 from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
-from deepcore_auditor.fingerprints.calibration import rates, resolve_test
+from deepcore_auditor.fingerprints.calibration import point_sets, rates, resolve_test
 from deepcore_auditor.fingerprints.config import (
     DEFAULT_CALIBRATION_REFERENCES,
     BuildConfig,
@@ -601,11 +601,13 @@ def _resume_hint(ledger: Path, answered: int) -> str:
 
 def _describe_known(fp: Any, m: Any) -> str:
     """One known model: what it is, how it did on held-out data, its agreement on the kept points."""
-    kept = float((m.labels == fp.owner_labels).mean())
+    sets = point_sets(fp)
+    same = m.labels == fp.owner_labels
+    kept = f"{float(same[sets == 0].mean()):.3f}" + (f", on the error points {float(same[sets == 1].mean()):.3f}" if sets.max() else "")
     q = m.quality
     measured = (f"held-out accuracy {q['accuracy']:.3f}, agreement {q['agreement']:.3f}; " if q is not None
                 else "held-out accuracy not measured; ")
-    return f"{m.name} ({m.kind}, {m.family}, {m.role}): {measured}agreement on the kept points {kept:.3f}"
+    return f"{m.name} ({m.kind}, {m.family}, {m.role}): {measured}agreement on the kept points {kept}"
 
 
 def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env: str | None = None) -> dict[str, Any]:
@@ -624,6 +626,7 @@ def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env:
         ),
         "created": fp.created,
         "points": len(fp),
+        "error_points": int(fp.extra.get("error_points", 0) or 0),  # of which the owner's mistakes (calibration.point_sets)
         "point_shape": list(fp.point_shape),
         "classes": list(fp.classes),
         "convention": fp.convention.to_dict(),

@@ -31,7 +31,7 @@ from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.adapters.images import to_uint8_grid
 from deepcore_auditor.adapters.torch import resolve_device
 from deepcore_auditor.fingerprints import recipes
-from deepcore_auditor.fingerprints.calibration import rates
+from deepcore_auditor.fingerprints.calibration import point_sets, rates, subset
 from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, KnownModelSpec
 from deepcore_auditor.fingerprints.core import choose_epsilon, optimize_points, plan_candidates, select_core, select_error_points
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
@@ -564,7 +564,19 @@ def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool
     which they agree so highly that no verdict could tell an independent model from a pirate:
     when even an exact copy, agreeing on every point, would not reach the piracy threshold at
     alpha = beta = 0.01 within the fingerprint's points — under Wald's test (p0/p1 of old) or
-    under the betting test, the audit's default, whose p0 may be the higher (a prediction bound)."""
+    under the betting test, the audit's default, whose p0 may be the higher (a prediction bound).
+    The refusal reads the core points alone; error points, a second test, are reported."""
+    sets = point_sets(fp)
+    if sets.max() > 0:
+        errors = subset(fp, np.flatnonzero(sets == 1))
+        r = rates(errors, "agreement", "betting")
+        cal = [m for m in errors.known_models if m.role == "calibration"]
+        say(f"{len(errors)} error points: held-out references agree " + ", ".join(
+            f"{m.name} {float(np.mean(m.labels == errors.owner_labels)):.3f}" for m in cal if m.kind == "independent")
+            + "; held-out students " + ", ".join(
+            f"{m.name} {float(np.mean(m.labels == errors.owner_labels)):.3f}" for m in cal if m.kind == "piracy")
+            + f"; their p0 {float(r.p0.max()):.3f}")
+        fp = subset(fp, np.flatnonzero(sets == 0))
     held = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
     for m in held:
         say(f"  held-out reference {m.name}: agreement {float(np.mean(m.labels == fp.owner_labels)):.3f} on the kept points")

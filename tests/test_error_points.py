@@ -1,0 +1,138 @@
+"""Error points: the owner's mistakes on held-out data as a second set of points, with a test of
+its own at half of alpha (calibration.point_sets, audit._PerSet), built by the fingerprint
+command (build._with_error_points) and replayed by verify-report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY
+
+from deepcore_auditor.auditor.audit import AuditConfig, Plan, run_test, thresholds
+from deepcore_auditor.auditor.cli import cli
+from deepcore_auditor.fingerprints.calibration import point_sets, rates, subset
+from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
+from deepcore_auditor.fingerprints.stats import SequentialTest
+
+ERRORS = 80
+
+
+def run(*args: str) -> Any:
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.fixture(scope="module")
+def two_sets(world: Any) -> Fingerprint:
+    """The world's fingerprint followed by its own last ERRORS points, named error points: two
+    sets with the known models' real answers on each (which points they are does not matter to
+    the test, and each set is large enough for an exact copy to be identified by its own test)."""
+    fp = load_fingerprint(world.fingerprint)
+    tail = np.arange(len(fp) - ERRORS, len(fp))
+
+    def twice(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, a[tail]])
+
+    known = tuple(dataclasses.replace(m, labels=twice(m.labels), owner_prob=twice(m.owner_prob)) for m in fp.known_models)
+    return dataclasses.replace(fp, points=twice(fp.points), owner_labels=twice(fp.owner_labels), owner_probs=twice(fp.owner_probs),
+                               known_models=known, extra={**fp.extra, "error_points": ERRORS})
+
+
+def test_each_set_gets_the_rates_of_its_own_points(two_sets: Fingerprint) -> None:
+    sets = point_sets(two_sets)
+    assert sets.sum() == ERRORS and (sets[-ERRORS:] == 1).all()
+    for test in ("sprt", "betting"):
+        r = rates(two_sets, "agreement", test)
+        for k in (0, 1):
+            own = rates(subset(two_sets, np.flatnonzero(sets == k)), "agreement", test)
+            assert np.allclose(r.p0[sets == k], own.p0) and np.allclose(r.p1[sets == k], own.p1)
+        assert r.summary["p0"] == rates(subset(two_sets, np.flatnonzero(sets == 0)), "agreement", test).summary["p0"]
+        assert "independent_models" in r.summary["error_points"]
+    assert not (point_sets(dataclasses.replace(two_sets, extra={})) > 0).any()
+
+
+def test_a_fingerprint_naming_more_error_points_than_it_has_is_refused(two_sets: Fingerprint) -> None:
+    from deepcore_auditor.adapters.errors import InputError
+
+    with pytest.raises(InputError, match="names 500 error points"):
+        point_sets(dataclasses.replace(two_sets, extra={"error_points": 500}))
+
+
+def test_the_plan_records_each_positions_set_and_reads_back(two_sets: Fingerprint) -> None:
+    plan = Plan.make(two_sets, AuditConfig(test="sprt"))
+    assert np.array_equal(plan.set_of(), point_sets(two_sets)[np.asarray(plan.indices)])
+    assert Plan.from_dict(plan.to_dict()) == plan and plan.set_alpha() == pytest.approx(0.005)
+    old = {k: v for k, v in plan.to_dict().items() if k != "sets"}  # a ledger from before error points
+    assert Plan.from_dict(old).sets == () and Plan.from_dict(old).set_alpha() == 0.01
+    with pytest.raises(ValueError, match="point sets"):
+        Plan.from_dict({**plan.to_dict(), "sets": [2] * len(plan)})
+    with pytest.raises(ValueError, match="point sets"):
+        Plan.from_dict({**plan.to_dict(), "sets": [0]})
+    # each set's test accuses at alpha/2: a union bound over the two
+    assert thresholds(plan)["piracy"] == round(SequentialTest(0.005, 0.01).upper, 4)
+    betting = Plan.make(two_sets, AuditConfig(test="betting"))
+    assert thresholds(betting)["piracy"] == round(math.log(2 / 0.01), 4)
+
+
+def _suspect(plan: Plan, copies: set[int]) -> Any:
+    """Answers the owner's label on the points of the sets in `copies`, another label elsewhere."""
+    labels, sets = np.asarray(plan.owner_labels), plan.set_of()
+    return lambda pos: np.where(np.isin(sets[pos], list(copies)), labels[pos], (labels[pos] + 1) % 10)
+
+
+@pytest.mark.parametrize("test", ["sprt", "betting"])
+@pytest.mark.parametrize("copies,verdict", [({1}, "piracy"), ({0}, "piracy"), (set(), "independent"), ({0, 1}, "piracy")])
+def test_either_set_accuses_and_only_both_clear(two_sets: Fingerprint, test: str, copies: set[int], verdict: str) -> None:
+    """A student that copies only the owner's mistakes is accused by their test, a copy of the
+    core points by theirs; `independent` needs both tests to clear the suspect."""
+    plan = Plan.make(two_sets, AuditConfig(test=test, budget=len(two_sets), batch_size=5))
+    out = run_test(plan, _suspect(plan, copies), len(two_sets))
+    assert out.decision == verdict, (out.decision, out.asked, out.per_set)
+    last = out.trajectory[-1]
+    limits = thresholds(plan)
+    if verdict == "piracy":
+        assert last.llr >= limits["piracy"]
+    elif test == "sprt":
+        assert last.llr <= limits["independent"]
+    else:  # the betting test plots minus its evidence against piracy: every set's crossed ln(1/beta)
+        assert last.llr_independent is not None and -last.llr_independent <= limits["independent"]
+    if copies == {1}:  # the answers on the core points were asked and count in the agreement, not as evidence
+        assert out.per_set["core"][0] == 0 and out.per_set["errors"][0] == 1
+
+
+@pytest.mark.slow
+def test_fingerprint_command_keeps_error_points_and_audits_replay(world: Any, tmp_path: Path) -> None:
+    """The world's owner rebuilt with 40 error points (its known models come from this session's
+    cache): the file names them, inspect shows them, the world's suspects get their verdicts
+    through both tests, and verify-report replays an audit of the two-set plan."""
+    out = tmp_path / "fp.json"
+    conv = json.loads(world.fingerprint.read_text())["content"]["convention"]
+    r = run("fingerprint", "--owner", str(world.owner_ts), "--data", str(world.root / "owner-data.npz"), "--out", str(out),
+            *TINY, "--error-points", "40", "--mean", ",".join(map(str, conv["mean"])), "--std", ",".join(map(str, conv["std"])))
+    assert r.exit_code == 0, r.output
+    fp = load_fingerprint(out)
+    k = fp.extra["error_points"]
+    assert 20 <= k <= 40 and f"and {k} error points" in r.output and fp.extra["error_candidates"] >= k
+    # kept only where the simulated students copy the owner's mistake more than the references do
+    assert len(fp.extra["error_selection_score"]) == k and min(fp.extra["error_selection_score"]) > 0
+    assert all(m.labels.shape == (len(fp),) for m in fp.known_models)
+    i = run("inspect", str(out), "--json")
+    assert i.exit_code == 0 and json.loads(i.stdout)["error_points"] == k
+    assert "on the error points" in json.loads(i.stdout)["known_models"][0]
+    verdicts = {}
+    for name, suspect in (("pirate", world.pirate_onnx), ("independent", world.independent_onnx)):
+        report = tmp_path / f"{name}.report.json"
+        ledger = tmp_path / f"{name}.ledger.jsonl"
+        a = run("audit", "--fingerprint", str(out), "--suspect", str(suspect), "--json", "--report", str(report), "--ledger", str(ledger))
+        d = json.loads(a.stdout)
+        verdicts[name] = d["verdict"]
+        assert any(n.startswith("agreement per set of points") for n in d["notes"]), d["notes"]
+        v = run("verify-report", str(report), "--ledger", str(ledger), "--fingerprint", str(out))
+        assert v.exit_code == 0, v.output
+    assert verdicts == {"pirate": "piracy", "independent": "independent"}
