@@ -511,6 +511,7 @@ def _grow(owner: Normalized, known: Sequence[KnownModel], points: np.ndarray, la
     return fp
 
 
+FUNCTIONAL_FAMILIES = ("distill", "extract")  # the simulated students error points are chosen for
 MIN_ERROR_POINTS = 20  # fewer error points than this make no test worth running: none are kept
 
 
@@ -520,17 +521,18 @@ def _with_error_points(fp: Fingerprint, owner: Normalized, known: Sequence[Known
     points (`core.select_error_points`, `calibration.point_sets`), every known model's answers
     recorded on them too: calibration references set their p0 as they set the core points'.
     Their count is `extra["error_points"]`; `seed_index` and `selection_score` stay the core
-    points' own. Fewer than MIN_ERROR_POINTS qualifying (an owner that is rarely wrong on its
+    points' own. Chosen for the simulated functional copies only (`FUNCTIONAL_FAMILIES`). Fewer than MIN_ERROR_POINTS qualifying (an owner that is rarely wrong on its
     held-out data, or whose mistakes its simulated students do not share): none are kept."""
     want = config.core.error_points
     if want <= 0:
         return fp
-    students = [k.model for k in known if k.spec.kind == "piracy" and k.spec.role == "selection" and k.model is not None]
+    students = [k.model for k in known if k.spec.kind == "piracy" and k.spec.role == "selection"
+                and k.spec.family in FUNCTIONAL_FAMILIES and k.model is not None]
     refs = [k.model for k in known if k.spec.kind == "independent" and k.spec.role == "selection" and k.model is not None]
-    ep = select_error_points(owner, students, refs, natural[0], natural[1], want, config.seed)
+    ep = select_error_points(owner, students, refs, natural[0], natural[1], want)
     if len(ep.index) < MIN_ERROR_POINTS:
         say(f"no error points: {len(ep.index)} of the owner's {ep.candidates} mistakes on {len(natural[1])} held-out "
-            f"samples are copied more by its simulated students than by its references (at least {MIN_ERROR_POINTS} needed)")
+            f"samples get more probability from its simulated students than from its references (at least {MIN_ERROR_POINTS} needed)")
         return dataclasses.replace(fp, extra={**fp.extra, "error_candidates": ep.candidates})
     x = natural[0][ep.index].astype(np.float32)
     points = np.concatenate([fp.points, x])
@@ -538,7 +540,7 @@ def _with_error_points(fp: Fingerprint, owner: Normalized, known: Sequence[Known
     extra = {**fp.extra, "error_points": len(ep.index), "error_candidates": ep.candidates,
              "error_selection_score": ep.score.round(4).tolist()}
     say(f"kept {len(ep.index)} error points: held-out samples the owner gets wrong ({ep.candidates} of "
-        f"{len(natural[1])}) that its simulated students copy more than its references")
+        f"{len(natural[1])}) to which its simulated students give more probability than its references")
     return dataclasses.replace(fp, points=points, owner_labels=labels, owner_probs=np.concatenate([fp.owner_probs, predict(owner, x)]),
                                known_models=tuple(_answers(k.spec, k, points, labels) for k in known), extra=extra)
 

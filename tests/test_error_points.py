@@ -119,7 +119,7 @@ def test_fingerprint_command_keeps_error_points_and_audits_replay(world: Any, tm
     fp = load_fingerprint(out)
     k = fp.extra["error_points"]
     assert 20 <= k <= 40 and f"and {k} error points" in r.output and fp.extra["error_candidates"] >= k
-    # kept only where the simulated students copy the owner's mistake more than the references do
+    # kept only where the simulated students give the owner's mistake more probability than the references do
     assert len(fp.extra["error_selection_score"]) == k and min(fp.extra["error_selection_score"]) > 0
     assert all(m.labels.shape == (len(fp),) for m in fp.known_models)
     i = run("inspect", str(out), "--json")
