@@ -29,6 +29,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -46,7 +47,7 @@ from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bern
 from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
-from deepcore_auditor.fingerprints.calibration import rate_bound, rates, resolve_test
+from deepcore_auditor.fingerprints.calibration import point_sets, rate_bound, rates, resolve_test
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
@@ -117,6 +118,31 @@ class MethodData:
     @property
     def owner_labels(self) -> np.ndarray:
         return self.fp.owner_labels[self.order]
+
+    @cached_property
+    def sets(self) -> np.ndarray | None:
+        """Per position, its point's set (calibration.point_sets), or None for one set."""
+        sets = point_sets(self.fp)[self.order]
+        return sets if sets.max() > 0 else None
+
+    @cached_property
+    def set_p0(self) -> np.ndarray:
+        """Per position, the p0 the audit's test holds its point's set to (agreement mode)."""
+        return rates(self.fp, "agreement", "betting").p0[self.order]
+
+
+def _set_z(md: MethodData, agree: np.ndarray) -> float:
+    """A fingerprint with several sets of points, scored as its audit judges it: the largest
+    over the sets answered of the agreement's z score against that set's own p0 (the audit
+    accuses when either set's test does)."""
+    assert md.sets is not None
+    sets, p0 = md.sets[: len(agree)], md.set_p0[: len(agree)]
+    z = []
+    for k in np.unique(sets):
+        mine = sets == k
+        p = float(np.clip(p0[mine].mean(), 1e-3, 1 - 1e-3))
+        z.append((float(agree[mine].mean()) - p) * math.sqrt(mine.sum() / (p * (1 - p))))
+    return max(z)
 
 
 def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
@@ -193,7 +219,7 @@ def _score(name: str, md: MethodData, model: str, b: int, clustering: tuple[np.n
     kind = SCORES[name][1]
     agree = (md.labels[model][:b] == md.owner_labels[:b]).astype(np.float64)
     if kind == "agreement":
-        return float(agree.mean())
+        return float(agree.mean()) if md.sets is None else _set_z(md, agree)
     if kind == "similarity":
         return float(md.probs[model][np.arange(b), md.owner_labels[:b]].mean())
     if kind == "clustering":
@@ -204,7 +230,10 @@ def _score(name: str, md: MethodData, model: str, b: int, clustering: tuple[np.n
 
 
 def _threshold(name: str, md: MethodData, refs: list[str], b: int, ref_scores: list[float], alpha: float) -> float:
-    if SCORES[name][1] == "agreement":
+    if SCORES[name][1] == "agreement" and md.sets is not None:
+        # each set's z score against its own p0 (a bound), at alpha over the number of sets, as the audit's tests
+        return NormalDist().inv_cdf(1 - alpha / len(np.unique(md.sets)))
+    if SCORES[name][1] == "agreement" and md.sets is None:
         values = [(md.labels[r] == md.owner_labels).astype(np.float64) for r in refs]
         return binomial_threshold(rate_bound(values, soft=False, upper=True), b, alpha)
     s = np.asarray(ref_scores)
