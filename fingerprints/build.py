@@ -534,9 +534,13 @@ def _with_error_points(fp: Fingerprint, owner: Normalized, known: Sequence[Known
         say(f"no error points: {len(ep.index)} of the owner's {ep.candidates} mistakes on {len(natural[1])} held-out "
             f"samples get more probability from its simulated students than from its references (at least {MIN_ERROR_POINTS} needed)")
         return dataclasses.replace(fp, extra={**fp.extra, "error_candidates": ep.candidates})
-    x = natural[0][ep.index].astype(np.float32)
+    x, wrong = natural[0][ep.index].astype(np.float32), ep.owner_labels
+    if config.core.uint8_points:  # natural images from 8-bit files already are; data given as floats may not be
+        x = to_uint8_grid(x)
+        same = predict(owner, x).argmax(1) == wrong  # a sample whose rounding changed the owner's answer is dropped
+        x, wrong, ep = x[same], wrong[same], dataclasses.replace(ep, index=ep.index[same], owner_labels=wrong[same], score=ep.score[same])
     points = np.concatenate([fp.points, x])
-    labels = np.concatenate([fp.owner_labels, ep.owner_labels])
+    labels = np.concatenate([fp.owner_labels, wrong])
     extra = {**fp.extra, "error_points": len(ep.index), "error_candidates": ep.candidates,
              "error_selection_score": ep.score.round(4).tolist()}
     say(f"kept {len(ep.index)} error points: held-out samples the owner gets wrong ({ep.candidates} of "
