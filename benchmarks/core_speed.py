@@ -9,7 +9,7 @@ and steps, `cross_entropy` for every model, the signed step and the clip, nothin
 (issue "Catch functional piracy on owners nobody tuned for"): within 1.5x of the bare loop.
 
     python -m deepcore_auditor.benchmarks.core_speed [--arch cnn] [--students 6] [--references 4] \
-        [--candidates 400] [--steps 60] [--repeats 3] [--out FILE.json]
+        [--candidates 200] [--steps 60] [--repeats 3] [--out FILE.json]
 
 The models are untrained skeletons of the named architectures on Fashion-MNIST's shape (the cost
 of a pass does not depend on the weights); the points are uniform noise. Torch threads: the
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="cnn", help="the owner's architecture (models.build_architecture)")
     ap.add_argument("--students", type=int, default=6)
     ap.add_argument("--references", type=int, default=4)
-    ap.add_argument("--candidates", type=int, default=400)
+    ap.add_argument("--candidates", type=int, default=200)
     ap.add_argument("--steps", type=int, default=CoreConfig.steps)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path)

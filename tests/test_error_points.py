@@ -18,7 +18,7 @@ from conftest import TINY
 from deepcore_auditor.auditor.audit import AuditConfig, Plan, run_test, thresholds
 from deepcore_auditor.auditor.cli import cli
 from deepcore_auditor.fingerprints.calibration import point_sets, rates, subset
-from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
+from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.stats import SequentialTest
 
 ERRORS = 80
@@ -30,17 +30,19 @@ def run(*args: str) -> Any:
 
 @pytest.fixture(scope="module")
 def two_sets(world: Any) -> Fingerprint:
-    """The world's fingerprint followed by its own last ERRORS points, named error points: two
-    sets with the known models' real answers on each (which points they are does not matter to
-    the test, and each set is large enough for an exact copy to be identified by its own test)."""
+    """The world's fingerprint followed by its own last ERRORS points moved by 1/255 (a file never
+    lists a point twice), named error points: two sets, each with the known models' answers on
+    the points they come from, and each large enough for an exact copy to be identified by its
+    own test (which points they are does not matter to the tests)."""
     fp = load_fingerprint(world.fingerprint)
     tail = np.arange(len(fp) - ERRORS, len(fp))
 
     def twice(a: np.ndarray) -> np.ndarray:
         return np.concatenate([a, a[tail]])
 
+    points = np.concatenate([fp.points, np.clip(fp.points[tail] + np.float32(1 / 255), 0, 1)])
     known = tuple(dataclasses.replace(m, labels=twice(m.labels), owner_prob=twice(m.owner_prob)) for m in fp.known_models)
-    return dataclasses.replace(fp, points=twice(fp.points), owner_labels=twice(fp.owner_labels), owner_probs=twice(fp.owner_probs),
+    return dataclasses.replace(fp, points=points, owner_labels=twice(fp.owner_labels), owner_probs=twice(fp.owner_probs),
                                known_models=known, extra={**fp.extra, "error_points": ERRORS})
 
 
@@ -106,33 +108,40 @@ def test_either_set_accuses_and_only_both_clear(two_sets: Fingerprint, test: str
         assert out.per_set["core"][0] == 0 and out.per_set["errors"][0] == 1
 
 
+def test_a_two_set_fingerprint_through_the_cli_verifies(world: Any, two_sets: Fingerprint, tmp_path: Path) -> None:
+    """The audit command on a fingerprint with error points: each set's agreement in a note,
+    inspect names the error points, and verify-report replays the two tests from the ledger."""
+    path = tmp_path / "two-sets.json"
+    save_fingerprint(two_sets, path)
+    i = run("inspect", str(path), "--json")
+    assert i.exit_code == 0, i.output
+    assert json.loads(i.stdout)["error_points"] == ERRORS and "on the error points" in json.loads(i.stdout)["known_models"][0]
+    verdicts = {}
+    for name, suspect in (("pirate", world.pirate_onnx), ("independent", world.independent_onnx)):
+        report, ledger = tmp_path / f"{name}.report.json", tmp_path / f"{name}.ledger.jsonl"
+        a = run("audit", "--fingerprint", str(path), "--suspect", str(suspect), "--json", "--report", str(report), "--ledger", str(ledger))
+        d = json.loads(a.stdout)
+        verdicts[name] = d["verdict"]
+        assert any(n.startswith("agreement per set of points (each its own test at alpha/2)") for n in d["notes"]), d["notes"]
+        v = run("verify-report", str(report), "--ledger", str(ledger), "--fingerprint", str(path))
+        assert v.exit_code == 0, v.output
+        assert json.loads(report.read_text())["content"]["ledger"]["header"]["plan"]["sets"]  # the plan names each position's set
+    assert verdicts["pirate"] == "piracy" and verdicts["independent"] != "piracy"
+
+
 @pytest.mark.slow
-def test_fingerprint_command_keeps_error_points_and_audits_replay(world: Any, tmp_path: Path) -> None:
+def test_a_build_keeps_no_error_points_that_its_students_do_not_share(world: Any, tmp_path: Path) -> None:
     """The world's owner rebuilt with 40 error points (its known models come from this session's
-    cache): the file names them, inspect shows them, the world's suspects get their verdicts
-    through both tests, and verify-report replays an audit of the two-set plan."""
+    cache): on this small world the held-out students do not agree with the owner's mistakes
+    clearly above the references' bound, so the build says so and keeps the core points alone."""
     out = tmp_path / "fp.json"
     conv = json.loads(world.fingerprint.read_text())["content"]["convention"]
     r = run("fingerprint", "--owner", str(world.owner_ts), "--data", str(world.root / "owner-data.npz"), "--out", str(out),
             *TINY, "--error-points", "40", "--mean", ",".join(map(str, conv["mean"])), "--std", ",".join(map(str, conv["std"])))
     assert r.exit_code == 0, r.output
+    assert "kept 40 error points" in r.output and "no error points: the held-out simulated students agree" in r.output
     fp = load_fingerprint(out)
-    k = fp.extra["error_points"]
-    assert 20 <= k <= 40 and f"and {k} error points" in r.output and fp.extra["error_candidates"] >= k
-    # kept only where the simulated students give the owner's mistake more probability than the references do
-    assert len(fp.extra["error_selection_score"]) == k and min(fp.extra["error_selection_score"]) > 0
-    assert all(m.labels.shape == (len(fp),) for m in fp.known_models)
-    i = run("inspect", str(out), "--json")
-    assert i.exit_code == 0 and json.loads(i.stdout)["error_points"] == k
-    assert "on the error points" in json.loads(i.stdout)["known_models"][0]
-    verdicts = {}
-    for name, suspect in (("pirate", world.pirate_onnx), ("independent", world.independent_onnx)):
-        report = tmp_path / f"{name}.report.json"
-        ledger = tmp_path / f"{name}.ledger.jsonl"
-        a = run("audit", "--fingerprint", str(out), "--suspect", str(suspect), "--json", "--report", str(report), "--ledger", str(ledger))
-        d = json.loads(a.stdout)
-        verdicts[name] = d["verdict"]
-        assert any(n.startswith("agreement per set of points") for n in d["notes"]), d["notes"]
-        v = run("verify-report", str(report), "--ledger", str(ledger), "--fingerprint", str(out))
-        assert v.exit_code == 0, v.output
-    assert verdicts == {"pirate": "piracy", "independent": "independent"}
+    dropped = fp.extra["error_points_dropped"]
+    assert "error_points" not in fp.extra and dropped["offered"] == 40
+    assert sum(dropped["held_out_students"]) / len(dropped["held_out_students"]) < dropped["p0"] + 0.1
+    assert not point_sets(fp).any() and "error points" not in r.output.strip().splitlines()[-1]
