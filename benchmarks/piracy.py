@@ -354,6 +354,16 @@ BAR_METHODS = ("deepcore-agreement", "deepcore-clustering")
 COPY_FAMILIES = ("fine-tune-own", "fine-tune-other", "prune", "int8", "fp16", "transfer")  # DeepCore's label-only modes
 
 
+def _baselines_above(methods: dict[str, Any], dc: dict[str, Any], budgets: Sequence[int], key: str) -> list[str]:
+    """Every baseline whose figure `key` beats DeepCore's at a budget of 20 or more, as "name@b: theirs > ours"."""
+    out = []
+    for b in (b for b in budgets if b >= 20):
+        mine = dc["budgets"][str(b)][key]
+        out += [f"{name}@{b}: {e['budgets'][str(b)][key]} > {mine}" for name, e in methods.items()
+                if not name.startswith("deepcore") and e["budgets"][str(b)][key] > mine]
+    return out
+
+
 def check_bar(results: dict[str, Any], budgets: Sequence[int], method: str, alpha: float = 0.01) -> list[dict[str, Any]]:
     """The issue's bar, criterion by criterion, for one label-only DeepCore mode."""
     methods = results["methods"]
@@ -380,24 +390,10 @@ def check_bar(results: dict[str, Any], budgets: Sequence[int], method: str, alph
     out.append({"criterion": "distillation and extraction caught (MIR <= 10%) within 200 queries",
                 "met": all(fams[f]["mir"] <= 0.1 for f in func),
                 "measured": ", ".join(f"{f}: MIR@{b200} {fams[f]['mir']}" for f in func)})
-    losses = []
-    for b in budgets:
-        if b < 20:
-            continue
-        mine = dc["budgets"][str(b)]["auc"]
-        for name, e in methods.items():
-            if not name.startswith("deepcore") and e["budgets"][str(b)]["auc"] > mine:
-                losses.append(f"{name}@{b}: {e['budgets'][str(b)]['auc']} > {mine}")
+    losses = _baselines_above(methods, dc, budgets, "auc")
     out.append({"criterion": "DeepCore AUC at or above every baseline at every budget from 20",
                 "met": not losses, "measured": "; ".join(losses) or "no baseline above"})
-    below = []
-    for b in budgets:
-        if b < 20:
-            continue
-        mine = dc["budgets"][str(b)]["tpr_at_fpr_1pct"]
-        for name, e in methods.items():
-            if not name.startswith("deepcore") and e["budgets"][str(b)]["tpr_at_fpr_1pct"] > mine:
-                below.append(f"{name}@{b}: {e['budgets'][str(b)]['tpr_at_fpr_1pct']} > {mine}")
+    below = _baselines_above(methods, dc, budgets, "tpr_at_fpr_1pct")
     out.append({"criterion": "DeepCore TPR at FPR <= 1% at or above every baseline's at every budget from 20",
                 "met": not below, "measured": "; ".join(below) or "no baseline above: DeepCore " + ", ".join(
                     f"{dc['budgets'][str(b)]['tpr_at_fpr_1pct']}@{b}" for b in budgets if b >= 20)})
