@@ -550,7 +550,7 @@ def _with_error_points(fp: Fingerprint, owner: Normalized, known: Sequence[Known
     labels = np.concatenate([fp.owner_labels, wrong])
     extra = {**fp.extra, "error_points": len(ep.index), "error_candidates": ep.candidates,
              "error_selection_score": ep.score.round(4).tolist()}
-    say(f"kept {len(ep.index)} error points: held-out samples the owner gets wrong ({ep.candidates} of "
+    say(f"{len(ep.index)} error points offered: held-out samples the owner gets wrong ({ep.candidates} of "
         f"{len(natural[1])}) to which its simulated students give more probability than its references")
     both = dataclasses.replace(fp, points=points, owner_labels=labels, owner_probs=np.concatenate([fp.owner_probs, predict(owner, x)]),
                                known_models=tuple(_answers(k.spec, k, points, labels) for k in known), extra=extra)

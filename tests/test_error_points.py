@@ -139,7 +139,7 @@ def test_a_build_keeps_no_error_points_that_its_students_do_not_share(world: Any
     r = run("fingerprint", "--owner", str(world.owner_ts), "--data", str(world.root / "owner-data.npz"), "--out", str(out),
             *TINY, "--error-points", "40", "--mean", ",".join(map(str, conv["mean"])), "--std", ",".join(map(str, conv["std"])))
     assert r.exit_code == 0, r.output
-    assert "kept 40 error points" in r.output and "no error points: the held-out simulated students agree" in r.output
+    assert "40 error points offered" in r.output and "no error points: the held-out simulated students agree" in r.output
     fp = load_fingerprint(out)
     dropped = fp.extra["error_points_dropped"]
     assert "error_points" not in fp.extra and dropped["offered"] == 40
