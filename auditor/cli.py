@@ -219,7 +219,7 @@ def fingerprint(**o: Any) -> None:
     o["created"] = _source_date()
     build = build_config(**{k: o.pop(k) for k in signature(build_config).parameters})
     fp, digest = make_fingerprint(FingerprintRequest(build=build, **o), progress=_say, bars=terminal_bars())
-    errors = int(fp.extra.get("error_points", 0) or 0)
+    errors = int(fp.extra.get("error_points", 0))  # the file just built
     click.echo(f"wrote {o['out']}: {len(fp) - errors} core points" + (f" and {errors} error points" if errors else "")
                + f", sha256 {digest}")
 

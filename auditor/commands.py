@@ -626,7 +626,7 @@ def describe_fingerprint(path: Path, key_file: Path | None = None, hmac_key_env:
         ),
         "created": fp.created,
         "points": len(fp),
-        "error_points": int(fp.extra.get("error_points", 0) or 0),  # of which the owner's mistakes (calibration.point_sets)
+        "error_points": int(point_sets(fp).sum()),  # of which the owner's mistakes (calibration.point_sets)
         "point_shape": list(fp.point_shape),
         "classes": list(fp.classes),
         "convention": fp.convention.to_dict(),

@@ -130,8 +130,8 @@ def point_sets(fp: Fingerprint) -> np.ndarray:
     """Per point, the number of its set in SET_NAMES: the last `extra["error_points"]` points are
     the owner's mistakes, the others core points (all of them in a fingerprint without any)."""
     sets = np.zeros(len(fp), dtype=np.int64)
-    k = int(fp.extra.get("error_points", 0) or 0)
-    if not 0 <= k < len(fp):
+    k = fp.extra.get("error_points", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(fp):
         raise InputError(f"the fingerprint names {k} error points among its {len(fp)} points")
     if k:
         sets[len(fp) - k:] = 1

@@ -62,8 +62,9 @@ def test_each_set_gets_the_rates_of_its_own_points(two_sets: Fingerprint) -> Non
 def test_a_fingerprint_naming_more_error_points_than_it_has_is_refused(two_sets: Fingerprint) -> None:
     from deepcore_auditor.adapters.errors import InputError
 
-    with pytest.raises(InputError, match="names 500 error points"):
-        point_sets(dataclasses.replace(two_sets, extra={"error_points": 500}))
+    for bad in (500, len(two_sets), -1, "40", 2.5, True, [40]):
+        with pytest.raises(InputError, match="error points among its"):
+            point_sets(dataclasses.replace(two_sets, extra={"error_points": bad}))
 
 
 def test_the_plan_records_each_positions_set_and_reads_back(two_sets: Fingerprint) -> None:
