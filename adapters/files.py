@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -41,6 +42,14 @@ def atomic_write(path: str | os.PathLike[str], content: bytes | Callable[[Any], 
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_path(path.parent)
+
+
+def write_json(path: str | os.PathLike[str], value: Any) -> None:
+    """`value` as indented JSON ending in a newline, written all or nothing (`atomic_write`),
+    its folder made first: how summaries and benchmark results are kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
 def _write(f: BinaryIO, content: bytes | Callable[[Any], Any]) -> None:

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 from deepcore_auditor.adapters.base import Access
 from deepcore_auditor.adapters.errors import DeepCoreError, InputError, first_line
-from deepcore_auditor.adapters.files import atomic_write
+from deepcore_auditor.adapters.files import atomic_write, write_json
 from deepcore_auditor.auditor.audit import AuditConfig, utc_now
 from deepcore_auditor.auditor.cluster import RayCluster
 from deepcore_auditor.auditor.commands import AuditRequest, run_audit_request, verify_report_file
@@ -121,7 +121,7 @@ class Summary:
 
     def write(self) -> None:
         out = Path(self.out)
-        atomic_write(out / "summary.json", (json.dumps(self.to_dict(), indent=1) + "\n").encode())
+        write_json(out / "summary.json", self.to_dict())
         atomic_write(out / "summary.md", self.table().encode())
 
 

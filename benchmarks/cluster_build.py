@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepcore_auditor.adapters.files import write_json
 from deepcore_auditor.benchmarks.local_ray import local_cluster
 
 BENCH = ["--data", "fashion-mnist", "--members", "1", "--epochs", "2", "--train-samples", "1500", "--points", "10",
@@ -112,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             result["bench"] = {"options": BENCH, **bench(address, work, env)}
             print(json.dumps({"bench": result["bench"]}, indent=1), flush=True)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(a.out, result)
     return 0
 
 

@@ -19,7 +19,6 @@ process's default (all cores).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepcore_auditor.adapters.base import InputConvention
+from deepcore_auditor.adapters.files import write_json
 from deepcore_auditor.fingerprints.config import CoreConfig
 from deepcore_auditor.fingerprints.core import optimize_points
 from deepcore_auditor.fingerprints.models import Normalized, build_architecture
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
           f"optimize_points {med['optimize_points']:.2f} s, bare loop {med['bare_loop']:.2f} s (median of {args.repeats}), "
           f"ratio {result['ratio']:.2f}")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepcore_auditor.adapters.files import write_json
 from deepcore_auditor.adapters.triton.serve import ServedModel, TritonServer, write_model_repository
 from deepcore_auditor.benchmarks.fault_proxy import HttpFaultProxy
 from deepcore_auditor.benchmarks.local_ray import local_cluster
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"machine": "2 cores, no GPU", "rows": results}, indent=1) + "\n")
+        write_json(a.out, {"machine": "2 cores, no GPU", "rows": results})
     return 0
 
 

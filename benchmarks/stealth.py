@@ -20,7 +20,6 @@ never sees a change. This measures, on a fingerprint and the pirate's ONNX model
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from deepcore_auditor.adapters.base import Access, Oracle, OracleWrapper
+from deepcore_auditor.adapters.files import write_json
 from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.metrics import auc
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                             a.orders, a.budget)
     print(f"were every point flagged, the evasive pirate: {result['every_point_flagged']}", flush=True)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(a.out, result)
     return 0
 
 
