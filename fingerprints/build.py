@@ -552,8 +552,12 @@ def _with_error_points(fp: Fingerprint, owner: Normalized, known: Sequence[Known
              "error_selection_score": ep.score.round(4).tolist()}
     say(f"{len(ep.index)} error points offered: held-out samples the owner gets wrong ({ep.candidates} of "
         f"{len(natural[1])}) to which its simulated students give more probability than its references")
+    # Every known model answers the new points only; its answers on the core points are in `fp` already.
+    known_models = tuple(dataclasses.replace(m, labels=np.concatenate([m.labels, a.labels]),
+                                             owner_prob=np.concatenate([m.owner_prob, a.owner_prob]))
+                         for m, a in zip(fp.known_models, (_answers(k.spec, k, x, wrong) for k in known), strict=True))
     both = dataclasses.replace(fp, points=points, owner_labels=labels, owner_probs=np.concatenate([fp.owner_probs, predict(owner, x)]),
-                               known_models=tuple(_answers(k.spec, k, points, labels) for k in known), extra=extra)
+                               known_models=known_models, extra=extra)
     # A second test costs queries and half of alpha: kept only where the held-out simulated
     # students show it has power, agreeing with the owner's mistakes clearly above their p0.
     errors = subset(both, np.flatnonzero(point_sets(both) == 1))
