@@ -191,6 +191,13 @@ class Plan:
         """Per position, its point's set (all 0 without error points)."""
         return np.asarray(self.sets, dtype=np.int64) if self.sets else np.zeros(len(self), dtype=np.int64)
 
+    def stated_rates(self) -> tuple[float, float]:
+        """p0 and p1 as the result states them, one figure each: their means over the core points
+        (error points have their own, in the calibration summary). The audit and the report's
+        verifier both read them here."""
+        core = self.set_of() == 0
+        return float(np.mean(np.asarray(self.p0)[core])), float(np.mean(np.asarray(self.p1)[core]))
+
     def set_alpha(self) -> float:
         """Each set's test accuses at alpha / the number of sets (a union bound: an independent
         model is accused with probability at most alpha whichever set's test would do it)."""
@@ -527,8 +534,7 @@ def audit(
         decision, repeat = _repeat_check(fp, plan, channel, out.asked, notes)
     if channel.retried:  # after the repeat check, whose failed attempts are charged too
         notes.append(f"{channel.retried} failed attempts were retried; each was charged to the budget")
-    core = point_sets(fp) == 0  # p0 and p1 as one figure: the core points' (the error points' are in the calibration)
-    p0, p1 = float(r.p0[core].mean()), float(r.p1[core].mean())
+    p0, p1 = plan.stated_rates()
     return AuditResult(
         verdict=decision or "inconclusive",
         queries_used=prior + channel.spent,
