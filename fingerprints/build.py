@@ -31,7 +31,7 @@ from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.adapters.images import to_uint8_grid
 from deepcore_auditor.adapters.torch import resolve_device
 from deepcore_auditor.fingerprints import recipes
-from deepcore_auditor.fingerprints.calibration import MIN_GAP, point_sets, rates, subset
+from deepcore_auditor.fingerprints.calibration import MIN_GAP, point_sets, rates, set_view
 from deepcore_auditor.fingerprints.config import REFERENCE_WEIGHTS, BuildConfig, KnownModelSpec
 from deepcore_auditor.fingerprints.core import choose_epsilon, optimize_points, plan_candidates, select_core, select_error_points
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers
@@ -560,7 +560,7 @@ def _with_error_points(fp: Fingerprint, owner: Normalized, known: Sequence[Known
                                known_models=known_models, extra=extra)
     # A second test costs queries and half of alpha: kept only where the held-out simulated
     # students show it has power, agreeing with the owner's mistakes clearly above their p0.
-    errors = subset(both, np.flatnonzero(point_sets(both) == 1))
+    errors = set_view(both, 1)
     p0 = float(rates(errors, "agreement", "betting").p0.max())
     held = [float(np.mean(m.labels == errors.owner_labels)) for m in errors.known_models
             if m.kind == "piracy" and m.role == "calibration" and m.family in FUNCTIONAL_FAMILIES]
@@ -597,7 +597,7 @@ def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool
     The refusal reads the core points alone; error points, a second test, are reported."""
     sets = point_sets(fp)
     if sets.max() > 0:
-        errors = subset(fp, np.flatnonzero(sets == 1))
+        errors = set_view(fp, 1)
         r = rates(errors, "agreement", "betting")
         cal = [m for m in errors.known_models if m.role == "calibration"]
         say(f"{len(errors)} error points: held-out references agree " + ", ".join(
@@ -605,7 +605,7 @@ def check_separable(fp: Fingerprint, say: Callable[[str], None], *, refuse: bool
             + "; held-out students " + ", ".join(
             f"{m.name} {float(np.mean(m.labels == errors.owner_labels)):.3f}" for m in cal if m.kind == "piracy")
             + f"; their p0 {float(r.p0.max()):.3f}")
-        fp = subset(fp, np.flatnonzero(sets == 0))
+        fp = set_view(fp, 0)
     held = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
     for m in held:
         say(f"  held-out reference {m.name}: agreement {float(np.mean(m.labels == fp.owner_labels)):.3f} on the kept points")

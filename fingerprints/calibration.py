@@ -147,6 +147,16 @@ def subset(fp: Fingerprint, index: np.ndarray) -> Fingerprint:
                                owner_probs=fp.owner_probs[index], known_models=known, extra=extra, signature=None)
 
 
+def set_view(fp: Fingerprint, k: int) -> Fingerprint:
+    """`subset` to the points of set `k`, made once per fingerprint object (`Fingerprint.derived`),
+    so that its own memo — the rates, the costly part — serves every audit that asks again."""
+    key = ("set", k)
+    view = fp.derived.get(key)
+    if view is None:
+        view = fp.derived[key] = subset(fp, np.flatnonzero(point_sets(fp) == k))
+    return view
+
+
 def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
     """The test's per-point p0/p1 for `mode` (agreement, similarity, clustering) under `test`
     ("betting" or "sprt"; the rates a report's plan holds are recomputed under the test it names).
@@ -165,7 +175,7 @@ def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
         if sets.max() == 0:
             kept = _rates(fp, mode, test)
         else:
-            parts = [_rates(subset(fp, np.flatnonzero(sets == k)), mode, test) for k in range(len(SET_NAMES))]
+            parts = [rates(set_view(fp, k), mode, test) for k in range(len(SET_NAMES))]
             p0, p1 = np.empty(len(fp)), np.empty(len(fp))
             for k, r in enumerate(parts):
                 p0[sets == k], p1[sets == k] = r.p0, r.p1
@@ -266,9 +276,9 @@ def why_not_betting(fp: Fingerprint, mode: str, alpha: float, budget: int) -> st
     limit = min(budget, n)
     sets = point_sets(fp)
     if sets.max() > 0:  # the core points' own test, at its share of alpha and of the queries
-        core = np.flatnonzero(sets == 0)
-        alpha, limit = alpha / len(SET_NAMES), max(1, limit * len(core) // n)
-        fp, n = subset(fp, core), len(core)
+        fp = set_view(fp, 0)
+        alpha, limit = alpha / len(SET_NAMES), max(1, limit * len(fp) // n)
+        n = len(fp)
     p0 = float(np.mean(rates(fp, mode, "betting").p0))
     if Bettor(n * p0, n).best_case_needs(math.log(1 / alpha), limit) > limit:
         return (f"sequential test: Wald's — the references vary so much that their prediction bound puts p0 at "
