@@ -34,6 +34,7 @@ from deepcore_auditor.fingerprints.stats import TESTS, BettingTest, SequentialTe
 logger = logging.getLogger(__name__)
 
 VERDICTS = ("independent", "piracy", "inconclusive")
+ALLOCATIONS = ("fixed", "adaptive")  # how a plan shares its queries between sets of points (Plan.allocation)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ class Plan:
     # Per position, the set of its point (calibration.SET_NAMES: 0 core, 1 the owner's mistakes);
     # empty (a ledger written before error points, or a fingerprint without them): all core points.
     sets: tuple[int, ...] = ()
+    # How the queries are shared between the sets (ALLOCATIONS): "fixed", in plan order whatever
+    # the answers (what a ledger written before "adaptive" did, and names nothing), or "adaptive",
+    # each batch to the set nearest to accusing (`_PerSet.next_positions`).
+    allocation: str = "fixed"
 
     @classmethod
     def make(cls, fp: Fingerprint, config: AuditConfig) -> Plan:
@@ -130,6 +135,7 @@ class Plan:
             p0=tuple(float(r.p0[i]) for i in order),
             p1=tuple(float(r.p1[i]) for i in order),
             sets=tuple(int(k) for k in sets[order]) if sets.max() > 0 else (),
+            allocation="adaptive" if sets.max() > 0 else "fixed",
         )
         problem = plan.problem()
         if problem:  # the very check a verifier applies to the plan read back from the ledger
@@ -152,6 +158,8 @@ class Plan:
             return f"repeat checks must lie between 0 and the fingerprint's {n} points, got {self.repeat_checks}"
         if self.sets and (len(self.sets) != n or any(k not in range(len(SET_NAMES)) for k in self.sets)):
             return f"point sets must be one of 0..{len(SET_NAMES) - 1} per point"
+        if self.allocation not in ALLOCATIONS:
+            return f"unknown allocation {self.allocation!r}: one of {', '.join(ALLOCATIONS)}"
         if any(not 0 <= v < 2**31 for v in self.owner_labels):
             return "owner label out of range"
         if any(not (math.isfinite(v) and 0 <= v <= 1) for v in self.p0 + self.p1):
@@ -176,6 +184,7 @@ class Plan:
                 p0=tuple(float(v) for v in d["p0"]), p1=tuple(float(v) for v in d["p1"]),
                 test=str(d.get("test", "sprt")),
                 sets=tuple(int(v) for v in d.get("sets", ())),
+                allocation=str(d.get("allocation", "fixed")),
             )
         except (KeyError, TypeError, OverflowError) as e:
             raise ValueError(f"malformed plan ({type(e).__name__}: {e})") from e
@@ -220,10 +229,13 @@ def same_answer(first: Any, again: Any) -> bool:
     return a.shape == b.shape and bool(np.all(np.abs(a - b) <= REPEAT_TOLERANCE))
 
 
-def repeat_positions(plan: Plan, asked: int) -> np.ndarray:
-    """Which of the first `asked` positions a repeat check asks again (seeded, sorted)."""
-    k = min(plan.repeat_checks, asked)
-    return np.sort(np.random.default_rng([plan.seed, 1]).choice(asked, size=k, replace=False))
+def repeat_positions(plan: Plan, asked: np.ndarray) -> np.ndarray:
+    """Which of the positions `asked` (in the order the test asked them) a repeat check asks
+    again (seeded, sorted). A plan asked in its own order asks a prefix, and gets the positions
+    it always got."""
+    asked = np.asarray(asked, dtype=np.int64)
+    k = min(plan.repeat_checks, len(asked))
+    return np.sort(asked[np.random.default_rng([plan.seed, 1]).choice(len(asked), size=k, replace=False)])
 
 
 @dataclass
@@ -236,6 +248,8 @@ class Outcome:
     trajectory: list[Step] = field(default_factory=list)
     stop_note: str | None = None
     per_set: dict[str, tuple[float, int]] = field(default_factory=dict)  # set name -> (agreement, answers)
+    positions: list[int] = field(default_factory=list)  # the plan positions asked, in the order asked
+    exhausted: bool = False  # no point was left that the test could still use
 
 
 class _Wald:
@@ -281,36 +295,65 @@ class _Betting:
 class _PerSet:
     """One test per set of points (`Plan.sets`), each at `Plan.set_alpha`: `piracy` as soon as
     any set's test says so; `independent` once every set's test has said so (a pirate is cleared
-    only if the test of the set it copies clears it: at most beta). A set whose test said
-    `independent` is not scored further; its points still asked in plan order are spent without
-    evidence (the plan's order is fixed before the first answer, which keeps resume and replay
-    exact). One set: the plan's test alone, as before sets existed."""
+    only if the test of the set it copies clears it: at most beta). One set: the plan's test
+    alone, as before sets existed.
+
+    Which positions are asked next (`next_positions`) is the plan's allocation. "fixed": the
+    plan's order, whatever the answers; a set whose test said `independent` is not scored further
+    and its points still asked are spent without evidence. "adaptive": each batch goes to one
+    undecided set — the one whose evidence for piracy is largest, ties to the set least asked for
+    its size, then to the lower set — and takes that set's next points in plan order. A weight
+    copy, which keeps the owner's core decisions but not its mistakes, is then asked core points;
+    a student, the reverse; a set cleared is asked no more.
+
+    Why each set's test stays valid (its level alpha/sets, its anytime guarantee): the set's
+    points are still asked in the plan's random order, which the answers never change, and the
+    choice of *when* to ask the set's next point depends on answers already given only — the next
+    point of a set is, given everything seen, a uniform draw from its points not yet asked, which
+    is all its bettor assumes. The allocation is a function of the answers alone, so the report's
+    verifier, running this code on the ledger's answers, asks the same positions in the same order."""
 
     def __init__(self, plan: Plan) -> None:
         self.sets = plan.set_of()
+        self.adaptive = plan.allocation == "adaptive"
         p0, p1 = np.asarray(plan.p0), np.asarray(plan.p1)
         alpha = plan.set_alpha()
         self.tests: dict[int, _Wald | _Betting] = {}
+        self.members: dict[int, np.ndarray] = {}
         for k in np.unique(self.sets).tolist():
-            members = np.flatnonzero(self.sets == k)
-            self.tests[k] = (_Betting(alpha, plan.beta, p0, p1, members) if plan.test == "betting"
+            self.members[k] = np.flatnonzero(self.sets == k)
+            self.tests[k] = (_Betting(alpha, plan.beta, p0, p1, self.members[k]) if plan.test == "betting"
                              else _Wald(alpha, plan.beta, p0, p1))
         self.decided: dict[int, str] = {}
+        self.asked = 0
+        self.taken = dict.fromkeys(self.tests, 0)  # per set, how many of its positions were asked
 
-    def batch(self, limit: int) -> int:
-        return min(t.batch(limit) for k, t in self.tests.items() if k not in self.decided)
+    def next_positions(self, batch_size: int, room: int) -> np.ndarray:
+        """The plan positions to ask next, at most `room` of them; none when no point is left
+        that the test could use."""
+        if not self.adaptive:
+            n = min(min(t.batch(batch_size) for k, t in self.tests.items() if k not in self.decided),
+                    len(self.sets) - self.asked, room)
+            return np.arange(self.asked, self.asked + max(0, n))
+        open_sets = [k for k in self.tests if k not in self.decided and self.taken[k] < len(self.members[k])]
+        if not open_sets:
+            return np.zeros(0, dtype=np.int64)
+        k = max(open_sets, key=lambda j: (self.tests[j].evidence()[0], -self.taken[j] / len(self.members[j]), -j))
+        n = min(self.tests[k].batch(batch_size), len(self.members[k]) - self.taken[k], room)
+        return self.members[k][self.taken[k]: self.taken[k] + max(0, n)]
 
     def add(self, pos: np.ndarray, s: np.ndarray) -> str | None:
+        self.asked += len(pos)
         for k, test in self.tests.items():
-            if k in self.decided:
-                continue
             mine = self.sets[pos] == k
-            if mine.any():
-                d = test.add(pos[mine], s[mine])
-                if d == "piracy":
-                    return d
-                if d is not None:
-                    self.decided[k] = d
+            self.taken[k] += int(mine.sum())
+            if k in self.decided or not mine.any():
+                continue
+            d = test.add(pos[mine], s[mine])
+            if d == "piracy":
+                return d
+            if d is not None:
+                self.decided[k] = d
         return "independent" if len(self.decided) == len(self.tests) else None
 
     def evidence(self) -> tuple[float, float | None]:
@@ -350,11 +393,11 @@ def run_test(
     out = Outcome()
     agree: list[float] = []
     scores: list[float] = []
-    while out.decision is None and out.asked < len(plan):
-        n = min(test.batch(plan.batch_size), len(plan) - out.asked, budget - out.asked)
-        if n <= 0:
+    while out.decision is None and out.asked < budget:
+        pos = test.next_positions(plan.batch_size, budget - out.asked)
+        if len(pos) == 0:
+            out.exhausted = True
             break
-        pos = np.arange(out.asked, out.asked + n)
         try:
             answers = answers_for(pos)
         except BudgetExceeded as e:  # retries spent what was left
@@ -362,7 +405,8 @@ def run_test(
             break
         if answers is None:
             break
-        out.asked += n
+        out.asked += len(pos)
+        out.positions.extend(pos.tolist())
         a, s = score_answers(answers, labels[pos], access, plan.mode)
         agree.extend(a.tolist())
         scores.extend(s.tolist())
@@ -374,9 +418,10 @@ def run_test(
         if progress:
             progress(step)
     if plan.sets and agree:
-        asked = sets[: len(agree)]
-        out.per_set = {SET_NAMES[k]: (round(float(np.mean(np.asarray(agree)[asked == k])), 4), int((asked == k).sum()))
-                       for k in np.unique(asked).tolist()}
+        asked = sets[out.positions]
+        out.per_set = {SET_NAMES[k]: (round(float(np.mean(np.asarray(agree)[asked == k])), 4) if (asked == k).any() else math.nan,
+                                      int((asked == k).sum()))
+                       for k in np.unique(sets).tolist()}
     return out
 
 
@@ -523,15 +568,15 @@ def audit(
         notes.append(out.stop_note)
     if out.per_set:
         notes.append("agreement per set of points (each its own test at alpha/{}): ".format(len(out.per_set)) + ", ".join(
-            f"{name} {a:.3f} over {k}" for name, (a, k) in out.per_set.items()))
+            f"{name} {a:.3f} over {k}" if k else f"{name} none asked" for name, (a, k) in out.per_set.items()))
     decision = out.decision
-    if decision is None and out.asked >= len(plan):
-        notes.append(f"the fingerprint's {len(plan)} points ran out before the test decided")
+    if decision is None and out.exhausted:
+        notes.append(f"the fingerprint's points ran out after {out.asked} of its {len(plan)} before the test decided")
     elif decision is None and out.asked >= config.budget:
         notes.append(f"the budget ran out after {out.asked} queries before the test decided")
     repeat: dict[str, int] = {}
     if decision == "independent" and plan.repeat_checks > 0:
-        decision, repeat = _repeat_check(fp, plan, channel, out.asked, notes)
+        decision, repeat = _repeat_check(fp, plan, channel, np.asarray(out.positions), notes)
     if channel.retried:  # after the repeat check, whose failed attempts are charged too
         notes.append(f"{channel.retried} failed attempts were retried; each was charged to the budget")
     p0, p1 = plan.stated_rates()
@@ -561,7 +606,7 @@ def audit(
     )
 
 
-def judge_repeats(plan: Plan, asked: int, entries: dict[str, Any], repeats: dict[str, Any]) -> tuple[str, dict[str, int]]:
+def judge_repeats(plan: Plan, asked: np.ndarray, entries: dict[str, Any], repeats: dict[str, Any]) -> tuple[str, dict[str, int]]:
     """The verdict after an `independent` decision, given the repeat answers on record: it stands
     only if every planned repeat was asked and none changed. The audit and the report verifier
     both judge with this."""
@@ -573,7 +618,7 @@ def judge_repeats(plan: Plan, asked: int, entries: dict[str, Any], repeats: dict
 
 
 def _repeat_check(
-    fp: Fingerprint, plan: Plan, channel: QueryChannel, asked: int, notes: list[str]
+    fp: Fingerprint, plan: Plan, channel: QueryChannel, asked: np.ndarray, notes: list[str]
 ) -> tuple[str, dict[str, int]]:
     """Ask some answered points again before saying `independent`. A suspect that randomizes its
     answers can push its agreement down to look independent: a changed answer, or a check the

@@ -183,7 +183,7 @@ def verify_report(
     verdict = out.decision or "inconclusive"
     repeat = {"asked": 0, "differing": 0}
     if out.decision == "independent" and plan.repeat_checks > 0:
-        verdict, repeat = judge_repeats(plan, out.asked, ledger.entries, ledger.repeats)
+        verdict, repeat = judge_repeats(plan, np.asarray(out.positions), ledger.entries, ledger.repeats)
     recomputed = [s.to_dict() for s in out.trajectory]
     require(verdict == reported[0], "recomputed verdict equals the reported one", f"recomputed {verdict}, reported {reported[0]}")
     require(out.asked == reported[1], "recomputed points used equal the reported ones", f"recomputed {out.asked}, reported {reported[1]}")
@@ -201,11 +201,11 @@ def verify_report(
     said_means = [res.get("p0"), res.get("p1")]
     require(all(isinstance(x, (int, float)) and abs(x - m) <= 1e-4 for x, m in zip(said_means, means, strict=False)),
             "stated mean rates equal the plan's", f"stated {said_means}, recomputed {[round(m, 4) for m in means]}")
-    used = set(plan.digests[: out.asked])
+    used = {plan.digests[i] for i in out.positions}
     require(set(ledger.entries) <= used, "ledger holds no answer the test did not use",
             f"{len(set(ledger.entries) - used)} answers beyond the {out.asked} the test used")
     if ledger.repeats:
-        expected = {plan.digests[i] for i in repeat_positions(plan, out.asked)}
+        expected = {plan.digests[i] for i in repeat_positions(plan, np.asarray(out.positions))}
         require(out.decision == "independent" and set(ledger.repeats) <= expected, "repeat checks are the planned ones")
         v.checks.append(f"repeat check recomputed: {repeat['differing']} of {repeat['asked']} repeated answers differ")
 

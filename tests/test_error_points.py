@@ -109,6 +109,61 @@ def test_either_set_accuses_and_only_both_clear(two_sets: Fingerprint, test: str
         assert out.per_set["core"][0] == 0 and out.per_set["errors"][0] == 1
 
 
+@pytest.mark.parametrize("test", ["sprt", "betting"])
+def test_adaptive_allocation_asks_the_set_a_suspect_copies(two_sets: Fingerprint, test: str) -> None:
+    """A plan over two sets shares its queries adaptively: a suspect that copies one set only is
+    asked that set's points, in the set's own plan order, and accused with fewer queries than the
+    plan's fixed order (which asked the other set's points for nothing); every position once."""
+    config = AuditConfig(test=test, budget=len(two_sets), batch_size=5)
+    plan = Plan.make(two_sets, config)
+    assert plan.allocation == "adaptive"
+    fixed = dataclasses.replace(plan, allocation="fixed")
+    sets = plan.set_of()
+    for copies in ({0}, {1}):
+        out, before = run_test(plan, _suspect(plan, copies), len(plan)), run_test(fixed, _suspect(fixed, copies), len(plan))
+        assert out.decision == before.decision == "piracy"
+        assert out.asked < before.asked and before.positions == list(range(before.asked))
+        assert len(set(out.positions)) == len(out.positions) == out.asked
+        (copied,) = copies
+        other = [p for p in out.positions if sets[p] != copied]
+        assert len(other) <= 5, (copies, len(other))  # at most the first batch, before any evidence
+        for k in (0, 1):  # each set's points in the plan's order: a prefix of the set's positions
+            mine = [p for p in out.positions if sets[p] == k]
+            assert mine == np.flatnonzero(sets == k)[: len(mine)].tolist()
+
+
+def test_adaptive_allocation_keeps_each_sets_level(two_sets: Fingerprint) -> None:
+    """The allocation looks at the answers, yet each set's test keeps its level: suspects whose
+    answers agree on each set exactly as often as its p0 allows (the null's boundary, each set's
+    points a fixed population asked in a seeded random order) are accused at most at alpha, well
+    within the binomial spread, over 300 audits."""
+    rng = np.random.default_rng(7)
+    accused = 0
+    for seed in range(300):
+        plan = Plan.make(two_sets, AuditConfig(test="betting", budget=len(two_sets), batch_size=1, seed=seed, alpha=0.05))
+        sets, p0 = plan.set_of(), np.asarray(plan.p0)
+        agree = np.zeros(len(plan), dtype=bool)
+        for k in (0, 1):  # the suspect: floor(p0 n_k) points of each set answered like the owner
+            mine = np.flatnonzero(sets == k)
+            agree[rng.choice(mine, size=int(p0[mine[0]] * len(mine)), replace=False)] = True
+        labels = np.asarray(plan.owner_labels)
+        out = run_test(plan, lambda pos, a=agree, y=labels: np.where(a[pos], y[pos], (y[pos] + 1) % 10), len(plan))
+        accused += out.decision == "piracy"
+    assert accused <= 25, accused  # alpha 0.05: 15 expected at most; P(Binomial(300, 0.05) > 25) < 0.01
+
+
+def test_a_plan_from_before_adaptive_allocation_replays_in_plan_order(two_sets: Fingerprint) -> None:
+    """A ledger written before the allocation existed names none: its plan reads back "fixed"
+    and asks in plan order, as the audit that wrote it did; a plan naming another is refused."""
+    plan = Plan.make(two_sets, AuditConfig(test="betting"))
+    old = {k: v for k, v in plan.to_dict().items() if k != "allocation"}
+    assert Plan.from_dict(old).allocation == "fixed" and Plan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(ValueError, match="unknown allocation"):
+        Plan.from_dict({**plan.to_dict(), "allocation": "greedy"})
+    one_set = Plan.make(dataclasses.replace(two_sets, extra={}), AuditConfig(test="betting"))
+    assert one_set.allocation == "fixed"
+
+
 def test_a_two_set_fingerprint_through_the_cli_verifies(world: Any, two_sets: Fingerprint, tmp_path: Path) -> None:
     """The audit command on a fingerprint with error points: each set's agreement in a note,
     inspect names the error points, and verify-report replays the two tests from the ledger."""
