@@ -72,7 +72,7 @@ SCORES = {
 }
 LABEL_ONLY = ("deepcore-agreement", "deepcore-clustering", "random", "ipguard", "akh", "cae")
 QUICK_FAMILIES = ("fine-tune-own", "fine-tune-other", "prune", "int8", "fp16", "adv-fine-tune")
-FUNCTIONAL_FAMILIES = ("distill-same", "distill-other", "extract")
+FUNCTIONAL_FAMILIES = ("distill-same", "distill-other", "extract", "adv-extract")
 
 
 @dataclass(frozen=True)

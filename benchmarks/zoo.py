@@ -14,6 +14,8 @@ piracy (derived from the owner)           homologous (trained independently)
 - transfer: head replaced and retrained on B, body frozen
 - distill-same / distill-other: trained on the owner's probabilities on B
 - extract: trained on the owner's top-1 labels on B (label-only model extraction)
+- adv-extract: the same, with two thirds of the queries pushed across the student's own boundary
+  (adversarial label extraction, as SACBench's)
 
 Besides the evaluated suspects, the zoo trains *calibration references* (independent models,
 disjoint from the evaluated ones, that set every method's threshold) and the owner-side models
@@ -156,6 +158,12 @@ def plan_members(config: ZooConfig) -> list[Member]:
     add("cae-ref-same-arch", "homologous", "cae", "independent", data="A", role="cae-reference")
     add("cae-ref-same-arch-2", "homologous", "cae", "independent", data="A", role="cae-reference")
     add("cae-ref-lenet", "homologous", "cae", "independent", "lenet", data="A", role="cae-reference")
+    # Label extraction with adversarially chosen queries, into the owner's and three other
+    # architectures: last, so that every other member's seed (by position) and the zoos cached
+    # before it existed stay as they were.
+    adv_archs = (arch, "lenet", "mlp", "cnn-wide", arch)
+    for i in range(n):
+        add(f"adv-extract-{adv_archs[i % 5]}-{i}", "piracy", "adv-extract", "adv-extract", adv_archs[i % 5], param=config.adv_epsilon)
     return out
 
 
@@ -184,6 +192,8 @@ def train_member(m: Member, owner: Normalized, halves: dict[str, tuple[np.ndarra
         return recipes.distill(owner, x, fresh, full)
     if m.recipe == "extract":
         return recipes.extract(owner, x, fresh, full)
+    if m.recipe == "adv-extract":
+        return recipes.adversarial_extract(owner, x, fresh, m.param, full)
     if m.recipe == "other-task":
         return train(fresh, x, (y + int(m.param)) % k, full)
     if m.recipe == "independent":

@@ -4,7 +4,8 @@ Weight copies take the owner (a `Normalized` model) and are trained further from
 fine-tuning, magnitude pruning then fine-tuning, adversarial (FGSM) fine-tuning, transfer (the
 body frozen, a new head). Functional copies train a fresh `student` (the caller makes it, in
 whatever architecture and from whatever seed it chooses) on the owner's answers: distillation
-from its probabilities, label extraction from its top-1. The ONNX post-processing recipes take
+from its probabilities, label extraction from its top-1, adversarial label extraction from its
+top-1 on queries pushed across the student's own boundary. The ONNX post-processing recipes take
 the path of the owner's exported file and write the converted one: int8 quantization, fp16.
 
 Every training recipe takes a `TrainConfig` (seed, epochs, learning rate...) and the recipe's own
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deepcore_auditor.adapters.errors import InputError
@@ -33,8 +36,10 @@ from deepcore_auditor.fingerprints.models import (
     TrainConfig,
     adversarial_fine_tune,
     clone,
+    model_device,
     predict,
     prune_by_magnitude,
+    set_mode,
     train,
 )
 from deepcore_auditor.fingerprints.progress import QUIET, Progress
@@ -98,6 +103,46 @@ def extract(owner: nn.Module, x: np.ndarray, student: nn.Module, config: TrainCo
     return train(student, x, predict(owner, x).argmax(1), config, until=until, progress=progress, label=label)
 
 
+def _pushed_across(student: nn.Module, x: np.ndarray, epsilon: float, seed: int, batch_size: int = 500) -> np.ndarray:
+    """`x` moved by one FGSM step (random start, L-inf `epsilon`, canonical space) away from the
+    student's own label at each point: towards where the student's boundary lies."""
+    device = model_device(student)
+    set_mode(student, False)
+    labels = predict(student, x).argmax(1)
+    gen = torch.Generator().manual_seed(seed)
+    out = np.empty_like(x, dtype=np.float32)
+    for start in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
+        yb = torch.from_numpy(labels[start : start + batch_size].astype(np.int64))
+        delta = ((torch.rand(xb.shape, generator=gen) * 2 - 1) * epsilon).to(device)
+        xb, yb = xb.to(device), yb.to(device)
+        delta.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(student((xb + delta).clamp(0, 1)), yb), delta)
+        moved = xb + (delta + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)
+        out[start : start + len(xb)] = moved.clamp(0, 1).detach().cpu().numpy()
+    return out
+
+
+def adversarial_extract(owner: nn.Module, x: np.ndarray, student: nn.Module, epsilon: float, config: TrainConfig, *,
+                        rounds: int = 3, progress: Progress = QUIET, label: str = "adversarial extraction") -> nn.Module:
+    """Label-only extraction whose queries the attacker chooses adversarially (SACBench's
+    adversarial extraction; the idea of CloudLeak and of Papernot et al.'s Jacobian augmentation):
+    the attacker's pool `x` is split into `rounds` parts; the first is asked as it is, each later
+    one is first pushed across the student's current boundary (`_pushed_across`), so the owner's
+    top-1 answers land where the student is least sure of it; after each round the student trains
+    `config.epochs` on everything asked so far. It asks len(x) queries, as `extract` does."""
+    parts = np.array_split(np.random.default_rng(config.seed).permutation(len(x)), rounds)
+    asked: list[np.ndarray] = []
+    answers: list[np.ndarray] = []
+    for r, index in enumerate(parts):
+        q = x[index] if r == 0 else _pushed_across(student, x[index], epsilon, config.seed + r)
+        asked.append(q)
+        answers.append(predict(owner, q).argmax(1))
+        student = train(student, np.concatenate(asked), np.concatenate(answers), replace(config, seed=config.seed + r),
+                        progress=progress, label=f"{label}, round {r + 1} of {rounds}")
+    return student
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     """The ONNX file `src` with its weights dynamically quantized to int8, written atomically to `dst`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -122,7 +167,7 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
 
 # Every recipe by name. Training recipes: (owner, x, y, [ratio | epsilon], config) for weight
-# copies, (owner, x, student, config, until=None) for functional copies; ONNX ones: (src, dst).
+# copies, (owner, x, student, [epsilon], config) for functional copies; ONNX ones: (src, dst).
 RECIPES: Mapping[str, Callable[..., object]] = {
     "fine-tune": fine_tune,
     "prune": prune,
@@ -130,6 +175,7 @@ RECIPES: Mapping[str, Callable[..., object]] = {
     "transfer": transfer,
     "distill": distill,
     "extract": extract,
+    "adv-extract": adversarial_extract,
     "int8": quantize_int8,
     "fp16": convert_fp16,
 }

@@ -140,3 +140,34 @@ def test_core_speed_script_times_both_loops_on_the_same_work(tmp_path: Path) -> 
     r = json.loads(out.read_text())
     assert r["candidates"] == 8 and r["steps"] == 2 and r["models"] == {"owner": "cnn", "students": 2, "references": 1}
     assert len(r["seconds"]["optimize_points"]) == len(r["seconds"]["bare_loop"]) == 1 and r["ratio"] > 0
+
+
+def test_adversarial_extraction_asks_across_the_students_boundary(fmnist) -> None:
+    """The benchmark's adversarial label extraction (fingerprints.recipes.adversarial_extract): its
+    later queries lie within epsilon of the attacker's own images and cross the student's boundary
+    on most of them, and the student it returns learnt the owner's task from the owner's labels."""
+    import torch
+
+    from deepcore_auditor.adapters.base import InputConvention
+    from deepcore_auditor.fingerprints import recipes
+    from deepcore_auditor.fingerprints.data import channel_stats
+    from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_architecture, predict, train
+
+    x, y = fmnist.train.points(slice(0, 3000)), fmnist.train.y[:3000]
+    test_x = fmnist.test.points(slice(0, 1000))
+    mean, std = channel_stats(fmnist.train)
+
+    def fresh(arch: str, seed: int) -> Normalized:
+        torch.manual_seed(seed)
+        return Normalized(build_architecture(arch, fmnist.train.shape, 10), InputConvention(mean=mean, std=std))
+
+    owner = train(fresh("cnn", 1), x[:1500], y[:1500], TrainConfig(epochs=1, seed=1))
+    student = train(fresh("mlp", 2), x[1500:2000], predict(owner, x[1500:2000]).argmax(1), TrainConfig(epochs=1, seed=2))
+    pool = x[2000:2500]
+    moved = recipes._pushed_across(student, pool, 0.1, seed=5)
+    assert np.abs(moved - pool).max() <= 0.1 + 1e-6 and moved.min() >= 0 and moved.max() <= 1
+    flipped = np.mean(predict(student, moved).argmax(1) != predict(student, pool).argmax(1))
+    assert flipped > 0.3, flipped
+    stolen = recipes.adversarial_extract(owner, x[1500:3000], fresh("mlp", 3), 0.1, TrainConfig(epochs=1, seed=3))
+    agree = np.mean(predict(stolen, test_x).argmax(1) == predict(owner, test_x).argmax(1))
+    assert agree > 0.6, agree
