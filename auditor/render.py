@@ -40,8 +40,9 @@ _ASSUMES = ("What the guarantee assumes: the suspect, were it independent, agree
             "no more than the fingerprint's p0, an upper bound read off held-out reference models (a model unlike every "
             "reference may exceed it: the assumption a challenger tests with `deepcore challenge`); the points were "
             "committed before the audit (see the commitment below) and asked in the seeded random order the report records, "
-            "which the suspect's answers do not depend on. Under these, an independent suspect is called a pirate with "
-            "probability at most alpha, however long the audit runs.")
+            "which the suspect's answers do not depend on (with two sets of points, each set's own order: the answers only "
+            "decide which set is asked next, and each set's test runs at alpha/2). Under these, an independent suspect is "
+            "called a pirate with probability at most alpha, however long the audit runs.")
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint
 
 
 def _batches(fp: Fingerprint, config: AuditConfig, queries: list[int], used: int) -> list[np.ndarray]:
-    """The points the audit asked, batch by batch: its plan's order cut where its trajectory
-    says a batch ended, then what it asked beyond (repeat checks) as one more batch."""
+    """Batches of the sizes the audit asked: its plan's order cut where its trajectory says a
+    batch ended, then what it asked beyond (repeat checks) as one more batch. Under a two-set
+    plan's adaptive allocation these are not the very points asked, but as many, of the same
+    shape: the same work for the session."""
     order = np.asarray(Plan.make(fp, config).indices)
     cuts, out, start = sorted(set(queries)), [], 0
     for end in cuts:
