@@ -31,7 +31,13 @@ from deepcore_auditor.adapters.errors import DeepCoreError, InputError, first_li
 from deepcore_auditor.auditor.audit import AuditConfig
 from deepcore_auditor.auditor.bars import terminal_bars
 from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES
-from deepcore_auditor.fingerprints.config import BUILD_DEVICES, DEFAULT_CALIBRATION_REFERENCES, BuildConfig, CoreConfig
+from deepcore_auditor.fingerprints.config import (
+    BUILD_DEVICES,
+    DEFAULT_CALIBRATION_REFERENCES,
+    DEFAULT_SELECTION_REFERENCES,
+    BuildConfig,
+    CoreConfig,
+)
 from deepcore_auditor.fingerprints.progress import QUIET
 
 EXIT = {"independent": 0, "piracy": 1, "inconclusive": 3}
@@ -183,6 +189,9 @@ def _source_date() -> str | None:
 @click.option("--reference", "references", multiple=True, help="An independent model you own (any suspect format); held out for calibration. Repeatable.")
 @click.option("--calibration-references", type=int, default=DEFAULT_CALIBRATION_REFERENCES, show_default=True,
               help="Independent references the builder trains and holds out to set p0 (more: a surer, often tighter bound; each costs a training).")
+@click.option("--selection-references", type=int, default=DEFAULT_SELECTION_REFERENCES, show_default=True,
+              help="Independent references of the owner's architecture per training recipe (Adam, SGD) that the core points "
+                   "are pushed away from (more: points unseen models of the owner's kind share less, a lower p0; each costs a training).")
 @click.option("--points", "n_points", type=int, default=CoreConfig.n_points, show_default=True, help="Core points kept.")
 @click.option("--candidates", type=int, default=CoreConfig.n_candidates, show_default=True, help="Candidate points optimized.")
 @click.option("--epsilon", type=float, default=CoreConfig.epsilon, help="L-inf radius around each seed, in [0,1] pixel units (default: 3x the radius at which the owner flips, measured).")
@@ -540,6 +549,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--points", "n_points", type=int, default=400, show_default=True, help="Points in every method's fingerprint.")
 @click.option("--candidates", type=int, default=1200, show_default=True, help="DeepCore's candidate points.")
 @click.option("--epsilon", type=float, default=0.15, show_default=True, help="DeepCore's L-inf radius.")
+@click.option("--selection-references", type=int, default=DEFAULT_SELECTION_REFERENCES, show_default=True,
+              help="DeepCore's selection references of the owner's architecture per recipe (as fingerprint's).")
 @click.option("--budgets", default="10,20,50,100,200,400", show_default=True, help="Query budgets, comma-separated.")
 @click.option("--methods", default="", help="Methods to compare, comma-separated (default: all).")
 @click.option("--alpha", type=float, default=0.01, show_default=True)
@@ -549,8 +560,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--ray", metavar="auto|ADDRESS", help=_RAY_TRAINS)
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
-          epsilon: float, budgets: str, methods: str, alpha: float, seed: int, test: str, cache_dir: Path | None,
-          ray: str | None) -> None:
+          epsilon: float, selection_references: int, budgets: str, methods: str, alpha: float, seed: int, test: str,
+          cache_dir: Path | None, ray: str | None) -> None:
     """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects.
 
     SOURCE_DATE_EPOCH, when set, is the time DeepCore's fingerprint records (see fingerprint)."""
@@ -560,7 +571,8 @@ def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, a
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) or tuple(SCORES)
     zoo = ZooConfig(members=members, epochs=epochs, train_samples=train_samples, adv_epsilon=adv_epsilon, seed=seed)
     config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
-                         candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed, test=test)
+                         candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed, test=test,
+                         selection_references=selection_references)
     results = run_bench(config, out, cache_dir=cache_dir, progress=_say, bars=terminal_bars(), ray=ray, created=_source_date())
     for mode, bar in results["bar"].items():
         for b in bar:

@@ -27,10 +27,12 @@ from deepcore_auditor.auditor.report import Verification, build_report, verify_r
 from deepcore_auditor.fingerprints.calibration import point_sets, rates, resolve_test
 from deepcore_auditor.fingerprints.config import (
     DEFAULT_CALIBRATION_REFERENCES,
+    DEFAULT_SELECTION_REFERENCES,
     BuildConfig,
     CoreConfig,
     KnownModelSpec,
     zoo_with_references,
+    zoo_with_selection,
 )
 from deepcore_auditor.fingerprints.errors import SignatureError
 from deepcore_auditor.fingerprints.format import (
@@ -118,6 +120,7 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
                  max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed,
                  uint8_points: bool = CoreConfig.uint8_points, error_points: int = CoreConfig.error_points,
                  calibration_references: int = DEFAULT_CALIBRATION_REFERENCES,
+                 selection_references: int = DEFAULT_SELECTION_REFERENCES,
                  device: str = BuildConfig.device) -> BuildConfig:
     """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo;
     `device` (auto, cpu, cuda) is where it trains and grows them (checked by `make_fingerprint`)."""
@@ -125,6 +128,10 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
         zoo = zoo_with_references(calibration_references)
     except ValueError as e:
         raise InputError(f"--calibration-references: {e}") from None
+    try:
+        zoo = zoo_with_selection(selection_references, zoo)
+    except ValueError as e:
+        raise InputError(f"--selection-references: {e}") from None
     core = CoreConfig(n_candidates=candidates, n_points=n_points, epsilon=epsilon, steps=steps,
                       min_confidence=min_confidence, reference_weight=reference_weight, seed=seed,
                       uint8_points=uint8_points, error_points=error_points)

@@ -48,6 +48,7 @@ from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import point_sets, rate_bound, rates, resolve_test
+from deepcore_auditor.fingerprints.config import DEFAULT_SELECTION_REFERENCES, DEFAULT_ZOO, zoo_with_selection
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
@@ -89,6 +90,7 @@ class BenchConfig:
     methods: tuple[str, ...] = tuple(SCORES)
     seed: int = 0
     test: str = "auto"  # the sequential audits' test (auditor.audit.AuditConfig.test); clustering runs Wald's only
+    selection_references: int = DEFAULT_SELECTION_REFERENCES  # DeepCore's, per recipe (fingerprints.config.zoo_with_selection)
 
     def validate(self) -> None:
         if not self.budgets or any(b < 1 for b in self.budgets) or list(self.budgets) != sorted(set(self.budgets)):
@@ -98,6 +100,8 @@ class BenchConfig:
         unknown = [m for m in self.methods if m not in SCORES]
         if unknown or not self.methods:
             raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: use some of {', '.join(SCORES)}")
+        if self.selection_references < 1:
+            raise InputError(f"--selection-references must be 1 or more, got {self.selection_references}")
         if not 0 < self.alpha < 0.5:
             raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
         if self.zoo.members < 1 or self.zoo.epochs < 1 or self.zoo.calibration_references < 2:
@@ -153,7 +157,8 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
     wanted = sorted({SCORES[m][0] for m in config.methods})
     x, y = zoo.halves["A"]
     core = CoreConfig(n_candidates=config.candidates, n_points=config.n_points, epsilon=config.epsilon, seed=config.seed)
-    build = BuildConfig(core=core, train_samples=len(x), epochs=config.zoo.epochs, seed=config.seed)
+    build = BuildConfig(core=core, zoo=zoo_with_selection(config.selection_references, DEFAULT_ZOO), train_samples=len(x),
+                        epochs=config.zoo.epochs, seed=config.seed)
     # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
     bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=config.epsilon)
     out: dict[str, tuple[Fingerprint, float]] = {}

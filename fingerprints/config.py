@@ -125,6 +125,33 @@ def zoo_with_references(count: int, zoo: tuple[KnownModelSpec, ...] = BASE_ZOO) 
     return zoo + tuple(extra)
 
 
+# Selection references of the owner's architecture per training recipe (the base zoo's one of
+# each: ref-same-arch-1, Adam; ref-same-arch-2, SGD). The core points are pushed away from the
+# selection references only, and a few of them are learnt by heart: on the Fashion-MNIST
+# benchmark's Adam owner (2026-12-07, 2,000 candidates, 400 points kept), with one reference of
+# each recipe in the objective, the held-out Adam references of its architecture agreed
+# 0.52-0.78 on the kept points (p0 0.965); with three Adam ones, 0.305-0.535 (p0 0.890, an exact
+# copy identified after 42 points instead of 120); with two of each, 0.395-0.61 (p0 0.948). The
+# references like the owner are its closest competitors, and the builder cannot tell which
+# recipe the owner's is (neither their agreement with it on natural data nor on its own
+# adversarial points tells: 0.88/0.905 and 0.39-0.54 either way), so more means more of each.
+DEFAULT_SELECTION_REFERENCES = 1
+
+
+def zoo_with_selection(count: int, zoo: tuple[KnownModelSpec, ...]) -> tuple[KnownModelSpec, ...]:
+    """`zoo` with selection references of the owner's architecture added until it holds `count`
+    of each recipe (adam, sgd), after every model it holds (their seeds and cached copies stay)."""
+    extra = []
+    for recipe in ("adam", "sgd"):
+        have = sum(1 for z in zoo if z.kind == "independent" and z.role == "selection" and z.arch == "owner" and z.recipe == recipe)
+        if count < have:
+            raise ValueError(f"the zoo already holds {have} selection references of the owner's architecture by {recipe}; "
+                             f"ask for {have} or more, got {count}")
+        extra += [KnownModelSpec(f"ref-same-arch-{recipe}-{i + 1}", "independent", "same-arch", "selection", recipe=recipe)
+                  for i in range(have, count)]
+    return zoo + tuple(extra)
+
+
 # Ten held-out references by default: the base zoo's five (one per kind) leave p0's prediction
 # bound no degrees of freedom, and the betting test then has no p0 that bounds unseen models
 # (calibration.resolve_test falls back to Wald's). With ten (three of the owner's architecture by
@@ -169,4 +196,5 @@ class BuildConfig:
 REFERENCE_WEIGHTS = (2.0, 4.0, 8.0, 16.0)  # the automatic reference weight's ladder
 BUILD_DEVICES = ("auto", "cpu", "cuda")  # BuildConfig.device's values (adapters.torch.resolve_device)
 
-__all__ = ["BASE_ZOO", "BUILD_DEVICES", "DEFAULT_CALIBRATION_REFERENCES", "DEFAULT_ZOO", "zoo_with_references", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]
+__all__ = ["BASE_ZOO", "BUILD_DEVICES", "DEFAULT_CALIBRATION_REFERENCES", "DEFAULT_SELECTION_REFERENCES", "DEFAULT_ZOO",
+           "zoo_with_references", "zoo_with_selection", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]

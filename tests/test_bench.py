@@ -116,6 +116,7 @@ def test_threshold_unreachable_and_kl() -> None:
     (["--methods", "deepcore-agreement,nope"], ["nope", "method"]),
     (["--members", "0"], ["member"]),
     (["--alpha", "0.7"], ["alpha"]),
+    (["--selection-references", "0"], ["--selection-references", "1 or more"]),
 ])
 def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], words: list[str]) -> None:
     result = CliRunner().invoke(cli, ["bench", "--data", "fashion-mnist", "--out", str(tmp_path / "r"), *args])

@@ -105,3 +105,20 @@ def test_auto_runs_walds_test_where_the_bound_leaves_no_copy_identifiable(world)
     note = why_not_betting(spread, "agreement", 0.01, 60)
     assert note and "not even an exact copy" in note and f"{bound:.3f}" in note and "within 60 queries" in note
     assert resolve_test(spread, "agreement", "auto", 0.01, needs) == "betting"  # a budget that lets a copy through
+
+
+def test_more_selection_references_come_after_every_model_the_zoo_holds() -> None:
+    """`--selection-references N`: N references of the owner's architecture per recipe in the
+    selection, the new ones after every model of the zoo (whose seeds, by position, and cached
+    copies stay as they were); fewer than the zoo holds is refused."""
+    from deepcore_auditor.fingerprints.config import DEFAULT_ZOO, zoo_with_selection
+
+    assert zoo_with_selection(1, DEFAULT_ZOO) == DEFAULT_ZOO
+    three = zoo_with_selection(3, DEFAULT_ZOO)
+    assert three[: len(DEFAULT_ZOO)] == DEFAULT_ZOO and len(three) == len(DEFAULT_ZOO) + 4
+    added = three[len(DEFAULT_ZOO):]
+    assert all(z.kind == "independent" and z.role == "selection" and z.arch == "owner" for z in added)
+    assert sorted(z.recipe for z in added) == ["adam", "adam", "sgd", "sgd"] and len({z.name for z in three}) == len(three)
+    assert zoo_with_selection(3, three) == three
+    with pytest.raises(ValueError, match="already holds 1 selection references"):
+        zoo_with_selection(0, DEFAULT_ZOO)

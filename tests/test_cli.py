@@ -90,6 +90,15 @@ def test_inspect_shows_every_known_models_quality(world):
 # ---- bad input: one line, exit 2, nothing written -------------------------------------------
 
 
+def test_zoo_sizes_below_the_base_zoos_are_refused_before_any_work(world, tmp_path):
+    out = tmp_path / "fp.json"
+    data = str(world.root / "owner-data.npz")
+    for flag, value in (("--selection-references", "0"), ("--calibration-references", "3")):
+        one_line_error(run("fingerprint", "--owner", str(world.owner_ts), "--data", data, "--out", str(out), flag, value),
+                       flag, "already holds")
+    assert not out.exists()
+
+
 def test_owner_args_are_checked_before_any_work(world, tmp_path):
     out = tmp_path / "fp.json"
     data = str(world.root / "owner-data.npz")
