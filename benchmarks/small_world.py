@@ -28,7 +28,7 @@ from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_
 # (measured 2026-12-06). The suite checks the mechanics on a small world; the default's figures
 # come from the benchmarks (null, owner forms).
 TINY = ["--points", "100", "--candidates", "600", "--reference-weight", "8", "--steps", "60", "--train-samples", "6000",
-        "--epochs", "3", "--calibration-references", "5", "--error-points", "0"]
+        "--epochs", "3", "--calibration-references", "5", "--error-points", "0", "--selection-references", "1"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def build_world(root: Path, fmnist: DataSplits, say: Callable[[str], None] = lam
     build = build_config(n_points=int(args["--points"]), candidates=int(args["--candidates"]), steps=int(args["--steps"]),
                          reference_weight=float(args["--reference-weight"]), train_samples=int(args["--train-samples"]),
                          epochs=int(args["--epochs"]), calibration_references=int(args["--calibration-references"]),
-                         error_points=int(args["--error-points"]))
+                         error_points=int(args["--error-points"]), selection_references=int(args["--selection-references"]))
     make_fingerprint(FingerprintRequest(
         owner=str(owner_ts), data=str(data), out=fp, mean=",".join(map(str, mean)), std=",".join(map(str, std)), build=build,
     ))

@@ -12,7 +12,7 @@ import pytest
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints.build import check_separable
 from deepcore_auditor.fingerprints.calibration import MIN_PREDICTION_DOF, rates, reference_groups, resolve_test, why_not_betting
-from deepcore_auditor.fingerprints.config import zoo_with_references
+from deepcore_auditor.fingerprints.config import zoo_with_references, zoo_with_selection
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint
 from deepcore_auditor.fingerprints.stats import Bettor
 
@@ -111,14 +111,16 @@ def test_more_selection_references_come_after_every_model_the_zoo_holds() -> Non
     """`--selection-references N`: N references of the owner's architecture per recipe in the
     selection, the new ones after every model of the zoo (whose seeds, by position, and cached
     copies stay as they were); fewer than the zoo holds is refused."""
-    from deepcore_auditor.fingerprints.config import DEFAULT_ZOO, zoo_with_selection
+    from deepcore_auditor.fingerprints.config import DEFAULT_ZOO
 
-    assert zoo_with_selection(1, DEFAULT_ZOO) == DEFAULT_ZOO
-    three = zoo_with_selection(3, DEFAULT_ZOO)
-    assert three[: len(DEFAULT_ZOO)] == DEFAULT_ZOO and len(three) == len(DEFAULT_ZOO) + 4
-    added = three[len(DEFAULT_ZOO):]
+    ten = zoo_with_references(10)
+    assert zoo_with_selection(1, ten) == ten
+    three = zoo_with_selection(3, ten)
+    assert three == DEFAULT_ZOO  # the default: three of each
+    assert three[: len(ten)] == ten and len(three) == len(ten) + 4
+    added = three[len(ten):]
     assert all(z.kind == "independent" and z.role == "selection" and z.arch == "owner" for z in added)
     assert sorted(z.recipe for z in added) == ["adam", "adam", "sgd", "sgd"] and len({z.name for z in three}) == len(three)
     assert zoo_with_selection(3, three) == three
     with pytest.raises(ValueError, match="already holds 1 selection references"):
-        zoo_with_selection(0, DEFAULT_ZOO)
+        zoo_with_selection(0, ten)
