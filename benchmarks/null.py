@@ -40,7 +40,12 @@ from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import rates
-from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, zoo_with_references
+from deepcore_auditor.fingerprints.config import (
+    DEFAULT_CALIBRATION_REFERENCES,
+    DEFAULT_SELECTION_REFERENCES,
+    zoo_with_references,
+    zoo_with_selection,
+)
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.models import accuracy, export_onnx
@@ -87,17 +92,24 @@ def plan_models(config: NullConfig, owner_arch: str) -> list[Member]:
     return out
 
 
-def default_fingerprint(zoo: Any, root: Path, references: int = DEFAULT_CALIBRATION_REFERENCES) -> Fingerprint:
+def _fp_path(root: Path, references: int, selection: int = DEFAULT_SELECTION_REFERENCES) -> Path:
+    return root / (f"fp-references-{references}.json" if selection == 1 else f"fp-references-{references}-selection-{selection}.json")
+
+
+def default_fingerprint(zoo: Any, root: Path, references: int = DEFAULT_CALIBRATION_REFERENCES,
+                        selection: int = DEFAULT_SELECTION_REFERENCES) -> Fingerprint:
     """The fingerprint `deepcore fingerprint` makes for the zoo's owner with default flags (and
-    `--calibration-references references`)."""
-    path = root / f"fp-references-{references}.json"
+    `--calibration-references references`, `--selection-references selection`). Cached by both
+    counts (a file without the second was built with one selection reference per recipe, the
+    default before 2026-12-07)."""
+    path = _fp_path(root, references, selection)
     if path.is_file():
         return load_fingerprint(path)
     x, y = zoo.halves["A"]
     owner_id = {"path": str(zoo.paths["owner"]), "sha256": file_sha256(zoo.paths["owner"])}
     logger.info("building the default fingerprint with %d calibration references", references)
     t0 = time.perf_counter()
-    fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(zoo=zoo_with_references(references)),
+    fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(zoo=zoo_with_selection(selection, zoo_with_references(references))),
                            progress=logger.info, require_separable=False, cache_dir=root)  # K=20 reuses K=10's models
     save_fingerprint(fp, path)
     (path.with_suffix(".build_s")).write_text(f"{time.perf_counter() - t0:.1f}")
@@ -169,7 +181,7 @@ def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str
         rows = _audit_all(fp, models, paths, config, tests=("betting",))
         accused = sum(row["betting"]["verdict"] == "piracy" for row in rows.values())
         p0 = float(r.summary["p0"])  # type: ignore[arg-type]
-        build_s = root / f"fp-references-{k}.build_s"
+        build_s = _fp_path(root, k).with_suffix(".build_s")
         out.append({
             "calibration_references": k, "p0": p0, "p1": r.summary["p1"],
             "prediction_bound": r.summary.get("prediction_bound"), "prediction_dof": r.summary.get("prediction_dof"),
