@@ -40,12 +40,7 @@ from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import rates
-from deepcore_auditor.fingerprints.config import (
-    DEFAULT_CALIBRATION_REFERENCES,
-    DEFAULT_SELECTION_REFERENCES,
-    zoo_with_references,
-    zoo_with_selection,
-)
+from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, DEFAULT_SELECTION_REFERENCES, zoo_of
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.models import accuracy, export_onnx
@@ -109,7 +104,7 @@ def default_fingerprint(zoo: Any, root: Path, references: int = DEFAULT_CALIBRAT
     owner_id = {"path": str(zoo.paths["owner"]), "sha256": file_sha256(zoo.paths["owner"])}
     logger.info("building the default fingerprint with %d calibration references", references)
     t0 = time.perf_counter()
-    fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(zoo=zoo_with_selection(selection, zoo_with_references(references))),
+    fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(zoo=zoo_of(references, selection)),
                            progress=logger.info, require_separable=False, cache_dir=root)  # K=20 reuses K=10's models
     save_fingerprint(fp, path)
     (path.with_suffix(".build_s")).write_text(f"{time.perf_counter() - t0:.1f}")

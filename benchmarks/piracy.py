@@ -48,12 +48,7 @@ from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import point_sets, rate_bound, rates, resolve_test
-from deepcore_auditor.fingerprints.config import (
-    DEFAULT_CALIBRATION_REFERENCES,
-    DEFAULT_SELECTION_REFERENCES,
-    zoo_with_references,
-    zoo_with_selection,
-)
+from deepcore_auditor.fingerprints.config import DEFAULT_SELECTION_REFERENCES, zoo_of
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
@@ -162,7 +157,7 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
     wanted = sorted({SCORES[m][0] for m in config.methods})
     x, y = zoo.halves["A"]
     core = CoreConfig(n_candidates=config.candidates, n_points=config.n_points, epsilon=config.epsilon, seed=config.seed)
-    build = BuildConfig(core=core, zoo=zoo_with_selection(config.selection_references, zoo_with_references(DEFAULT_CALIBRATION_REFERENCES)), train_samples=len(x),
+    build = BuildConfig(core=core, zoo=zoo_of(selection=config.selection_references), train_samples=len(x),
                         epochs=config.zoo.epochs, seed=config.seed)
     # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
     bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=config.epsilon)

@@ -169,8 +169,16 @@ def zoo_with_selection(count: int, zoo: tuple[KnownModelSpec, ...]) -> tuple[Kno
 # accused while every weight copy was caught after 31 queries. The five further models cost
 # about 24 minutes of that 2-core build.
 DEFAULT_CALIBRATION_REFERENCES = 10
-DEFAULT_ZOO: tuple[KnownModelSpec, ...] = zoo_with_selection(DEFAULT_SELECTION_REFERENCES,
-                                                              zoo_with_references(DEFAULT_CALIBRATION_REFERENCES))
+
+
+def zoo_of(calibration: int = DEFAULT_CALIBRATION_REFERENCES, selection: int = DEFAULT_SELECTION_REFERENCES
+           ) -> tuple[KnownModelSpec, ...]:
+    """The zoo a build with `--calibration-references calibration --selection-references
+    selection` trains (ValueError, naming which, for fewer than the base zoo holds)."""
+    return zoo_with_selection(selection, zoo_with_references(calibration))
+
+
+DEFAULT_ZOO: tuple[KnownModelSpec, ...] = zoo_of()
 
 
 @dataclass(frozen=True)
@@ -204,4 +212,4 @@ REFERENCE_WEIGHTS = (2.0, 4.0, 8.0, 16.0)  # the automatic reference weight's la
 BUILD_DEVICES = ("auto", "cpu", "cuda")  # BuildConfig.device's values (adapters.torch.resolve_device)
 
 __all__ = ["BASE_ZOO", "BUILD_DEVICES", "DEFAULT_CALIBRATION_REFERENCES", "DEFAULT_SELECTION_REFERENCES", "DEFAULT_ZOO",
-           "zoo_with_references", "zoo_with_selection", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]
+           "zoo_of", "zoo_with_references", "zoo_with_selection", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]

@@ -379,6 +379,14 @@ def train(
     return model
 
 
+def fgsm(net: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """One FGSM step of L-inf radius `epsilon` (canonical [0, 1] space) from the random start
+    `start`, raising `net`'s loss on labels `y`; the points out, detached."""
+    start.requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(net((x + start).clamp(0, 1)), y), start)
+    return (x + (start + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)).clamp(0, 1).detach()
+
+
 def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilon: float, config: TrainConfig, *,
                           progress: Progress = QUIET, label: str = "adversarial fine-tuning") -> nn.Module:
     """Train on a half-clean, half-FGSM (random start) mixture: the usual cheap adversarial
@@ -397,10 +405,7 @@ def adversarial_fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epsilo
             for start in range(0, len(x), config.batch_size):
                 idx = order[start : start + config.batch_size]
                 xb, yb = xs[idx].to(device), ys[idx].to(device)
-                delta = (torch.rand_like(xb) * 2 - 1) * epsilon
-                delta.requires_grad_(True)
-                (g,) = torch.autograd.grad(F.cross_entropy(net((xb + delta).clamp(0, 1)), yb), delta)
-                x_adv = (xb + (delta + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)).clamp(0, 1).detach()
+                x_adv = fgsm(net, xb, yb, (torch.rand_like(xb) * 2 - 1) * epsilon, epsilon)
                 loss = 0.5 * F.cross_entropy(net(xb), yb) + 0.5 * F.cross_entropy(net(x_adv), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

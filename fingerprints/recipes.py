@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deepcore_auditor.adapters.errors import InputError
@@ -36,6 +35,7 @@ from deepcore_auditor.fingerprints.models import (
     TrainConfig,
     adversarial_fine_tune,
     clone,
+    fgsm,
     model_device,
     predict,
     prune_by_magnitude,
@@ -114,12 +114,8 @@ def _pushed_across(student: nn.Module, x: np.ndarray, epsilon: float, seed: int,
     for start in range(0, len(x), batch_size):
         xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
         yb = torch.from_numpy(labels[start : start + batch_size].astype(np.int64))
-        delta = ((torch.rand(xb.shape, generator=gen) * 2 - 1) * epsilon).to(device)
-        xb, yb = xb.to(device), yb.to(device)
-        delta.requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(student((xb + delta).clamp(0, 1)), yb), delta)
-        moved = xb + (delta + 1.25 * epsilon * g.sign()).clamp(-epsilon, epsilon)
-        out[start : start + len(xb)] = moved.clamp(0, 1).detach().cpu().numpy()
+        start_delta = ((torch.rand(xb.shape, generator=gen) * 2 - 1) * epsilon).to(device)
+        out[start : start + len(xb)] = fgsm(student, xb.to(device), yb.to(device), start_delta, epsilon).cpu().numpy()
     return out
 
 
