@@ -33,8 +33,7 @@ from deepcore_auditor.auditor.bars import terminal_bars
 from deepcore_auditor.fingerprints.calibration import MODES, TEST_CHOICES
 from deepcore_auditor.fingerprints.config import (
     BUILD_DEVICES,
-    DEFAULT_CALIBRATION_REFERENCES,
-    DEFAULT_SELECTION_REFERENCES,
+    ZOO_SIZES,
     BuildConfig,
     CoreConfig,
 )
@@ -187,11 +186,17 @@ def _source_date() -> str | None:
 @click.option("--mean", help="Per-channel mean, comma-separated (default: the data's own).")
 @click.option("--std", help="Per-channel std, comma-separated (default: the data's own).")
 @click.option("--reference", "references", multiple=True, help="An independent model you own (any suspect format); held out for calibration. Repeatable.")
-@click.option("--calibration-references", type=int, default=DEFAULT_CALIBRATION_REFERENCES, show_default=True,
-              help="Independent references the builder trains and holds out to set p0 (more: a surer, often tighter bound; each costs a training).")
-@click.option("--selection-references", type=int, default=DEFAULT_SELECTION_REFERENCES, show_default=True,
+@click.option("--zoo", "zoo_size", type=click.Choice(list(ZOO_SIZES)), default="default", show_default=True,
+              help="How many references the builder trains: " + "; ".join(
+                  f"{k}: {c} calibration and {s} selection per recipe" for k, (c, s) in ZOO_SIZES.items())
+              + " (smaller: a faster build, a higher p0).")
+@click.option("--calibration-references", type=int,
+              help="Independent references the builder trains and holds out to set p0 (more: a surer, often tighter bound; "
+                   "each costs a training) [default: the --zoo size's].")
+@click.option("--selection-references", type=int,
               help="Independent references of the owner's architecture per training recipe (Adam, SGD) that the core points "
-                   "are pushed away from (more: points unseen models of the owner's kind share less, a lower p0; each costs a training).")
+                   "are pushed away from (more: points unseen models of the owner's kind share less, a lower p0; each costs "
+                   "a training) [default: the --zoo size's].")
 @click.option("--points", "n_points", type=int, default=CoreConfig.n_points, show_default=True, help="Core points kept.")
 @click.option("--candidates", type=int, default=CoreConfig.n_candidates, show_default=True, help="Candidate points optimized.")
 @click.option("--epsilon", type=float, default=CoreConfig.epsilon, help="L-inf radius around each seed, in [0,1] pixel units (default: 3x the radius at which the owner flips, measured).")
@@ -549,8 +554,12 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--points", "n_points", type=int, default=400, show_default=True, help="Points in every method's fingerprint.")
 @click.option("--candidates", type=int, default=1200, show_default=True, help="DeepCore's candidate points.")
 @click.option("--epsilon", type=float, default=0.15, show_default=True, help="DeepCore's L-inf radius.")
-@click.option("--selection-references", type=int, default=DEFAULT_SELECTION_REFERENCES, show_default=True,
-              help="DeepCore's selection references of the owner's architecture per recipe (as fingerprint's).")
+@click.option("--zoo", "zoo_size", type=click.Choice(list(ZOO_SIZES)), default="default", show_default=True,
+              help="DeepCore's zoo size (as fingerprint's).")
+@click.option("--selection-references", type=int, help="DeepCore's selection references of the owner's architecture per recipe "
+                                                        "(as fingerprint's) [default: the --zoo size's].")
+@click.option("--without", default="", help="DeepCore zoo members left out of its build, comma-separated (what they buy: "
+                                            "benchmarks.zoo_ablation).")
 @click.option("--budgets", default="10,20,50,100,200,400", show_default=True, help="Query budgets, comma-separated.")
 @click.option("--methods", default="", help="Methods to compare, comma-separated (default: all).")
 @click.option("--alpha", type=float, default=0.01, show_default=True)
@@ -560,8 +569,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--ray", metavar="auto|ADDRESS", help=_RAY_TRAINS)
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
-          epsilon: float, selection_references: int, budgets: str, methods: str, alpha: float, seed: int, test: str,
-          cache_dir: Path | None, ray: str | None) -> None:
+          epsilon: float, zoo_size: str, selection_references: int | None, without: str, budgets: str, methods: str,
+          alpha: float, seed: int, test: str, cache_dir: Path | None, ray: str | None) -> None:
     """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects.
 
     SOURCE_DATE_EPOCH, when set, is the time DeepCore's fingerprint records (see fingerprint)."""
@@ -572,7 +581,8 @@ def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, a
     zoo = ZooConfig(members=members, epochs=epochs, train_samples=train_samples, adv_epsilon=adv_epsilon, seed=seed)
     config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
                          candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed, test=test,
-                         selection_references=selection_references)
+                         zoo_size=zoo_size, selection_references=selection_references,
+                         without=tuple(w.strip() for w in without.split(",") if w.strip()))
     results = run_bench(config, out, cache_dir=cache_dir, progress=_say, bars=terminal_bars(), ray=ray, created=_source_date())
     for mode, bar in results["bar"].items():
         for b in bar:

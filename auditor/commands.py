@@ -26,8 +26,7 @@ from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
 from deepcore_auditor.fingerprints.calibration import point_sets, rates, resolve_test
 from deepcore_auditor.fingerprints.config import (
-    DEFAULT_CALIBRATION_REFERENCES,
-    DEFAULT_SELECTION_REFERENCES,
+    ZOO_SIZES,
     BuildConfig,
     CoreConfig,
     KnownModelSpec,
@@ -119,11 +118,17 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
                  train_samples: int = BuildConfig.train_samples, epochs: int = BuildConfig.epochs,
                  max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed,
                  uint8_points: bool = CoreConfig.uint8_points, error_points: int = CoreConfig.error_points,
-                 calibration_references: int = DEFAULT_CALIBRATION_REFERENCES,
-                 selection_references: int = DEFAULT_SELECTION_REFERENCES,
+                 zoo_size: str = "default", calibration_references: int | None = None,
+                 selection_references: int | None = None,
                  device: str = BuildConfig.device) -> BuildConfig:
     """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo;
-    `device` (auto, cpu, cuda) is where it trains and grows them (checked by `make_fingerprint`)."""
+    `device` (auto, cpu, cuda) is where it trains and grows them (checked by `make_fingerprint`).
+    The reference counts not given are `zoo_size`'s (`config.ZOO_SIZES`)."""
+    if zoo_size not in ZOO_SIZES:
+        raise InputError(f"--zoo must be one of {', '.join(ZOO_SIZES)}, got {zoo_size!r}")
+    sized_calibration, sized_selection = ZOO_SIZES[zoo_size]
+    calibration_references = sized_calibration if calibration_references is None else calibration_references
+    selection_references = sized_selection if selection_references is None else selection_references
     try:
         zoo = zoo_with_references(calibration_references)
     except ValueError as e:

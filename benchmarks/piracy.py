@@ -48,7 +48,7 @@ from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import point_sets, rate_bound, rates, resolve_test
-from deepcore_auditor.fingerprints.config import DEFAULT_SELECTION_REFERENCES, zoo_of
+from deepcore_auditor.fingerprints.config import ZOO_SIZES, KnownModelSpec, zoo_of
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
@@ -90,7 +90,14 @@ class BenchConfig:
     methods: tuple[str, ...] = tuple(SCORES)
     seed: int = 0
     test: str = "auto"  # the sequential audits' test (auditor.audit.AuditConfig.test); clustering runs Wald's only
-    selection_references: int = DEFAULT_SELECTION_REFERENCES  # DeepCore's, per recipe (fingerprints.config.zoo_with_selection)
+    zoo_size: str = "default"  # DeepCore's (fingerprints.config.ZOO_SIZES)
+    selection_references: int | None = None  # DeepCore's, per recipe (None: the zoo size's; config.zoo_with_selection)
+    without: tuple[str, ...] = ()  # DeepCore zoo members left out of its build (build_fingerprint(without=...))
+
+    def deepcore_zoo(self) -> tuple[KnownModelSpec, ...]:
+        """The zoo DeepCore's fingerprint is built from (`without` still in it: left out by the build)."""
+        calibration, selection = ZOO_SIZES[self.zoo_size]
+        return zoo_of(calibration, selection if self.selection_references is None else self.selection_references)
 
     def validate(self) -> None:
         if not self.budgets or any(b < 1 for b in self.budgets) or list(self.budgets) != sorted(set(self.budgets)):
@@ -100,8 +107,13 @@ class BenchConfig:
         unknown = [m for m in self.methods if m not in SCORES]
         if unknown or not self.methods:
             raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: use some of {', '.join(SCORES)}")
-        if self.selection_references < 1:
+        if self.zoo_size not in ZOO_SIZES:
+            raise InputError(f"--zoo must be one of {', '.join(ZOO_SIZES)}, got {self.zoo_size!r}")
+        if self.selection_references is not None and self.selection_references < 1:
             raise InputError(f"--selection-references must be 1 or more, got {self.selection_references}")
+        unknown = sorted(set(self.without) - {z.name for z in self.deepcore_zoo()})
+        if unknown:
+            raise InputError(f"--without: {', '.join(unknown)} not in DeepCore's zoo")
         if not 0 < self.alpha < 0.5:
             raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
         if self.zoo.members < 1 or self.zoo.epochs < 1 or self.zoo.calibration_references < 2:
@@ -157,7 +169,7 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
     wanted = sorted({SCORES[m][0] for m in config.methods})
     x, y = zoo.halves["A"]
     core = CoreConfig(n_candidates=config.candidates, n_points=config.n_points, epsilon=config.epsilon, seed=config.seed)
-    build = BuildConfig(core=core, zoo=zoo_of(selection=config.selection_references), train_samples=len(x),
+    build = BuildConfig(core=core, zoo=config.deepcore_zoo(), train_samples=len(x),
                         epochs=config.zoo.epochs, seed=config.seed)
     # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
     bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=config.epsilon)
@@ -165,6 +177,8 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
     owner_id = {"path": str(zoo.paths["owner"]), "sha256": file_sha256(zoo.paths["owner"])}
     for method in wanted:
         params = build.to_dict() if method == "deepcore" else bc.to_dict()
+        if method == "deepcore" and config.without:  # (only then: the tags of whole-zoo builds stay as they were)
+            params["without"] = sorted(config.without)
         tag = hashlib.sha256(json.dumps({"method": method, **params}, sort_keys=True).encode()).hexdigest()[:12]
         path, time_path = zoo.root / f"fp-{method}-{tag}.json", zoo.root / f"fp-{method}-{tag}.build_s"
         if path.is_file() and time_path.is_file():
@@ -175,7 +189,8 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
         if method == "deepcore":
             fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, build,
                                    holdout=(zoo.data.test.points(), zoo.data.test.y), progress=lambda m: logger.info(m),
-                                   require_separable=False, bars=bars, fan_out=fan_out, created=created)
+                                   require_separable=False, bars=bars, fan_out=fan_out, created=created,
+                                   cache_dir=zoo.root, without=config.without)
         else:
             sur = [zoo.torch_models[m.name] for m in zoo.role("cae-surrogate")] if method == "cae" else []
             ref = [zoo.torch_models[m.name] for m in zoo.role("cae-reference")] if method == "cae" else []

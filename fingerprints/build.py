@@ -18,7 +18,7 @@ import datetime as _dt
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,6 +326,7 @@ def build_fingerprint(
     bars: Progress = QUIET,
     fan_out: FanOut | None = None,
     created: str | None = None,
+    without: Collection[str] = (),
 ) -> Fingerprint:
     """Build a DeepCore fingerprint for `owner` from its training data (canonical points).
 
@@ -348,7 +349,14 @@ def build_fingerprint(
     same `ZooWork.train`), so the fingerprint is the same. `created` (ISO 8601) replaces the time
     the file records (its only field that changes from one identical build to the next), for
     builds whose digests are to be compared (`SOURCE_DATE_EPOCH`, by the CLI).
+
+    `without` names members of `config.zoo` neither trained nor used, the others keeping the
+    seeds (and cached copies) they have in the whole zoo: what a member buys is measured by
+    building without it (benchmarks.zoo_ablation). The file records them (`extra.without`).
     """
+    unknown = sorted(set(without) - {spec.name for spec in config.zoo})
+    if unknown:
+        raise InputError(f"cannot leave out {', '.join(unknown)}: not in the zoo")
     say = progress or logger.info
     device = build_device(config.device)
     num_classes = len(classes)
@@ -379,11 +387,13 @@ def build_fingerprint(
                              factory_args=owner_identity.get("factory_args", "")) if cache_dir is not None else None)
     work = ZooWork(points, labels, num_classes, config, held, owner_accuracy)
     t0 = time.monotonic()
-    ready = _trained_elsewhere(work, owner, fan_out, cache, say, bars) if fan_out is not None else {}
+    ready = _trained_elsewhere(work, owner, fan_out, cache, say, bars, without) if fan_out is not None else {}
     if fan_out is not None:
         stages["trained elsewhere"] = time.monotonic() - t0
     known: list[KnownModel] = []
     for i, spec in enumerate(config.zoo):
+        if spec.name in without:
+            continue
         say(f"training {spec.name} ({spec.kind}, {spec.family}, {spec.role})")
         t1 = time.monotonic()
         known.append(_trained_and_checked(spec, owner, work, i, say, cache, bars, ready.pop(i, None)))
@@ -396,6 +406,8 @@ def build_fingerprint(
             raise InputError(f"refusing a supplied reference: {problem}")
         known.append(km)
     extra: dict[str, object] = {"owner_holdout_accuracy": round(owner_accuracy, 4), "build_device": _describe(device)}
+    if without:
+        extra["without"] = sorted(without)
     if robustness is not None:
         extra["robustness"] = robustness.to_dict()
     t0 = time.monotonic()
@@ -413,11 +425,13 @@ def build_fingerprint(
 
 
 def _trained_elsewhere(work: ZooWork, owner: Normalized, fan_out: FanOut, cache: KnownModelCache | None,
-                       say: Callable[[str], None], bars: Progress) -> dict[int, nn.Module]:
-    """The zoo's models the cache lacks, trained by `fan_out`, each loaded into its skeleton here."""
+                       say: Callable[[str], None], bars: Progress, without: Collection[str] = ()) -> dict[int, nn.Module]:
+    """The zoo's models the cache lacks (but those `without` names), trained by `fan_out`, each
+    loaded into its skeleton here."""
     zoo = work.config.zoo
-    todo = [i for i, spec in enumerate(zoo) if cache is None or not cache.has(spec, i, False, training_inputs(spec, work.config))]
-    say(f"training {len(todo)} known models as tasks elsewhere ({len(zoo) - len(todo)} cached)")
+    todo = [i for i, spec in enumerate(zoo) if spec.name not in without
+            and (cache is None or not cache.has(spec, i, False, training_inputs(spec, work.config)))]
+    say(f"training {len(todo)} known models as tasks elsewhere ({len(zoo) - len(set(without)) - len(todo)} cached)")
     ready: dict[int, nn.Module] = {}
     t0 = time.monotonic()
     with bars.bar(f"known models ({len(todo)} tasks)", len(todo)) as advance:

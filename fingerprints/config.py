@@ -180,6 +180,18 @@ def zoo_of(calibration: int = DEFAULT_CALIBRATION_REFERENCES, selection: int = D
 
 DEFAULT_ZOO: tuple[KnownModelSpec, ...] = zoo_of()
 
+# Named zoo sizes (`--zoo`): calibration references and selection references per recipe. The
+# simulated pirates are the same in every size; what a size changes is how many references are
+# trained. "small" keeps the fewest calibration references whose prediction bound still has
+# calibration.MIN_PREDICTION_DOF degrees of freedom (nine: three of the owner's architecture by
+# each recipe), so the betting test stays available, and one selection reference per recipe;
+# "large" doubles the replicate references. Measured in benchmarks/results/zoo-ablation/.
+ZOO_SIZES: dict[str, tuple[int, int]] = {
+    "small": (9, 1),
+    "default": (DEFAULT_CALIBRATION_REFERENCES, DEFAULT_SELECTION_REFERENCES),
+    "large": (15, 5),
+}
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -212,4 +224,4 @@ REFERENCE_WEIGHTS = (2.0, 4.0, 8.0, 16.0)  # the automatic reference weight's la
 BUILD_DEVICES = ("auto", "cpu", "cuda")  # BuildConfig.device's values (adapters.torch.resolve_device)
 
 __all__ = ["BASE_ZOO", "BUILD_DEVICES", "DEFAULT_CALIBRATION_REFERENCES", "DEFAULT_SELECTION_REFERENCES", "DEFAULT_ZOO",
-           "zoo_of", "zoo_with_references", "zoo_with_selection", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]
+           "ZOO_SIZES", "zoo_of", "zoo_with_references", "zoo_with_selection", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]

@@ -117,6 +117,8 @@ def test_threshold_unreachable_and_kl() -> None:
     (["--members", "0"], ["member"]),
     (["--alpha", "0.7"], ["alpha"]),
     (["--selection-references", "0"], ["--selection-references", "1 or more"]),
+    (["--without", "sim-prune,no-such-model"], ["--without", "no-such-model", "not in DeepCore's zoo"]),
+    (["--zoo", "tiny"], ["--zoo", "tiny"]),
 ])
 def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], words: list[str]) -> None:
     result = CliRunner().invoke(cli, ["bench", "--data", "fashion-mnist", "--out", str(tmp_path / "r"), *args])
@@ -172,3 +174,18 @@ def test_adversarial_extraction_asks_across_the_students_boundary(fmnist) -> Non
     stolen = recipes.adversarial_extract(owner, x[1500:3000], fresh("mlp", 3), 0.1, TrainConfig(epochs=1, seed=3))
     agree = np.mean(predict(stolen, test_x).argmax(1) == predict(owner, test_x).argmax(1))
     assert agree > 0.6, agree
+
+
+def test_zoo_ablation_refuses_unknown_variants_and_a_missing_directory(tmp_path: Path, capsys) -> None:
+    """benchmarks/zoo_ablation.py (its figures are in the README): bad input is one line and exit 2,
+    before any work; every variant leaves out members of DeepCore's zoo only."""
+    from deepcore_auditor.benchmarks.piracy import BenchConfig
+    from deepcore_auditor.benchmarks.zoo_ablation import VARIANTS, main
+
+    assert main(["--out", str(tmp_path / "a"), "--variants", "whole-zoo,nope"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: unknown variant(s) nope: use some of " + ", ".join(VARIANTS)]
+    assert main(["--out", str(tmp_path / "no" / "a")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "no").exists()
+    for size, without in VARIANTS.values():
+        BenchConfig(data="fashion-mnist", zoo_size=size, without=without).validate()

@@ -93,6 +93,24 @@ def test_the_same_seed_builds_the_same_points_on_the_cpu_and_the_device_is_in_no
     assert next(iter(tiny[0].parameters())).device.type == "cpu"  # the caller's owner is where it was
 
 
+def test_a_build_without_some_members_reuses_the_others_with_their_seeds(tiny, tmp_path, caplog):
+    """`without` (benchmarks.zoo_ablation): the members named are neither trained nor used, every
+    other one is the whole zoo's model (its seed by position: the cache, keyed by it, serves each
+    one), and the file says what was left out; a name not in the zoo is refused before any work."""
+    _build(tiny, CONFIG, cache_dir=tmp_path)
+    left_out = ("sim-prune", "cal-mlp")
+    with caplog.at_level(logging.INFO):
+        fp = _build(tiny, CONFIG, cache_dir=tmp_path, without=left_out)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("reusing the model trained before" in m for m in said) == len(ZOO) - 2
+    assert any(m.startswith("training sim-fine-tune") for m in said)
+    assert not any(m.startswith(("training sim-prune", "training cal-mlp")) for m in said)
+    assert {m.name for m in fp.known_models} == {z.name for z in ZOO} - set(left_out)
+    assert fp.extra["without"] == sorted(left_out)
+    with pytest.raises(InputError, match="cannot leave out nope: not in the zoo"):
+        _build(tiny, CONFIG, without=("nope",))
+
+
 @no_gpu
 def test_cuda_without_a_gpu_is_refused_in_one_line_before_any_work(tmp_path):
     """`--device cuda` on a machine where PyTorch sees no GPU: exit 2, one line naming cuda, before

@@ -107,6 +107,32 @@ def test_auto_runs_walds_test_where_the_bound_leaves_no_copy_identifiable(world)
     assert resolve_test(spread, "agreement", "auto", 0.01, needs) == "betting"  # a budget that lets a copy through
 
 
+def test_zoo_sizes_name_the_two_reference_counts_and_explicit_counts_win() -> None:
+    """`--zoo small|default|large`: the same simulated pirates, more or fewer references; small
+    keeps enough calibration references for the betting test's prediction bound (at least
+    MIN_PREDICTION_DOF replicates beyond one per kind); a count given beside it wins; an unknown
+    size is refused in one line."""
+    from deepcore_auditor.auditor.commands import build_config
+    from deepcore_auditor.fingerprints.config import DEFAULT_ZOO, ZOO_SIZES, zoo_of
+
+    assert build_config().zoo == DEFAULT_ZOO == build_config(zoo_size="default").zoo
+    small, large = build_config(zoo_size="small").zoo, build_config(zoo_size="large").zoo
+    assert small == zoo_of(*ZOO_SIZES["small"]) and large == zoo_of(*ZOO_SIZES["large"])
+    assert len(small) < len(DEFAULT_ZOO) < len(large)
+    pirates = [z for z in DEFAULT_ZOO if z.kind == "piracy"]
+    assert [z for z in small if z.kind == "piracy"] == pirates == [z for z in large if z.kind == "piracy"]
+    assert small == DEFAULT_ZOO[: len(small)]  # every model of the small zoo keeps its seed and cached copy
+    for zoo in (small, DEFAULT_ZOO, large):
+        kinds: dict[tuple[str, str], int] = {}
+        for z in zoo:
+            if z.kind == "independent" and z.role == "calibration":
+                kinds[(z.arch, z.recipe)] = kinds.get((z.arch, z.recipe), 0) + 1
+        assert sum(n - 1 for n in kinds.values()) >= MIN_PREDICTION_DOF
+    assert build_config(zoo_size="small", selection_references=3).zoo == zoo_of(ZOO_SIZES["small"][0], 3)
+    with pytest.raises(InputError, match="--zoo must be one of small, default, large, got 'tiny'"):
+        build_config(zoo_size="tiny")
+
+
 def test_more_selection_references_come_after_every_model_the_zoo_holds() -> None:
     """`--selection-references N`: N references of the owner's architecture per recipe in the
     selection, the new ones after every model of the zoo (whose seeds, by position, and cached
