@@ -83,7 +83,7 @@ def summarize(name: str, results: dict[str, Any], config: BenchConfig) -> dict[s
 def markdown(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
     fams = list(rows[0]["caught"]) if rows else []
     head = (["variant", "models", "p0", "copies (median q)"] + fams
-            + ["homologous accused", "MIR@100", "TPR@1% 20/100 q", "build s"])
+            + ["homologous accused", "MIR@100", "TPR@1% 20/100 q", "build s (models cached)"])
     lines = [f"# What each simulated family buys ({config['data']}, {config['candidates']} candidates)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

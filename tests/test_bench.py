@@ -189,3 +189,15 @@ def test_zoo_ablation_refuses_unknown_variants_and_a_missing_directory(tmp_path:
     assert not (tmp_path / "a").exists() and not (tmp_path / "no").exists()
     for size, without in VARIANTS.values():
         BenchConfig(data="fashion-mnist", zoo_size=size, without=without).validate()
+
+
+def test_qurd_check_names_what_it_cannot_import_in_one_line(tmp_path: Path, capsys) -> None:
+    """benchmarks/qurd_check.py runs the authors' code from a checkout the user gives: without one
+    (or without its dependencies) it says which, in one line, exit 2, and writes nothing."""
+    from deepcore_auditor.benchmarks.qurd_check import main
+
+    out = tmp_path / "out"
+    assert main(["--reference-src", str(tmp_path / "no-checkout"), "--zoo", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qurd_check: ") and "no-checkout" in err[0]
+    assert not out.exists()
