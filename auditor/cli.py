@@ -211,6 +211,8 @@ def _source_date() -> str | None:
 @click.option("--train-samples", type=int, default=BuildConfig.train_samples, show_default=True, help="Owner-data samples for each simulation/reference (train them as well as the owner: weak references understate p0).")
 @click.option("--epochs", type=int, default=BuildConfig.epochs, show_default=True, help="Least training epochs of simulations and references.")
 @click.option("--max-epochs", type=int, default=BuildConfig.max_epochs, show_default=True, help="Most epochs for a model still below the owner's accuracy (0: 4 x --epochs).")
+@click.option("--sgd-epochs", type=int, default=BuildConfig.sgd_epochs, show_default=True,
+              help="Epochs of the references trained by the SGD recipe, a fixed one-cycle schedule (0: 2 x --epochs + 2).")
 @click.option("--seed", type=click.IntRange(min=0), default=BuildConfig.seed, show_default=True)
 @click.option("--device", type=click.Choice(BUILD_DEVICES), default=BuildConfig.device, show_default=True,
               help="Where the simulated pirates and references train and the core points grow: auto (a CUDA GPU when "

@@ -116,7 +116,8 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
                  epsilon: float | None = CoreConfig.epsilon, steps: int = CoreConfig.steps,
                  min_confidence: float = CoreConfig.min_confidence, reference_weight: float | None = CoreConfig.reference_weight,
                  train_samples: int = BuildConfig.train_samples, epochs: int = BuildConfig.epochs,
-                 max_epochs: int = BuildConfig.max_epochs, seed: int = BuildConfig.seed,
+                 max_epochs: int = BuildConfig.max_epochs, sgd_epochs: int = BuildConfig.sgd_epochs,
+                 seed: int = BuildConfig.seed,
                  uint8_points: bool = CoreConfig.uint8_points, error_points: int = CoreConfig.error_points,
                  zoo_size: str = "default", calibration_references: int | None = None,
                  selection_references: int | None = None,
@@ -140,7 +141,8 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
     core = CoreConfig(n_candidates=candidates, n_points=n_points, epsilon=epsilon, steps=steps,
                       min_confidence=min_confidence, reference_weight=reference_weight, seed=seed,
                       uint8_points=uint8_points, error_points=error_points)
-    return BuildConfig(core=core, zoo=zoo, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs, seed=seed,
+    return BuildConfig(core=core, zoo=zoo, train_samples=train_samples, epochs=epochs, max_epochs=max_epochs,
+                       sgd_epochs=sgd_epochs, seed=seed,
                        device=device)
 
 
@@ -176,6 +178,8 @@ def make_fingerprint(req: FingerprintRequest, progress: Callable[[str], None] | 
         _check_positive(epsilon=c.epsilon)
     if c.reference_weight is not None:
         _check_positive(reference_weight=c.reference_weight)
+    if b.sgd_epochs < 0:
+        raise InputError(f"--sgd-epochs must be 0 (2 x --epochs + 2) or more, got {b.sgd_epochs}")
     if b.max_epochs and b.max_epochs < b.epochs:
         raise InputError(f"--max-epochs ({b.max_epochs}) cannot be below --epochs ({b.epochs})")
     if c.n_points > c.n_candidates:

@@ -99,6 +99,16 @@ def test_zoo_sizes_below_the_base_zoos_are_refused_before_any_work(world, tmp_pa
     assert not out.exists()
 
 
+def test_a_negative_sgd_length_and_an_unknown_zoo_size_are_refused_before_any_work(world, tmp_path):
+    out = tmp_path / "fp.json"
+    data = str(world.root / "owner-data.npz")
+    one_line_error(run("fingerprint", "--owner", str(world.owner_ts), "--data", data, "--out", str(out), "--sgd-epochs", "-1"),
+                   "--sgd-epochs must be 0", "got -1")
+    one_line_error(run("fingerprint", "--owner", str(world.owner_ts), "--data", data, "--out", str(out), "--zoo", "huge"),
+                   "--zoo", "huge")
+    assert not out.exists()
+
+
 def test_owner_args_are_checked_before_any_work(world, tmp_path):
     out = tmp_path / "fp.json"
     data = str(world.root / "owner-data.npz")
