@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from deepcore_auditor.adapters.base import Access
+from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.adapters.files import atomic_write
 from deepcore_auditor.adapters.onnx import file_sha256
 from deepcore_auditor.adapters.open import open_suspect
@@ -40,7 +41,7 @@ from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import rates
-from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, DEFAULT_SELECTION_REFERENCES, zoo_of
+from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, DEFAULT_SELECTION_REFERENCES, ZOO_SIZES, zoo_of
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.models import accuracy, export_onnx
@@ -191,13 +192,17 @@ def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str
 
 
 def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = None,
-        curve: tuple[int, ...] = ()) -> dict[str, Any]:
+        curve: tuple[int, ...] = (), zoo_size: str = "default") -> dict[str, Any]:
+    """The null on the fingerprint `deepcore fingerprint --zoo zoo_size` makes (its reference
+    counts, `config.ZOO_SIZES`); summary.json keeps one entry per data set and zoo size."""
+    if zoo_size not in ZOO_SIZES:
+        raise InputError(f"--zoo must be one of {', '.join(ZOO_SIZES)}, got {zoo_size!r}")
     data = load_data(data_spec, cache_dir=cache_dir)
     cache = Path(cache_dir or default_cache_dir())
     zoo = build_zoo(data, cache / "bench", ZooConfig())
     root = zoo.root / "null"
     root.mkdir(exist_ok=True)
-    fp = default_fingerprint(zoo, root)
+    fp = default_fingerprint(zoo, root, *ZOO_SIZES[zoo_size])
     k = data.train.num_classes
     shape = tuple(int(v) for v in data.train.shape)
     meta_path = root / "models.json"
@@ -222,6 +227,7 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
     rows = _audit_all(fp, models, paths, config)
     accuracies = {m.name: meta[m.name]["test_accuracy"] for m in models if m.family != "other-task"}
     entry = summarize(data_spec, rows, fp, config, accuracies)
+    entry["zoo_size"] = zoo_size
     if curve:
         entry["references_curve"] = references_curve(zoo, root, models, paths, config, curve)
     entry["run"] = {"train_s_this_run": round(train_s, 1), "train_s_all_models": round(sum(meta[m.name]["train_s"] for m in models), 1),
@@ -229,7 +235,7 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
     existing = json.loads(summary_path.read_text()) if summary_path.is_file() else []
-    summary = [e for e in existing if e.get("dataset") != data_spec] + [entry]
+    summary = [e for e in existing if (e.get("dataset"), e.get("zoo_size", "default")) != (data_spec, zoo_size)] + [entry]
     atomic_write(summary_path, json.dumps(summary, indent=1).encode())
     atomic_write(out / f"models-{Path(data_spec).name}.json", json.dumps(rows, indent=1).encode())
     return entry
@@ -245,12 +251,13 @@ def main() -> None:
     p.add_argument("--other-task", type=int, default=NullConfig.other_task)
     p.add_argument("--budget", type=int, default=NullConfig.budget)
     p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--zoo", default="default", choices=list(ZOO_SIZES), help="The fingerprint's zoo size (as fingerprint's).")
     p.add_argument("--references-curve", default="", help="Calibration reference counts to rebuild the fingerprint with, e.g. 5,10,20.")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = NullConfig(a.same_arch_seed, a.same_arch_other_data, a.other_arch, a.other_task, a.budget)
     curve = tuple(int(v) for v in a.references_curve.split(",") if v.strip())
-    entry = run(a.data, a.out, config, a.cache_dir, curve)
+    entry = run(a.data, a.out, config, a.cache_dir, curve, a.zoo)
     for test, t in entry["by_test"].items():
         print(f"{test}: {t['accused']} of {t['independent_models']} accused, FIR <= {t['fir_upper_95']} (95%), p0 {t['p0']}")
         for fam, f in t["per_family"].items():

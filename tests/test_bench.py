@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import one_line_error
 
+from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.auditor.cli import cli
 from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bernoulli, roc_curve, tpr_at_fpr
 from deepcore_auditor.benchmarks.piracy import SCORES
@@ -201,3 +202,13 @@ def test_qurd_check_names_what_it_cannot_import_in_one_line(tmp_path: Path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qurd_check: ") and "no-checkout" in err[0]
     assert not out.exists()
+
+
+def test_the_null_benchmark_refuses_an_unknown_zoo_size_before_any_work(tmp_path: Path) -> None:
+    """benchmarks/null.py --zoo: the sizes `deepcore fingerprint --zoo` takes; another is one line,
+    before the data is loaded or anything trained."""
+    from deepcore_auditor.benchmarks.null import NullConfig, run
+
+    with pytest.raises(InputError, match="--zoo must be one of small, default, large, got 'tiny'"):
+        run(str(tmp_path / "no-data.npz"), tmp_path / "out", NullConfig(), zoo_size="tiny")
+    assert not (tmp_path / "out").exists()
