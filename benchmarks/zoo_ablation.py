@@ -46,6 +46,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "no-other-arch-references": ("default", ("ref-lenet", "ref-mlp")),
     "no-sgd-selection-references": ("default", ("ref-same-arch-2", "ref-same-arch-sgd-2", "ref-same-arch-sgd-3")),
     "small": ("small", ()),
+    "large": ("large", ()),
 }
 WEIGHT_COPIES = ("fine-tune-own", "fine-tune-other", "int8", "fp16", "transfer")
 HOMOLOGOUS = ("same-arch-seed", "same-arch-split", "other-arch", "other-task")
