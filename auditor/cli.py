@@ -562,6 +562,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
                                                         "(as fingerprint's) [default: the --zoo size's].")
 @click.option("--without", default="", help="DeepCore zoo members left out of its build, comma-separated (what they buy: "
                                             "benchmarks.zoo_ablation).")
+@click.option("--sgd-epochs", type=int, default=BuildConfig.sgd_epochs, show_default=True,
+              help="DeepCore's SGD references' epochs (as fingerprint's).")
 @click.option("--budgets", default="10,20,50,100,200,400", show_default=True, help="Query budgets, comma-separated.")
 @click.option("--methods", default="", help="Methods to compare, comma-separated (default: all).")
 @click.option("--alpha", type=float, default=0.01, show_default=True)
@@ -571,8 +573,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--ray", metavar="auto|ADDRESS", help=_RAY_TRAINS)
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
-          epsilon: float, zoo_size: str, selection_references: int | None, without: str, budgets: str, methods: str,
-          alpha: float, seed: int, test: str, cache_dir: Path | None, ray: str | None) -> None:
+          epsilon: float, zoo_size: str, selection_references: int | None, without: str, sgd_epochs: int, budgets: str,
+          methods: str, alpha: float, seed: int, test: str, cache_dir: Path | None, ray: str | None) -> None:
     """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects.
 
     SOURCE_DATE_EPOCH, when set, is the time DeepCore's fingerprint records (see fingerprint)."""
@@ -584,7 +586,7 @@ def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, a
     config = BenchConfig(data=data, zoo=zoo, budgets=_int_list(budgets, "--budgets"), alpha=alpha, n_points=n_points,
                          candidates=candidates, epsilon=epsilon, methods=chosen, seed=seed, test=test,
                          zoo_size=zoo_size, selection_references=selection_references,
-                         without=tuple(w.strip() for w in without.split(",") if w.strip()))
+                         without=tuple(w.strip() for w in without.split(",") if w.strip()), sgd_epochs=sgd_epochs)
     results = run_bench(config, out, cache_dir=cache_dir, progress=_say, bars=terminal_bars(), ray=ray, created=_source_date())
     for mode, bar in results["bar"].items():
         for b in bar:

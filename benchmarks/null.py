@@ -3,7 +3,7 @@ audited against the owner's default fingerprint.
 
 The owner is the piracy benchmark's (`zoo.py`: its cached owner on half A, reused or trained);
 the fingerprint is the one `deepcore fingerprint` makes with every flag at its default
-(`BuildConfig()`), built once and cached. The independent models are new: none is among the
+(`BuildConfig()`), or with `--zoo small|large` (`--zoo`), built once and cached. The independent models are new: none is among the
 fingerprint's known models or the zoo's members (their seeds start at NULL_SEED). Families:
 
 - same-arch-seed: the owner's architecture, recipe and data (half A), other seeds;
@@ -129,7 +129,8 @@ def _audit_all(fp: Fingerprint, models: list[Member], paths: dict[str, Path], co
 
 def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, config: NullConfig,
               accuracies: dict[str, float]) -> dict[str, Any]:
-    """The summary.json entry for one data set: accusations per family and test, with bounds."""
+    """The summary.json entry for one data set (and zoo size, which `run` adds): accusations per
+    family and test, with bounds."""
     per_test: dict[str, Any] = {}
     for test in TESTS:
         families: dict[str, Any] = {}
@@ -197,6 +198,9 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
     counts, `config.ZOO_SIZES`); summary.json keeps one entry per data set and zoo size."""
     if zoo_size not in ZOO_SIZES:
         raise InputError(f"--zoo must be one of {', '.join(ZOO_SIZES)}, got {zoo_size!r}")
+    if curve and zoo_size != "default":
+        raise InputError("--references-curve rebuilds the default zoo's fingerprint with other calibration counts: "
+                         "not with --zoo " + zoo_size)
     data = load_data(data_spec, cache_dir=cache_dir)
     cache = Path(cache_dir or default_cache_dir())
     zoo = build_zoo(data, cache / "bench", ZooConfig())
@@ -237,7 +241,8 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
     existing = json.loads(summary_path.read_text()) if summary_path.is_file() else []
     summary = [e for e in existing if (e.get("dataset"), e.get("zoo_size", "default")) != (data_spec, zoo_size)] + [entry]
     atomic_write(summary_path, json.dumps(summary, indent=1).encode())
-    atomic_write(out / f"models-{Path(data_spec).name}.json", json.dumps(rows, indent=1).encode())
+    name = Path(data_spec).name + ("" if zoo_size == "default" else f"-zoo-{zoo_size}")
+    atomic_write(out / f"models-{name}.json", json.dumps(rows, indent=1).encode())
     return entry
 
 

@@ -93,6 +93,7 @@ class BenchConfig:
     zoo_size: str = "default"  # DeepCore's (fingerprints.config.ZOO_SIZES)
     selection_references: int | None = None  # DeepCore's, per recipe (None: the zoo size's; config.zoo_with_selection)
     without: tuple[str, ...] = ()  # DeepCore zoo members left out of its build (build_fingerprint(without=...))
+    sgd_epochs: int = 0  # DeepCore's SGD references' length (BuildConfig.sgd_epochs; 0: 2 x epochs + 2)
 
     def deepcore_zoo(self) -> tuple[KnownModelSpec, ...]:
         """The zoo DeepCore's fingerprint is built from (`without` still in it: left out by the build)."""
@@ -114,6 +115,15 @@ class BenchConfig:
         unknown = sorted(set(self.without) - {z.name for z in self.deepcore_zoo()})
         if unknown:
             raise InputError(f"--without: {', '.join(unknown)} not in DeepCore's zoo")
+        if len(set(self.without)) != len(self.without):
+            raise InputError(f"--without names a model twice: {', '.join(self.without)}")
+        if self.sgd_epochs < 0:
+            raise InputError(f"--sgd-epochs must be 0 (2 x --epochs + 2) or more, got {self.sgd_epochs}")
+        deepcore_flags = (self.zoo_size != "default" or self.selection_references is not None or self.without
+                          or self.sgd_epochs)
+        if deepcore_flags and not any(SCORES[m][0] == "deepcore" for m in self.methods):
+            raise InputError("--zoo, --selection-references, --without and --sgd-epochs shape DeepCore's fingerprint: "
+                             "ask for a deepcore method too")
         if not 0 < self.alpha < 0.5:
             raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
         if self.zoo.members < 1 or self.zoo.epochs < 1 or self.zoo.calibration_references < 2:
@@ -170,7 +180,7 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
     x, y = zoo.halves["A"]
     core = CoreConfig(n_candidates=config.candidates, n_points=config.n_points, epsilon=config.epsilon, seed=config.seed)
     build = BuildConfig(core=core, zoo=config.deepcore_zoo(), train_samples=len(x),
-                        epochs=config.zoo.epochs, seed=config.seed)
+                        epochs=config.zoo.epochs, sgd_epochs=config.sgd_epochs, seed=config.seed)
     # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
     bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=config.epsilon)
     out: dict[str, tuple[Fingerprint, float]] = {}

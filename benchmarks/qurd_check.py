@@ -80,7 +80,8 @@ BATCH = 256  # the ONNX adapter's largest batch (OnnxOracle max_batch), in which
 
 
 class ReferenceMissing(Exception):
-    """A reference function that cannot be imported (or a checkout that is not one)."""
+    """A reference function that cannot be imported (or a checkout that is not one), or a zoo
+    directory that is not a benchmark zoo with the fingerprints compared."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,13 @@ class Zoo:
 
 
 def open_zoo(root: Path) -> Zoo:
+    try:
+        return _open_zoo(root)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing or foreign meta.json, a file that is not ours
+        raise ReferenceMissing(f"{root} is not a benchmark zoo built by `deepcore bench`: {first_line(e)}") from None
+
+
+def _open_zoo(root: Path) -> Zoo:
     meta = json.loads((root / "meta.json").read_text())
     fps: dict[str, tuple[Path, Fingerprint]] = {}
     for method in METHODS:
@@ -207,6 +215,11 @@ def open_zoo(root: Path) -> Zoo:
         if not found:
             raise ReferenceMissing(f"{root} holds no fp-{method}-*.json: run `deepcore bench` on it first")
         fps[method] = (found[-1], load_fingerprint(found[-1]))
+        if method != "sac-m" and "pool_index" not in fps[method][1].extra:
+            raise ReferenceMissing(f"{found[-1]} records no pool_index: not a fingerprint of `deepcore bench`'s {method}")
+        if len(fps[method][1]) < max(BUDGETS):
+            raise ReferenceMissing(f"{found[-1]} holds {len(fps[method][1])} points, fewer than the largest budget "
+                                   f"{max(BUDGETS)}")
     members = meta["members"]
     evaluated = {n: m for n, m in members.items() if m["role"] == "evaluate" and (root / f"{n}.onnx").is_file()}
     refs = [n for n, m in members.items() if m["role"] == "calibrate" and (root / f"{n}.onnx").is_file()]

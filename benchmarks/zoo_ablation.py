@@ -9,7 +9,7 @@ Each variant is one `deepcore bench --methods deepcore-agreement --without ...` 
 small`) into DIR/<variant>/, on the benchmark's cached zoo of suspects; the known models of
 DeepCore's whole zoo are trained once and cached under the benchmark's zoo, so a variant costs
 its core points' growth only. It prints, per variant: the models its build trains, the core
-points' p0 (the audit's bound), the error points' p0, the weight copies' median queries (the
+points' p0 (the audit's bound), the weight copies' median queries (the
 sequential audit, label-only, alpha 0.01, batch 1, budget 400), how many of each other piracy
 family are caught, how many homologous suspects are accused, MIR at 100 queries and TPR at FPR
 <= 1% at 20 and 100 queries (fixed budgets, the bench's calibrated threshold). Results go to

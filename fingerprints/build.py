@@ -354,6 +354,8 @@ def build_fingerprint(
     seeds (and cached copies) they have in the whole zoo: what a member buys is measured by
     building without it (benchmarks.zoo_ablation). The file records them (`extra.without`).
     """
+    if isinstance(without, str):
+        raise TypeError("without is a collection of model names, not one string")
     unknown = sorted(set(without) - {spec.name for spec in config.zoo})
     if unknown:
         raise InputError(f"cannot leave out {', '.join(unknown)}: not in the zoo")

@@ -120,6 +120,9 @@ def test_threshold_unreachable_and_kl() -> None:
     (["--selection-references", "0"], ["--selection-references", "1 or more"]),
     (["--without", "sim-prune,no-such-model"], ["--without", "no-such-model", "not in DeepCore's zoo"]),
     (["--zoo", "tiny"], ["--zoo", "tiny"]),
+    (["--without", "sim-prune,sim-prune"], ["--without", "twice"]),
+    (["--sgd-epochs", "-1"], ["--sgd-epochs", "got -1"]),
+    (["--methods", "akh", "--zoo", "small"], ["DeepCore's fingerprint", "deepcore method"]),
 ])
 def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], words: list[str]) -> None:
     result = CliRunner().invoke(cli, ["bench", "--data", "fashion-mnist", "--out", str(tmp_path / "r"), *args])
@@ -202,6 +205,13 @@ def test_qurd_check_names_what_it_cannot_import_in_one_line(tmp_path: Path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qurd_check: ") and "no-checkout" in err[0]
     assert not out.exists()
+    from deepcore_auditor.benchmarks.qurd_check import ReferenceMissing, open_zoo
+
+    with pytest.raises(ReferenceMissing, match="is not a benchmark zoo built by `deepcore bench`"):
+        open_zoo(tmp_path)  # no meta.json
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(ReferenceMissing, match="holds no fp-akh-"):
+        open_zoo(tmp_path)
 
 
 def test_the_null_benchmark_refuses_an_unknown_zoo_size_before_any_work(tmp_path: Path) -> None:
@@ -211,4 +221,6 @@ def test_the_null_benchmark_refuses_an_unknown_zoo_size_before_any_work(tmp_path
 
     with pytest.raises(InputError, match="--zoo must be one of small, default, large, got 'tiny'"):
         run(str(tmp_path / "no-data.npz"), tmp_path / "out", NullConfig(), zoo_size="tiny")
+    with pytest.raises(InputError, match="--references-curve .* not with --zoo small"):
+        run(str(tmp_path / "no-data.npz"), tmp_path / "out", NullConfig(), curve=(5, 10), zoo_size="small")
     assert not (tmp_path / "out").exists()

@@ -109,6 +109,8 @@ def test_a_build_without_some_members_reuses_the_others_with_their_seeds(tiny, t
     assert fp.extra["without"] == sorted(left_out)
     with pytest.raises(InputError, match="cannot leave out nope: not in the zoo"):
         _build(tiny, CONFIG, without=("nope",))
+    with pytest.raises(TypeError, match="not one string"):
+        _build(tiny, CONFIG, without="sim-prune")
 
 
 @no_gpu
