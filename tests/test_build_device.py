@@ -22,6 +22,7 @@ from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.auditor.cli import cli
 from deepcore_auditor.fingerprints.build import build_device, build_fingerprint, training_inputs
 from deepcore_auditor.fingerprints.config import BuildConfig, CoreConfig, KnownModelSpec
+from deepcore_auditor.fingerprints.model_cache import state_bytes
 from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, train
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: cuda is not refused")
@@ -111,6 +112,23 @@ def test_a_build_without_some_members_reuses_the_others_with_their_seeds(tiny, t
         _build(tiny, CONFIG, without=("nope",))
     with pytest.raises(TypeError, match="not one string"):
         _build(tiny, CONFIG, without="sim-prune")
+
+
+def test_members_left_out_are_not_sent_to_be_trained_elsewhere(tiny, tmp_path):
+    """With `fan_out` (a Ray cluster's tasks, here a stand-in that trains in this process, as a
+    worker does through `ZooWork.train`), the members `without` names are not among the indices
+    sent, the others keep their positions (their seeds), and the file is the one built here."""
+    asked: list[int] = []
+
+    def fan_out(work, indices):
+        asked.extend(indices)
+        for i in indices:
+            yield i, state_bytes(work.train(tiny[0], i))
+
+    left_out = ("sim-prune", "cal-mlp")
+    elsewhere = _build(tiny, CONFIG, without=left_out, fan_out=fan_out)
+    assert sorted(asked) == [i for i, z in enumerate(ZOO) if z.name not in left_out]
+    _same(elsewhere, _build(tiny, CONFIG, without=left_out))
 
 
 @no_gpu
