@@ -26,10 +26,10 @@ from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
 from deepcore_auditor.fingerprints.calibration import point_sets, rates, resolve_test
 from deepcore_auditor.fingerprints.config import (
-    ZOO_SIZES,
     BuildConfig,
     CoreConfig,
     KnownModelSpec,
+    zoo_counts,
     zoo_with_references,
     zoo_with_selection,
 )
@@ -125,11 +125,10 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
     """The `deepcore fingerprint` options as a `BuildConfig`: one seed for the points and the zoo;
     `device` (auto, cpu, cuda) is where it trains and grows them (checked by `make_fingerprint`).
     The reference counts not given are `zoo_size`'s (`config.ZOO_SIZES`)."""
-    if zoo_size not in ZOO_SIZES:
-        raise InputError(f"--zoo must be one of {', '.join(ZOO_SIZES)}, got {zoo_size!r}")
-    sized_calibration, sized_selection = ZOO_SIZES[zoo_size]
-    calibration_references = sized_calibration if calibration_references is None else calibration_references
-    selection_references = sized_selection if selection_references is None else selection_references
+    try:
+        calibration_references, selection_references = zoo_counts(zoo_size, calibration_references, selection_references)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     try:
         zoo = zoo_with_references(calibration_references)
     except ValueError as e:

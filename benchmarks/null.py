@@ -3,8 +3,9 @@ audited against the owner's default fingerprint.
 
 The owner is the piracy benchmark's (`zoo.py`: its cached owner on half A, reused or trained);
 the fingerprint is the one `deepcore fingerprint` makes with every flag at its default
-(`BuildConfig()`), or with `--zoo small|large` (`--zoo`), built once and cached. The independent models are new: none is among the
-fingerprint's known models or the zoo's members (their seeds start at NULL_SEED). Families:
+(`BuildConfig()`), or with `--zoo small|large` (`--zoo`), built once and cached. The independent
+models are new: none is among the fingerprint's known models or the zoo's members (their seeds
+start at NULL_SEED). Families:
 
 - same-arch-seed: the owner's architecture, recipe and data (half A), other seeds;
 - same-arch-other-data: the owner's architecture on the attacker's half B or a random half;
@@ -41,7 +42,13 @@ from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import rates
-from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, DEFAULT_SELECTION_REFERENCES, ZOO_SIZES, zoo_of
+from deepcore_auditor.fingerprints.config import (
+    DEFAULT_CALIBRATION_REFERENCES,
+    DEFAULT_SELECTION_REFERENCES,
+    ZOO_SIZES,
+    zoo_counts,
+    zoo_of,
+)
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.models import accuracy, export_onnx
@@ -196,8 +203,10 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
         curve: tuple[int, ...] = (), zoo_size: str = "default") -> dict[str, Any]:
     """The null on the fingerprint `deepcore fingerprint --zoo zoo_size` makes (its reference
     counts, `config.ZOO_SIZES`); summary.json keeps one entry per data set and zoo size."""
-    if zoo_size not in ZOO_SIZES:
-        raise InputError(f"--zoo must be one of {', '.join(ZOO_SIZES)}, got {zoo_size!r}")
+    try:
+        counts = zoo_counts(zoo_size)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if curve and zoo_size != "default":
         raise InputError("--references-curve rebuilds the default zoo's fingerprint with other calibration counts: "
                          "not with --zoo " + zoo_size)
@@ -206,7 +215,7 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
     zoo = build_zoo(data, cache / "bench", ZooConfig())
     root = zoo.root / "null"
     root.mkdir(exist_ok=True)
-    fp = default_fingerprint(zoo, root, *ZOO_SIZES[zoo_size])
+    fp = default_fingerprint(zoo, root, *counts)
     k = data.train.num_classes
     shape = tuple(int(v) for v in data.train.shape)
     meta_path = root / "models.json"

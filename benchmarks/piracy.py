@@ -48,7 +48,7 @@ from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import point_sets, rate_bound, rates, resolve_test
-from deepcore_auditor.fingerprints.config import ZOO_SIZES, KnownModelSpec, zoo_of
+from deepcore_auditor.fingerprints.config import KnownModelSpec, zoo_counts, zoo_of
 from deepcore_auditor.fingerprints.core import CoreConfig
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
@@ -97,8 +97,7 @@ class BenchConfig:
 
     def deepcore_zoo(self) -> tuple[KnownModelSpec, ...]:
         """The zoo DeepCore's fingerprint is built from (`without` still in it: left out by the build)."""
-        calibration, selection = ZOO_SIZES[self.zoo_size]
-        return zoo_of(calibration, selection if self.selection_references is None else self.selection_references)
+        return zoo_of(*zoo_counts(self.zoo_size, selection=self.selection_references))
 
     def validate(self) -> None:
         if not self.budgets or any(b < 1 for b in self.budgets) or list(self.budgets) != sorted(set(self.budgets)):
@@ -108,8 +107,10 @@ class BenchConfig:
         unknown = [m for m in self.methods if m not in SCORES]
         if unknown or not self.methods:
             raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: use some of {', '.join(SCORES)}")
-        if self.zoo_size not in ZOO_SIZES:
-            raise InputError(f"--zoo must be one of {', '.join(ZOO_SIZES)}, got {self.zoo_size!r}")
+        try:
+            zoo_counts(self.zoo_size)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if self.selection_references is not None and self.selection_references < 1:
             raise InputError(f"--selection-references must be 1 or more, got {self.selection_references}")
         unknown = sorted(set(self.without) - {z.name for z in self.deepcore_zoo()})

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 
 from deepcore_auditor.adapters.base import InputConvention, to_probabilities
@@ -231,21 +232,6 @@ def _open_zoo(root: Path) -> Zoo:
                {n: m["family"] for n, m in evaluated.items()}, refs, fps)
 
 
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    def ranks(v: Sequence[float]) -> np.ndarray:
-        v = np.asarray(v, float)
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for value in np.unique(v):  # ties share their mean rank
-            tie = v == value
-            r[tie] = r[tie].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 class Scorer:
     """Every model's answers on one point set, and each score of each model at each budget.
 
@@ -321,7 +307,7 @@ def evaluate(scorer: Scorer, kind: str, budgets: Sequence[int]) -> dict[str, Any
             row[name] = {
                 "auc": round(auc([s[m][name] for m in pirates], [s[m][name] for m in homologous]), 4),
                 "tpr_at_fpr_1pct": round(tpr, 4),
-                "spearman_vs_ours": round(_spearman([s[m][name] for m in zoo.kinds], [s[m]["ours"] for m in zoo.kinds]), 4),
+                "spearman_vs_ours": round(float(spearmanr([s[m][name] for m in zoo.kinds], [s[m]["ours"] for m in zoo.kinds])[0]), 4),
             }
         per_budget[str(b)] = row
         at_max = {name: {m: round(s[m][name], 6) for m in models} for name in names}

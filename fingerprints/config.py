@@ -196,6 +196,15 @@ ZOO_SIZES: dict[str, tuple[int, int]] = {
 }
 
 
+def zoo_counts(size: str = "default", calibration: int | None = None, selection: int | None = None) -> tuple[int, int]:
+    """(calibration, selection) references for `--zoo size`, a count given beside it winning;
+    ValueError for a size ZOO_SIZES does not name."""
+    if size not in ZOO_SIZES:
+        raise ValueError(f"--zoo must be one of {', '.join(ZOO_SIZES)}, got {size!r}")
+    sized_calibration, sized_selection = ZOO_SIZES[size]
+    return (sized_calibration if calibration is None else calibration, sized_selection if selection is None else selection)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """How to build a fingerprint: core-point parameters and the simulated zoo's training."""
@@ -227,4 +236,4 @@ REFERENCE_WEIGHTS = (2.0, 4.0, 8.0, 16.0)  # the automatic reference weight's la
 BUILD_DEVICES = ("auto", "cpu", "cuda")  # BuildConfig.device's values (adapters.torch.resolve_device)
 
 __all__ = ["BASE_ZOO", "BUILD_DEVICES", "DEFAULT_CALIBRATION_REFERENCES", "DEFAULT_SELECTION_REFERENCES", "DEFAULT_ZOO",
-           "ZOO_SIZES", "zoo_of", "zoo_with_references", "zoo_with_selection", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]
+           "ZOO_SIZES", "zoo_counts", "zoo_of", "zoo_with_references", "zoo_with_selection", "REFERENCE_WEIGHTS", "BuildConfig", "CoreConfig", "KnownModelSpec"]
