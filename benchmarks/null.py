@@ -76,6 +76,7 @@ class NullConfig:
     budget: int = AuditConfig.budget  # the audit's defaults: what a user's audit would do
     alpha: float = AuditConfig.alpha
     seed: int = 0
+    epochs: int = ZooConfig.epochs  # the owner's and every independent model's (the bench's --epochs)
 
     def counts(self) -> dict[str, int]:
         return {"same-arch-seed": self.same_arch_seed, "same-arch-other-data": self.same_arch_other_data,
@@ -212,7 +213,8 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
                          "not with --zoo " + zoo_size)
     data = load_data(data_spec, cache_dir=cache_dir)
     cache = Path(cache_dir or default_cache_dir())
-    zoo = build_zoo(data, cache / "bench", ZooConfig())
+    zoo_config = ZooConfig(epochs=config.epochs)
+    zoo = build_zoo(data, cache / "bench", zoo_config, owner_only=True)
     root = zoo.root / "null"
     root.mkdir(exist_ok=True)
     fp = default_fingerprint(zoo, root, *counts)
@@ -230,7 +232,7 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
         if path.is_file() and m.name in meta:
             continue
         t = time.perf_counter()
-        model = train_member(m, zoo.owner, zoo.halves, ZooConfig(), k)
+        model = train_member(m, zoo.owner, zoo.halves, zoo_config, k)
         export_onnx(model.net, path, shape)  # type: ignore[union-attr]
         meta[m.name] = {"test_accuracy": round(accuracy(model, test_x, test_y), 4), "train_s": round(time.perf_counter() - t, 1)}
         atomic_write(meta_path, json.dumps(meta, indent=1).encode())
@@ -241,6 +243,7 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
     accuracies = {m.name: meta[m.name]["test_accuracy"] for m in models if m.family != "other-task"}
     entry = summarize(data_spec, rows, fp, config, accuracies)
     entry["zoo_size"] = zoo_size
+    entry["owner"] = {k: zoo.meta["owner"][k] for k in ("arch", "test_accuracy")}
     if curve:
         entry["references_curve"] = references_curve(zoo, root, models, paths, config, curve)
     entry["run"] = {"train_s_this_run": round(train_s, 1), "train_s_all_models": round(sum(meta[m.name]["train_s"] for m in models), 1),
@@ -264,12 +267,14 @@ def main() -> None:
     p.add_argument("--other-arch", type=int, default=NullConfig.other_arch)
     p.add_argument("--other-task", type=int, default=NullConfig.other_task)
     p.add_argument("--budget", type=int, default=NullConfig.budget)
+    p.add_argument("--epochs", type=int, default=NullConfig.epochs,
+                   help="Epochs of the owner and of every independent model (as the bench's --epochs; CIFAR-10: 6).")
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--zoo", default="default", choices=list(ZOO_SIZES), help="The fingerprint's zoo size (as fingerprint's).")
     p.add_argument("--references-curve", default="", help="Calibration reference counts to rebuild the fingerprint with, e.g. 5,10,20.")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = NullConfig(a.same_arch_seed, a.same_arch_other_data, a.other_arch, a.other_task, a.budget)
+    config = NullConfig(a.same_arch_seed, a.same_arch_other_data, a.other_arch, a.other_task, a.budget, epochs=a.epochs)
     curve = tuple(int(v) for v in a.references_curve.split(",") if v.strip())
     entry = run(a.data, a.out, config, a.cache_dir, curve, a.zoo)
     for test, t in entry["by_test"].items():

@@ -243,8 +243,12 @@ def _load_state(model: nn.Module, path: Path) -> nn.Module:
 
 
 def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[str], None] = logger.info,
-              bars: Progress = QUIET, fan_out: MemberFanOut | None = None) -> Zoo:
+              bars: Progress = QUIET, fan_out: MemberFanOut | None = None, owner_only: bool = False) -> Zoo:
     """Train (or reuse from `cache`) the owner and every member; returns the zoo.
+
+    `owner_only`: the owner alone (trained and cached where the whole zoo keeps it, so a later
+    whole build reuses it), a zoo with no members — for benchmarks that need only the owner and
+    its data halves (the null benchmark trains its own independent models).
 
     With `fan_out`, the members the cache lacks that train in torch are trained elsewhere first,
     all at once (the owner, which they all derive from, trains here); each comes back as its
@@ -280,8 +284,10 @@ def build_zoo(data: DataSplits, cache: Path, config: ZooConfig, say: Callable[[s
     if not owner_onnx.is_file():
         export_onnx(owner.net, owner_onnx, shape)
     say(f"owner test accuracy {meta['owner']['test_accuracy']:.4f}")
-    members = plan_members(config)
     paths: dict[str, Path] = {"owner": owner_onnx}
+    if owner_only:
+        return Zoo(root, owner, convention, data, halves, [], paths, meta)
+    members = plan_members(config)
     torch_models: dict[str, nn.Module] = {}
     ready: dict[str, tuple[nn.Module, float]] = {}
     if fan_out is not None:
