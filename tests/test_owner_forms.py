@@ -101,6 +101,34 @@ def test_references_train_from_every_owner_form(small, form):
     assert isinstance(ref.net, kind)  # the form it was handed in (ONNX export and oracles take it as is)
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_kernels_train_channels_last_and_come_back_contiguous(small, form, tmp_path):
+    """`trainable` restrides the convolution kernels of every form to channels-last memory for
+    training on the CPU (the faster oneDNN path, benchmarks/train_speed.py) and puts them back,
+    also when training fails half-way: state dicts and safetensors (which refuses strided
+    tensors) see plain ones."""
+    from safetensors.torch import save_file
+
+    from deepcore_auditor.fingerprints.models import trainable
+
+    owner, conv, x, y, *_ = small
+    model = reinitialize(Normalized(_form(owner.net, form), conv), seed=6)
+
+    def kernels(net: nn.Module) -> list[torch.Tensor]:
+        return [p for p in net.parameters() if p.dim() == 4]
+
+    with trainable(model, x) as handle:
+        restrided = kernels(handle.net)
+        assert restrided and all(k.is_contiguous(memory_format=torch.channels_last) for k in restrided)
+        assert any(not k.is_contiguous() for k in restrided)  # a one-channel kernel is both at once
+    assert all(t.is_contiguous() for t in model.state_dict().values())
+    with pytest.raises(KeyboardInterrupt), trainable(model, x) as handle:
+        raise KeyboardInterrupt
+    assert all(t.is_contiguous() for t in list(model.parameters()) + list(handle.net.parameters()))
+    train(model, x[:256], y[:256], TrainConfig(epochs=1, seed=6))
+    save_file({k: v for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))  # refuses strided tensors
+
+
 def test_a_frozen_model_that_cannot_be_rewritten_is_refused(small):
     """A normalization frozen by hand (running statistics that no train() updates): refused in one
     line that says which forms to give, never trained into a degenerate reference."""
