@@ -88,15 +88,15 @@ def measure(steps: int, repeats: int) -> list[dict[str, object]]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.steps < 1 or a.repeats < 1:
         print("train_speed: --steps and --repeats must be at least 1", file=sys.stderr)
-        sys.exit(2)
+        return 2
     rows = measure(a.steps, a.repeats)
     print(f"{'data':<14} {'arch':<9} {'contiguous':>11} {'channels_last':>14} {'train':>8}  train/contiguous (ms per step of {BATCH})")
     for r in rows:
@@ -108,7 +108,8 @@ def main() -> None:
                            "environment": {"machine": platform.machine(), "torch": torch.__version__,
                                            "torch_threads": torch.get_num_threads()},
                            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepcore_auditor.fingerprints.config import CoreConfig
-from deepcore_auditor.fingerprints.models import forward_batched, model_device, set_mode, softmax
+from deepcore_auditor.fingerprints.models import channels_last, forward_batched, model_device, set_mode, softmax
 from deepcore_auditor.fingerprints.progress import QUIET, Advance, Progress
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def optimize_points(
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        with progress.bar(f"growing {len(seeds)} candidate core points", len(seeds) * config.steps) as advance:
+        with progress.bar(f"growing {len(seeds)} candidate core points", len(seeds) * config.steps) as advance, \
+                channels_last(*models):
             return _optimize(owner, students, references, seeds, targets, config, offset, advance)
     finally:  # the models are the caller's: they leave as they came (the zoo trains the owner's copies later)
         for p, flag in frozen:

@@ -275,33 +275,40 @@ def trainable(model: nn.Module, probe: np.ndarray) -> Iterator[_Trainable]:
         logger.info("BatchNorm frozen in inference mode (traced or exported model): training a rewritten copy")
     handle = _Trainable(model, net)
     handle.resume()
-    channels_last = _to_channels_last(net)
-    try:
+    with channels_last(net):
         yield handle
-    finally:
-        if channels_last:
-            net.to(memory_format=torch.contiguous_format)
     handle.settled()
 
 
-def _to_channels_last(net: nn.Module) -> bool:
-    """Put `net`'s convolution kernels in channels-last memory for training on the CPU; whether
-    it did. `trainable` puts them back to the usual layout when training ends, so state dicts,
-    clones, safetensors and ONNX export see plain contiguous tensors as before.
+@contextmanager
+def channels_last(*models: nn.Module) -> Iterator[None]:
+    """Within: the convolution kernels of `models` in channels-last memory when they compute on
+    the CPU; after (a failure included): back in the usual layout, so state dicts, clones,
+    safetensors and ONNX export see plain contiguous tensors as before. Used for training
+    (`trainable`) and for growing points through the owner and its known models (fingerprints.core).
 
     Why: oneDNN's CPU convolutions run channels-last kernels when the weight is in that layout,
-    and a training step of the small CNNs a fingerprint's zoo trains takes ~20-30% less time
-    (measured on this project's 2-core machine: the 28x28 CNN 17.0 -> 14.0 ms a step of 128, its
-    wide variant 79 -> 59 ms; `benchmarks/train_speed.py`). The arithmetic is the same up to
-    float rounding. Left alone: models without 4-D parameters (nothing to gain), models not on the
-    CPU (not measured there), and any model whose parameters refuse the change (kept as is).
+    which makes a step through the small CNNs a fingerprint uses ~20-40% cheaper on this
+    project's 2-core machine (`benchmarks/train_speed.py`, `benchmarks/core_speed.py`). The
+    arithmetic is the same up to float rounding. Left alone: models without 4-D parameters
+    (nothing to gain), models not on the CPU (not measured there), and any model whose
+    parameters refuse the change (kept as they are).
     """
+    changed = [m for m in models if _to_channels_last(m)]
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.to(memory_format=torch.contiguous_format)
+
+
+def _to_channels_last(net: nn.Module) -> bool:
     if model_device(net).type != "cpu" or not any(p.dim() == 4 for p in net.parameters()):
         return False
     try:
         net.to(memory_format=torch.channels_last)
-    except (RuntimeError, TypeError) as e:  # a module type whose _apply cannot restride: train it as it is
-        logger.debug("kept the usual memory layout for training (%s)", e)
+    except (RuntimeError, TypeError) as e:  # a module type whose _apply cannot restride: left as it is
+        logger.debug("kept the usual memory layout (%s)", e)
         return False
     return True
 

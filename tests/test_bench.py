@@ -146,7 +146,22 @@ def test_core_speed_script_times_both_loops_on_the_same_work(tmp_path: Path) -> 
     assert main(["--students", "2", "--references", "1", "--candidates", "8", "--steps", "2", "--repeats", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["candidates"] == 8 and r["steps"] == 2 and r["models"] == {"owner": "cnn", "students": 2, "references": 1}
-    assert len(r["seconds"]["optimize_points"]) == len(r["seconds"]["bare_loop"]) == 1 and r["ratio"] > 0
+    assert len(r["seconds"]["optimize_points"]) == len(r["seconds"]["bare_loop"]) == len(r["seconds"]["bare_loop_channels_last"]) == 1
+    floor = min(r["median_s"]["bare_loop"], r["median_s"]["bare_loop_channels_last"])
+    assert r["ratio"] == pytest.approx(r["median_s"]["optimize_points"] / floor, rel=0.01)
+
+
+def test_train_speed_script_times_both_layouts_and_train(tmp_path: Path) -> None:
+    """benchmarks/train_speed.py (its figures are in the README): every architecture, both shapes."""
+    from deepcore_auditor.benchmarks import train_speed
+
+    out = tmp_path / "train.json"
+    assert train_speed.main(["--steps", "0"]) == 2
+    assert not out.exists()
+    assert train_speed.main(["--steps", "1", "--repeats", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert {(row["data"], row["arch"]) for row in r["rows"]} == {(d, a) for d in train_speed.SHAPES for a in train_speed.ARCHITECTURES}
+    assert all(min(row["ms_per_step"].values()) > 0 for row in r["rows"])
 
 
 def test_adversarial_extraction_asks_across_the_students_boundary(fmnist) -> None:

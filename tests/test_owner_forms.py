@@ -129,6 +129,24 @@ def test_kernels_train_channels_last_and_come_back_contiguous(small, form, tmp_p
     save_file({k: v for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))  # refuses strided tensors
 
 
+def test_points_grow_through_channels_last_kernels_and_leave_the_models_as_they_came(small):
+    """Growing points (core.optimize_points) runs the owner and its known models with their
+    kernels in channels-last memory and hands them back contiguous, trainable as they came."""
+    from deepcore_auditor.fingerprints.config import CoreConfig
+    from deepcore_auditor.fingerprints.core import optimize_points
+
+    owner, conv, x, y, *_ = small
+    student = reinitialize(owner, seed=7)
+    seen: list[bool] = []
+    student.register_forward_pre_hook(
+        lambda m, args: seen.append(all(p.is_contiguous(memory_format=torch.channels_last) for p in m.parameters() if p.dim() == 4)))
+    flags = [p.requires_grad for p in student.parameters()]
+    points = optimize_points(owner, [student], [], x[:8], y[:8], CoreConfig(epsilon=0.1, steps=2))
+    assert points.shape == x[:8].shape and seen == [True, True]
+    assert all(p.is_contiguous() for m in (owner, student) for p in m.parameters())
+    assert [p.requires_grad for p in student.parameters()] == flags
+
+
 def test_a_frozen_model_that_cannot_be_rewritten_is_refused(small):
     """A normalization frozen by hand (running statistics that no train() updates): refused in one
     line that says which forms to give, never trained into a degenerate reference."""
