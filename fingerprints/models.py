@@ -291,8 +291,9 @@ def channels_last(*models: nn.Module) -> Iterator[None]:
     which makes a step through the small CNNs a fingerprint uses ~20-40% cheaper on this
     project's 2-core machine (`benchmarks/train_speed.py`, `benchmarks/core_speed.py`). The
     arithmetic is the same up to float rounding. Left alone: models without 4-D parameters
-    (nothing to gain), models not on the CPU (not measured there), and any model whose
-    parameters refuse the change (kept as they are).
+    (nothing to gain), models not on the CPU (not measured there), models whose kernels are in
+    some other layout already (their owner's choice, which they keep), and any model whose
+    parameters refuse the change.
     """
     changed = [m for m in models if _to_channels_last(m)]
     try:
@@ -303,8 +304,9 @@ def channels_last(*models: nn.Module) -> Iterator[None]:
 
 
 def _to_channels_last(net: nn.Module) -> bool:
-    if model_device(net).type != "cpu" or not any(p.dim() == 4 for p in net.parameters()):
-        return False
+    kernels = [p for p in net.parameters() if p.dim() == 4]
+    if model_device(net).type != "cpu" or not kernels or not all(k.is_contiguous() for k in kernels):
+        return False  # not on the CPU, nothing to restride, or a layout its owner chose: left as it is
     try:
         net.to(memory_format=torch.channels_last)
     except (RuntimeError, TypeError) as e:  # a module type whose _apply cannot restride: left as it is
