@@ -347,3 +347,21 @@ def test_the_cache_key_follows_everything_a_model_is_trained_from(small, tmp_pat
     wider = dataclasses.replace(cfg, core=CoreConfig(epsilon=0.2, n_points=50, reference_weight=8.0))
     assert key(c=wider) == base and key(s=adv, c=wider) != key(s=adv)
     assert key(s=ft, c=dataclasses.replace(cfg, epochs=4, max_epochs=9)) == key(s=ft)
+
+
+def test_translate_moves_each_image_by_its_own_offset_with_a_zero_border():
+    """models.translate against the definition: image i moved by (dy, dx) in [-shift, shift],
+    the border zero, drawn from the generator (the same draws give the same batch)."""
+    from deepcore_auditor.fingerprints.models import translate
+
+    x = torch.rand(16, 3, 9, 7) + 0.5  # no zero pixel inside, so the border is told apart
+    out = translate(x, 2, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    oy, ox = torch.randint(0, 5, (16,), generator=gen), torch.randint(0, 5, (16,), generator=gen)
+    for i in range(16):
+        dy, dx = 2 - int(oy[i]), 2 - int(ox[i])  # the content moves by minus the window's offset
+        expect = torch.zeros(3, 9, 7)
+        src = x[i][:, max(0, -dy) : 9 - max(0, dy), max(0, -dx) : 7 - max(0, dx)]
+        expect[:, max(0, dy) : max(0, dy) + src.shape[1], max(0, dx) : max(0, dx) + src.shape[2]] = src
+        assert torch.equal(out[i], expect)
+    assert torch.equal(out, translate(x, 2, torch.Generator().manual_seed(4)))
