@@ -555,7 +555,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--adv-epsilon", type=float, default=0.1, show_default=True, help="L-inf radius of the adversarially fine-tuned suspects.")
 @click.option("--points", "n_points", type=int, default=400, show_default=True, help="Points in every method's fingerprint.")
 @click.option("--candidates", type=int, default=1200, show_default=True, help="DeepCore's candidate points.")
-@click.option("--epsilon", type=float, default=0.15, show_default=True, help="DeepCore's L-inf radius.")
+@click.option("--epsilon", type=float, default=None, help="DeepCore's L-inf radius, and CAE's (default: chosen from the owner's "
+                                                         "robustness, as fingerprint's).")
 @click.option("--zoo", "zoo_size", type=click.Choice(list(ZOO_SIZES)), default="default", show_default=True,
               help="DeepCore's zoo size (as fingerprint's).")
 @click.option("--selection-references", type=int, help="DeepCore's selection references of the owner's architecture per recipe "
@@ -573,7 +574,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--ray", metavar="auto|ADDRESS", help=_RAY_TRAINS)
 @_guarded
 def bench(data: str, out: Path, members: int, epochs: int, train_samples: int, adv_epsilon: float, n_points: int, candidates: int,
-          epsilon: float, zoo_size: str, selection_references: int | None, without: str, sgd_epochs: int, budgets: str,
+          epsilon: float | None, zoo_size: str, selection_references: int | None, without: str, sgd_epochs: int, budgets: str,
           methods: str, alpha: float, seed: int, test: str, cache_dir: Path | None, ray: str | None) -> None:
     """Benchmark DeepCore against IPGuard, AKH, SAC, CAE and random points on a zoo of piracy and homologous suspects.
 

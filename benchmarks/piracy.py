@@ -49,7 +49,7 @@ from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseli
 from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
 from deepcore_auditor.fingerprints.calibration import point_sets, rate_bound, rates, resolve_test
 from deepcore_auditor.fingerprints.config import KnownModelSpec, zoo_counts, zoo_of
-from deepcore_auditor.fingerprints.core import CoreConfig
+from deepcore_auditor.fingerprints.core import CoreConfig, choose_epsilon
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.progress import QUIET, Progress
@@ -86,7 +86,9 @@ class BenchConfig:
     alpha: float = 0.01
     n_points: int = 400
     candidates: int = 1200  # DeepCore's candidate points
-    epsilon: float = 0.15  # DeepCore's L-inf radius (the product's default)
+    # DeepCore's L-inf radius; None: the product's default, chosen from the owner's robustness as
+    # `deepcore fingerprint` does (fingerprints.core.choose_epsilon), and CAE gets the same radius.
+    epsilon: float | None = None
     methods: tuple[str, ...] = tuple(SCORES)
     seed: int = 0
     test: str = "auto"  # the sequential audits' test (auditor.audit.AuditConfig.test); clustering runs Wald's only
@@ -177,16 +179,21 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
                   created: str | None = None) -> dict[str, tuple[Fingerprint, float]]:
     """Each method's fingerprint, built once and cached beside the zoo under a digest of exactly
     what it was built from (so changing one method's parameters rebuilds that method only)."""
-    wanted = sorted({SCORES[m][0] for m in config.methods})
+    wanted = sorted({SCORES[m][0] for m in config.methods}, key=lambda m: (m != "deepcore", m))  # DeepCore's radius first
     x, y = zoo.halves["A"]
     core = CoreConfig(n_candidates=config.candidates, n_points=config.n_points, epsilon=config.epsilon, seed=config.seed)
     build = BuildConfig(core=core, zoo=config.deepcore_zoo(), train_samples=len(x),
                         epochs=config.zoo.epochs, sgd_epochs=config.sgd_epochs, seed=config.seed)
-    # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
-    bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=config.epsilon)
     out: dict[str, tuple[Fingerprint, float]] = {}
     owner_id = {"path": str(zoo.paths["owner"]), "sha256": file_sha256(zoo.paths["owner"])}
+    radius = config.epsilon
     for method in wanted:
+        if method != "deepcore" and radius is None:
+            radius = (float(out["deepcore"][0].method["params"]["core"]["epsilon"]) if "deepcore" in out else
+                      choose_epsilon(zoo.owner, x, y, core.min_confidence, seed=config.seed).epsilon)
+        # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
+        bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates,
+                            cae_epsilon=radius if radius is not None else BaselineConfig.cae_epsilon)
         params = build.to_dict() if method == "deepcore" else bc.to_dict()
         if method == "deepcore" and config.without:  # (only then: the tags of whole-zoo builds stay as they were)
             params["without"] = sorted(config.without)

@@ -51,6 +51,13 @@ def test_smoke_writes_every_output(smoke: tuple[Path, dict, str]) -> None:
     assert 0 < r["owner"]["test_accuracy"] <= 1
     assert r["environment"]["torch"] and r["run_s"] > 0 and r["config"]["seed"] == 3
     assert "results in" in output
+    # No --epsilon: DeepCore's radius is the product's, chosen from the owner's robustness (not a
+    # fixed 0.15), and CAE grows its points in the same radius.
+    assert r["config"]["epsilon"] is None
+    (zoo,) = (out.parent / "cache" / "bench").iterdir()
+    (dc,) = [json.loads(f.read_text())["content"]["method"] for f in zoo.glob("fp-deepcore-*.json")]
+    (cae,) = [json.loads(f.read_text())["content"]["method"] for f in zoo.glob("fp-cae-*.json")]
+    assert 0 < dc["params"]["core"]["epsilon"] == cae["params"]["cae_epsilon"] <= 0.15
 
 
 @pytest.mark.slow
