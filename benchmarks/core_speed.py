@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": {"owner": args.arch, "students": args.students, "references": args.references},
         "candidates": args.candidates, "steps": args.steps, "batch_size": config.batch_size, "repeats": args.repeats,
         "seconds": {k: [round(x, 3) for x in v] for k, v in timings.items()},
-        "median_s": {k: round(v, 3) for k, v in med.items()},
+        "median_s": {k: round(v, 6) for k, v in med.items()},
         "ratio": round(med["optimize_points"] / floor, 3),  # against the faster bare loop
         "environment": {"machine": platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
     }

@@ -208,6 +208,8 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
         counts = zoo_counts(zoo_size)
     except ValueError as e:
         raise InputError(str(e)) from None
+    if config.epochs < 1:
+        raise InputError(f"--epochs must be 1 or more, got {config.epochs}")
     if curve and zoo_size != "default":
         raise InputError("--references-curve rebuilds the default zoo's fingerprint with other calibration counts: "
                          "not with --zoo " + zoo_size)

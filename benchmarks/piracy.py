@@ -186,14 +186,14 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
                         epochs=config.zoo.epochs, sgd_epochs=config.sgd_epochs, seed=config.seed)
     out: dict[str, tuple[Fingerprint, float]] = {}
     owner_id = {"path": str(zoo.paths["owner"]), "sha256": file_sha256(zoo.paths["owner"])}
-    radius = config.epsilon
     for method in wanted:
-        if method != "deepcore" and radius is None:
+        # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective
+        # differs. The other baselines have no radius (their cache tags keep the fixed default).
+        radius = config.epsilon if config.epsilon is not None else BaselineConfig.cae_epsilon
+        if method == "cae" and config.epsilon is None:
             radius = (float(out["deepcore"][0].method["params"]["core"]["epsilon"]) if "deepcore" in out else
                       choose_epsilon(zoo.owner, x, y, core.min_confidence, seed=config.seed).epsilon)
-        # CAE grows as many candidates in the same L-inf radius as DeepCore: only the objective differs.
-        bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates,
-                            cae_epsilon=radius if radius is not None else BaselineConfig.cae_epsilon)
+        bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=radius)
         params = build.to_dict() if method == "deepcore" else bc.to_dict()
         if method == "deepcore" and config.without:  # (only then: the tags of whole-zoo builds stay as they were)
             params["without"] = sorted(config.without)
@@ -501,6 +501,9 @@ def _finish(config: BenchConfig, out: Path, data: Any, zoo: Zoo, fps: dict[str, 
         "data": {"spec": config.data, **data.source, "train": len(data.train), "test": len(data.test)},
         "config": {**asdict(config), "zoo": asdict(config.zoo)},
         "owner": zoo.meta["owner"],
+        # the L-inf radius each point-growing method used (resolved: --epsilon, or the owner's robustness)
+        "radius": {**({"deepcore": fps["deepcore"][0].method["params"]["core"]["epsilon"]} if "deepcore" in fps else {}),
+                   **({"cae": fps["cae"][0].method["params"]["cae_epsilon"]} if "cae" in fps else {})},
         "zoo": {m.name: {**zoo.meta["members"][m.name], "seed": m.seed} for m in zoo.role("evaluate") + zoo.role("calibrate")},
         "zoo_build_s": zoo.meta.get("build_s"),
         "runner": runner,  # where the zoo trained: local, or a Ray cluster's tasks

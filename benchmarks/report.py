@@ -44,7 +44,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Owner: {owner['arch']}, test accuracy **{owner['test_accuracy']:.4f}**. Zoo: {n_pir} piracy and {n_hom} homologous "
         f"suspects audited, {n_cal} calibration references (never evaluated) set every threshold at alpha "
-        f"{r['config']['alpha']}. Every suspect is an ONNX file asked through the project's ONNX Runtime adapter.",
+        f"{r['config']['alpha']}. Every suspect is an ONNX file asked through the project's ONNX Runtime adapter."
+        + "".join(f" {m}'s L-inf radius {v * 255:.1f}/255." for m, v in r.get("radius", {}).items()),
         "",
         *[line for mode, bar in r["bar"].items() for line in (
             f"## The bar: {mode} (label-only)", "",

@@ -58,6 +58,8 @@ def test_smoke_writes_every_output(smoke: tuple[Path, dict, str]) -> None:
     (dc,) = [json.loads(f.read_text())["content"]["method"] for f in zoo.glob("fp-deepcore-*.json")]
     (cae,) = [json.loads(f.read_text())["content"]["method"] for f in zoo.glob("fp-cae-*.json")]
     assert 0 < dc["params"]["core"]["epsilon"] == cae["params"]["cae_epsilon"] <= 0.15
+    assert r["radius"] == {"deepcore": dc["params"]["core"]["epsilon"], "cae": cae["params"]["cae_epsilon"]}
+    assert f"deepcore's L-inf radius {r['radius']['deepcore'] * 255:.1f}/255" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -155,7 +157,7 @@ def test_core_speed_script_times_both_loops_on_the_same_work(tmp_path: Path) -> 
     assert r["candidates"] == 8 and r["steps"] == 2 and r["models"] == {"owner": "cnn", "students": 2, "references": 1}
     assert len(r["seconds"]["optimize_points"]) == len(r["seconds"]["bare_loop"]) == len(r["seconds"]["bare_loop_channels_last"]) == 1
     floor = min(r["median_s"]["bare_loop"], r["median_s"]["bare_loop_channels_last"])
-    assert r["ratio"] == pytest.approx(r["median_s"]["optimize_points"] / floor, rel=0.01)
+    assert r["ratio"] == pytest.approx(r["median_s"]["optimize_points"] / floor, rel=0.01, abs=0.002)
 
 
 def test_train_speed_script_times_both_layouts_and_train(tmp_path: Path) -> None:
@@ -163,7 +165,7 @@ def test_train_speed_script_times_both_layouts_and_train(tmp_path: Path) -> None
     from deepcore_auditor.benchmarks import train_speed
 
     out = tmp_path / "train.json"
-    assert train_speed.main(["--steps", "0"]) == 2
+    assert train_speed.main(["--steps", "0", "--out", str(out)]) == 2
     assert not out.exists()
     assert train_speed.main(["--steps", "1", "--repeats", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -245,4 +247,6 @@ def test_the_null_benchmark_refuses_an_unknown_zoo_size_before_any_work(tmp_path
         run(str(tmp_path / "no-data.npz"), tmp_path / "out", NullConfig(), zoo_size="tiny")
     with pytest.raises(InputError, match="--references-curve .* not with --zoo small"):
         run(str(tmp_path / "no-data.npz"), tmp_path / "out", NullConfig(), curve=(5, 10), zoo_size="small")
+    with pytest.raises(InputError, match="--epochs must be 1 or more, got 0"):
+        run(str(tmp_path / "no-data.npz"), tmp_path / "out", NullConfig(epochs=0))
     assert not (tmp_path / "out").exists()
