@@ -191,7 +191,7 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
         # differs. The other baselines have no radius (their cache tags keep the fixed default).
         radius = config.epsilon if config.epsilon is not None else BaselineConfig.cae_epsilon
         if method == "cae" and config.epsilon is None:
-            radius = (float(out["deepcore"][0].method["params"]["core"]["epsilon"]) if "deepcore" in out else
+            radius = (_radii(out)["deepcore"] if "deepcore" in out else
                       choose_epsilon(zoo.owner, x, y, core.min_confidence, seed=config.seed).epsilon)
         bc = BaselineConfig(n_points=config.n_points, seed=config.seed, cae_candidates=config.candidates, cae_epsilon=radius)
         params = build.to_dict() if method == "deepcore" else bc.to_dict()
@@ -218,6 +218,17 @@ def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
         save_fingerprint(fp, path)
         time_path.write_text(str(build_s))
         out[method] = (fp, build_s)
+    return out
+
+
+def _radii(fps: dict[str, tuple[Fingerprint, float]]) -> dict[str, float]:
+    """The L-inf radius each point-growing method among `fps` used, as its fingerprint records it
+    (resolved: --epsilon, or the owner's robustness)."""
+    out = {}
+    if "deepcore" in fps:
+        out["deepcore"] = float(fps["deepcore"][0].method["params"]["core"]["epsilon"])
+    if "cae" in fps:
+        out["cae"] = float(fps["cae"][0].method["params"]["cae_epsilon"])
     return out
 
 
@@ -501,9 +512,7 @@ def _finish(config: BenchConfig, out: Path, data: Any, zoo: Zoo, fps: dict[str, 
         "data": {"spec": config.data, **data.source, "train": len(data.train), "test": len(data.test)},
         "config": {**asdict(config), "zoo": asdict(config.zoo)},
         "owner": zoo.meta["owner"],
-        # the L-inf radius each point-growing method used (resolved: --epsilon, or the owner's robustness)
-        "radius": {**({"deepcore": fps["deepcore"][0].method["params"]["core"]["epsilon"]} if "deepcore" in fps else {}),
-                   **({"cae": fps["cae"][0].method["params"]["cae_epsilon"]} if "cae" in fps else {})},
+        "radius": _radii(fps),
         "zoo": {m.name: {**zoo.meta["members"][m.name], "seed": m.seed} for m in zoo.role("evaluate") + zoo.role("calibrate")},
         "zoo_build_s": zoo.meta.get("build_s"),
         "runner": runner,  # where the zoo trained: local, or a Ray cluster's tasks

@@ -289,7 +289,7 @@ def channels_last(*models: nn.Module) -> Iterator[None]:
 
     Why: oneDNN's CPU convolutions run channels-last kernels when the weight is in that layout,
     which on this project's 2-core machine makes a training step of the zoo's CNNs and LeNets
-    8-23% cheaper (nothing for the MLP; `benchmarks/train_speed.py`) and a step of point growth
+    8-24% cheaper (nothing for the MLP; `benchmarks/train_speed.py`) and a step of point growth
     through the owner, students and references about a third cheaper (`benchmarks/core_speed.py`). The
     arithmetic is the same up to float rounding. Left alone: models without 4-D parameters
     (nothing to gain), models not on the CPU (not measured there), models whose kernels are in
