@@ -47,7 +47,7 @@ from deepcore_auditor.benchmarks.metrics import auc, binomial_threshold, kl_bern
 from deepcore_auditor.benchmarks.zoo import Member, Zoo, ZooConfig, build_zoo
 from deepcore_auditor.fingerprints.baselines import BaselineConfig, build_baseline, sac_distance
 from deepcore_auditor.fingerprints.build import BuildConfig, FanOut, Given, build_fingerprint
-from deepcore_auditor.fingerprints.calibration import point_sets, rate_bound, rates, resolve_test
+from deepcore_auditor.fingerprints.calibration import SET_NAMES, point_sets, rate_bound, rates, resolve_test
 from deepcore_auditor.fingerprints.config import KnownModelSpec, zoo_counts, zoo_of
 from deepcore_auditor.fingerprints.core import CoreConfig, choose_epsilon
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
@@ -172,6 +172,18 @@ def _set_z(md: MethodData, agree: np.ndarray) -> float:
         p = float(np.clip(p0[mine].mean(), 1e-3, 1 - 1e-3))
         z.append((float(agree[mine].mean()) - p) * math.sqrt(mine.sum() / (p * (1 - p))))
     return max(z)
+
+
+def _agreement_per_set(md: MethodData, models: list[str]) -> dict[str, Any]:
+    """Each model's agreement with the owner on every point of each set (not a budget's prefix),
+    beside the p0 the audit holds each set to: which set catches which family (a weight copy keeps
+    the owner's core decisions and unlearns its mistakes, a student the reverse) and how far each
+    p0 sits above the independent models it bounds."""
+    assert md.sets is not None
+    sets = {SET_NAMES[k]: md.sets == k for k in np.unique(md.sets).tolist()}
+    return {"p0": {name: round(float(md.set_p0[mine].mean()), 4) for name, mine in sets.items()},
+            "models": {m: {name: round(float((md.labels[m][mine] == md.owner_labels[mine]).mean()), 4)
+                           for name, mine in sets.items()} for m in models}}
 
 
 def _fingerprints(zoo: Zoo, config: BenchConfig, say: Callable[[str], None],
@@ -354,6 +366,8 @@ def evaluate(zoo: Zoo, data: dict[str, MethodData], config: BenchConfig, say: Ca
             }
         entry: dict[str, Any] = {"fingerprint": SCORES[name][0], "score": SCORES[name][1], "label_only": name in LABEL_ONLY,
                                  "budgets": per_budget, "build_s": md.build_s, "points": len(md.order)}
+        if SCORES[name][1] == "agreement" and md.sets is not None:
+            entry["agreement_per_set"] = _agreement_per_set(md, [m.name for m in evaluated] + refs)
         if SCORES[name][1] != "correlation":
             say(f"sequential audits with {name}")
             t0 = time.perf_counter()

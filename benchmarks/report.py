@@ -27,6 +27,24 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out
 
 
+def _per_set(method: str, per_set: dict[str, Any], members: dict[str, Any]) -> list[str]:
+    """Per family, the agreement on each set of points over all of them: mean (min–max)."""
+    names = list(per_set["p0"])
+    by_family: dict[str, list[dict[str, float]]] = {}
+    for m, a in per_set["models"].items():
+        z = members.get(m, {})
+        key = "calibration references" if z.get("role") == "calibrate" else f"{z.get('family', m)} ({z.get('kind', '?')})"
+        by_family.setdefault(key, []).append(a)
+
+    def cell(values: list[float]) -> str:
+        return f"{sum(values) / len(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+    rows = [[f, len(v), *[cell([a[k] for a in v]) for k in names]] for f, v in by_family.items()]
+    return [f"## Agreement per set of points: {method} (every point of each set; mean, min–max)", "",
+            "p0 the audit holds each set to: " + ", ".join(f"{k} {v}" for k, v in per_set["p0"].items()) + ".", "",
+            *_table(["family", "models", *names], rows), ""]
+
+
 def markdown(r: dict[str, Any]) -> str:
     methods = r["methods"]
     budgets = [int(b) for b in next(iter(methods.values()))["budgets"]]
@@ -100,6 +118,9 @@ def markdown(r: dict[str, Any]) -> str:
                         [[n, e["sequential"].get("test") or "sprt", e["sequential"]["p0"], e["sequential"]["p1"],
                           e["sequential"]["reference_agreement"]] for n, e in seq_methods.items()])
         lines.append("")
+    for n, e in methods.items():
+        if "agreement_per_set" in e:
+            lines += _per_set(n, e["agreement_per_set"], members)
     lines += ["## Cost", "",
               *_table(["fingerprint", "build s", "points"], [[n, e["build_s"], e["points"]] for n, e in methods.items()
                                                              if n == e["fingerprint"] or n.endswith("-agreement")]),

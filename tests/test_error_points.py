@@ -201,3 +201,23 @@ def test_a_build_keeps_no_error_points_that_its_students_do_not_share(world: Any
     assert "error_points" not in fp.extra and dropped["offered"] == 40
     assert sum(dropped["held_out_students"]) / len(dropped["held_out_students"]) < dropped["p0"] + 0.1
     assert not point_sets(fp).any() and "error points" not in r.output.strip().splitlines()[-1]
+
+
+def test_the_bench_reports_each_models_agreement_per_set(two_sets: Fingerprint) -> None:
+    """`deepcore bench` records each model's agreement on every point of each set beside the set's
+    p0 (the audit's own), and results.md tabulates it per family: a copy of the owner's mistakes
+    alone reads 0 on the core points and 1 on the error points."""
+    from deepcore_auditor.benchmarks.piracy import MethodData, _agreement_per_set, plan_order
+    from deepcore_auditor.benchmarks.report import _per_set
+
+    md = MethodData("deepcore", two_sets, plan_order(len(two_sets), 0))
+    sets = point_sets(two_sets)[md.order]
+    md.labels["copy"] = md.owner_labels.copy()
+    md.labels["student"] = np.where(sets == 1, md.owner_labels, (md.owner_labels + 1) % 10)
+    r = _agreement_per_set(md, ["copy", "student"])
+    assert r["models"] == {"copy": {"core": 1.0, "errors": 1.0}, "student": {"core": 0.0, "errors": 1.0}}
+    betting = rates(two_sets, "agreement", "betting").p0
+    assert r["p0"] == {name: round(float(betting[point_sets(two_sets) == k].mean()), 4) for k, name in enumerate(("core", "errors"))}
+    lines = _per_set("deepcore-agreement", r, {"student": {"family": "extract", "kind": "piracy", "role": "evaluate"}})
+    assert "| extract (piracy) | 1 | 0.000 (0.000–0.000) | 1.000 (1.000–1.000) |" in lines
+    assert f"p0 the audit holds each set to: core {r['p0']['core']}, errors {r['p0']['errors']}." in lines
