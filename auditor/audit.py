@@ -20,6 +20,8 @@ from deepcore_auditor.auditor.channel import QueryChannel
 from deepcore_auditor.auditor.errors import BudgetExceeded
 from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
 from deepcore_auditor.fingerprints.calibration import (
+    CLEARING_GAP,
+    LEGACY_CLEARING_GAP,
     MODES,
     SET_NAMES,
     TEST_CHOICES,
@@ -115,14 +117,20 @@ class Plan:
     # the answers (what a ledger written before "adaptive" did, and names nothing), or "adaptive",
     # each batch to the set nearest to accusing (`_PerSet.next_positions`).
     allocation: str = "fixed"
+    # How far above p0 the betting test's p1 sits (calibration.CLEARING_GAP): what its rates were
+    # computed with, so that a verifier recomputes them alike. A ledger written before it names
+    # none: its p1 sat LEGACY_CLEARING_GAP above p0. Wald's plans keep the legacy value (unused).
+    clearing_gap: float = LEGACY_CLEARING_GAP
 
     @classmethod
-    def make(cls, fp: Fingerprint, config: AuditConfig) -> Plan:
+    def make(cls, fp: Fingerprint, config: AuditConfig, clearing_gap: float = CLEARING_GAP) -> Plan:
         """The plan for `config`, under the test it resolves to (`calibration.resolve_test`); the
-        rates are the fingerprint's own, computed once per fingerprint object."""
+        rates are the fingerprint's own, computed once per fingerprint object, the betting test's
+        p1 `clearing_gap` above p0 (a verifier passes the plan's own)."""
         config.validate()
         test = resolve_test(fp, config.mode, config.test, config.alpha, config.budget)
-        r = rates(fp, config.mode, test)
+        gap = clearing_gap if test == "betting" else LEGACY_CLEARING_GAP
+        r = rates(fp, config.mode, test, gap)
         sets = point_sets(fp)
         order = plan_order(len(fp), config.seed)
         plan = cls(
@@ -136,6 +144,7 @@ class Plan:
             p1=tuple(float(r.p1[i]) for i in order),
             sets=tuple(int(k) for k in sets[order]) if sets.max() > 0 else (),
             allocation="adaptive" if sets.max() > 0 else "fixed",
+            clearing_gap=gap,
         )
         problem = plan.problem()
         if problem:  # the very check a verifier applies to the plan read back from the ledger
@@ -160,6 +169,8 @@ class Plan:
             return f"point sets must be one of 0..{len(SET_NAMES) - 1} per point"
         if self.allocation not in ALLOCATIONS:
             return f"unknown allocation {self.allocation!r}: one of {', '.join(ALLOCATIONS)}"
+        if not (math.isfinite(self.clearing_gap) and 0 < self.clearing_gap <= 0.5):
+            return f"the clearing gap must lie in (0, 0.5], got {self.clearing_gap}"
         if any(not 0 <= v < 2**31 for v in self.owner_labels):
             return "owner label out of range"
         if any(not (math.isfinite(v) and 0 <= v <= 1) for v in self.p0 + self.p1):
@@ -185,6 +196,7 @@ class Plan:
                 test=str(d.get("test", "sprt")),
                 sets=tuple(int(v) for v in d.get("sets", ())),
                 allocation=str(d.get("allocation", "fixed")),
+                clearing_gap=float(d.get("clearing_gap", LEGACY_CLEARING_GAP)),
             )
         except (KeyError, TypeError, OverflowError) as e:
             raise ValueError(f"malformed plan ({type(e).__name__}: {e})") from e
@@ -548,7 +560,7 @@ def audit(
     the same point differently (a randomized defence) gets `inconclusive` instead.
     """
     plan = Plan.make(fp, config)  # validates the config and resolves the test
-    r = rates(fp, config.mode, plan.test)
+    r = rates(fp, config.mode, plan.test, plan.clearing_gap)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
     channel = QueryChannel(suspect, fp.num_classes, ledger, max(0, config.budget - prior), retries=retries,

@@ -37,6 +37,16 @@ logger = logging.getLogger(__name__)
 MODES = ("agreement", "similarity", "clustering")
 CONFIDENCE = 0.95
 MIN_GAP = 0.1  # p1 is held at least this far above p0, so the test has power
+# The betting test's p1: its `independent` verdict clears a suspect scoring at least p1 with
+# probability at most beta, and says nothing of a pirate between p0 and p1 — one there is cleared
+# as readily as an independent model. At 0.1 above p0 the Fashion-MNIST benchmark (2026-12-07,
+# fresh machine, p0 0.659) cleared an adversarially fine-tuned copy at 0.718 and an adversarial
+# extraction at 0.565 / 0.730 on the two sets; at 0.05 both were caught (54 of 55 pirates instead
+# of 52) and the 18 homologous suspects were still all cleared, after a median of 28 queries
+# instead of 24 (at 0.02: 31.5, the same pirates caught). Plans written before it name none: their
+# p1 sat LEGACY_CLEARING_GAP above p0, and they verify under it.
+CLEARING_GAP = 0.05
+LEGACY_CLEARING_GAP = 0.1
 P1_DEFAULT = 0.9  # when no held-out piracy simulation is stored
 P1_MAX = 0.98  # a pirate is never assumed more faithful than this: one disagreement is not proof
 SMOOTHING = 4.0  # clustering: pseudo-models pulling each point's rate towards the pooled bound
@@ -157,9 +167,10 @@ def set_view(fp: Fingerprint, k: int) -> Fingerprint:
     return view
 
 
-def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
+def rates(fp: Fingerprint, mode: str, test: str = "sprt", gap: float = CLEARING_GAP) -> Rates:
     """The test's per-point p0/p1 for `mode` (agreement, similarity, clustering) under `test`
-    ("betting" or "sprt"; the rates a report's plan holds are recomputed under the test it names).
+    ("betting" or "sprt"; the rates a report's plan holds are recomputed under the test it names),
+    the betting test's p1 `gap` above p0 (`CLEARING_GAP`; a plan recomputes under its own).
 
     Each set of points (`point_sets`) gets its own rates, from the known models' answers on that
     set alone: an independent model that agrees little with the owner's core points may agree
@@ -168,14 +179,14 @@ def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
 
     Computed once per fingerprint object (`Fingerprint.derived`): the exact binomial bounds are
     most of an audit's fixed cost. Each call gets its own summary; p0 and p1 are read-only."""
-    key = ("rates", mode, test)
+    key = ("rates", mode, test, gap)
     kept = fp.derived.get(key)
     if kept is None:
         sets = point_sets(fp)
         if sets.max() == 0:
-            kept = _rates(fp, mode, test)
+            kept = _rates(fp, mode, test, gap)
         else:
-            parts = [rates(set_view(fp, k), mode, test) for k in range(len(SET_NAMES))]
+            parts = [rates(set_view(fp, k), mode, test, gap) for k in range(len(SET_NAMES))]
             p0, p1 = np.empty(len(fp)), np.empty(len(fp))
             for k, r in enumerate(parts):
                 p0[sets == k], p1[sets == k] = r.p0, r.p1
@@ -186,7 +197,7 @@ def rates(fp: Fingerprint, mode: str, test: str = "sprt") -> Rates:
     return dataclasses.replace(kept, summary=copy.deepcopy(kept.summary))
 
 
-def _rates(fp: Fingerprint, mode: str, test: str) -> Rates:
+def _rates(fp: Fingerprint, mode: str, test: str, gap: float = CLEARING_GAP) -> Rates:
     if mode not in MODES:
         raise InputError(f"unknown identification mode {mode!r}: use one of {', '.join(MODES)}")
     if test not in TESTS:
@@ -201,7 +212,7 @@ def _rates(fp: Fingerprint, mode: str, test: str) -> Rates:
     p0 = rate_bound([_scores(fp, m, soft) for m in indep], soft, upper=True)
     pirates = rate_bound([_scores(fp, m, soft) for m in pir], soft, upper=False) if pir else P1_DEFAULT
     if test == "betting":
-        return _betting_rates(fp, mode, n, p0, pirates, indep, pir, notes, soft)
+        return _betting_rates(fp, mode, n, p0, pirates, indep, pir, notes, soft, gap)
     # Wald's test decides for whichever hypothesis is nearer the truth: a pirate scoring
     # between p0 and p1 would drift to 'independent'. So p1 sits halfway between p0 and the
     # held-out pirates' lower bound, never closer than MIN_GAP to p0.
@@ -309,7 +320,7 @@ def reference_groups(fp: Fingerprint, models: list[ModelAnswers], soft: bool) ->
 
 
 def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float, indep: list[ModelAnswers],
-                   pir: list[ModelAnswers], notes: list[str], soft: bool) -> Rates:
+                   pir: list[ModelAnswers], notes: list[str], soft: bool, gap: float = CLEARING_GAP) -> Rates:
     """Rates for the betting test. p0 is H0's bound on an independent suspect's mean score: the
     references' own bound (as Wald's), raised to a prediction bound for one more model trained
     like one of them (`stats.grouped_prediction_upper`, level PREDICTION_LEVEL) once the zoo holds
@@ -318,9 +329,9 @@ def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float
     enough of them are asked: p0 must bound independent models, not describe them.
 
     p1, the bound the `independent` verdict tests against (H1: the mean score is at least p1),
-    sits MIN_GAP above p0 — not halfway to the pirates as Wald's does — so that a suspect scoring
-    anywhere above p0 + MIN_GAP is cleared with probability at most beta, and a pirate between
-    p0 and the held-out pirates' floor gains evidence for piracy instead of being cleared."""
+    sits `gap` (CLEARING_GAP) above p0 — not halfway to the pirates as Wald's does — so that a
+    suspect scoring anywhere above p0 + gap is cleared with probability at most beta, and a pirate
+    between p0 and the held-out pirates' floor gains evidence for piracy instead of being cleared."""
     groups = reference_groups(fp, indep, soft)
     predicted = grouped_prediction_upper(groups, PREDICTION_LEVEL)
     if predicted is not None and predicted[1] >= MIN_PREDICTION_DOF:
@@ -330,7 +341,7 @@ def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float
                      f"{0 if predicted is None else predicted[1]} degrees of freedom for the seed-to-seed spread "
                      f"(at least {MIN_PREDICTION_DOF} needed): p0 is the references' own bound, with no allowance for "
                      "an unseen model's variation; build with --calibration-references 10 or more")
-    p1 = min(p0 + MIN_GAP, (1 + p0) / 2)
+    p1 = min(p0 + gap, (1 + p0) / 2)
     if pirates < p1:
         notes.append(f"held-out pirates score down to {pirates:.2f}, not clearly above p0 {p0:.2f}: "
                      "pirates that agree that little may end inconclusive")

@@ -37,7 +37,7 @@ bet for a 0/1 score, (mu_hat - m_t) / (m_t (1 - m_t)), from a smoothed running m
 MAX_BET of the all-in stake 1/m_t: an exact copy then needs about ln(1/alpha)/ln(1/p0) answers,
 and a pirate anywhere above p0 gains evidence at a rate near KL(its mean || p0) instead of
 drifting away. `independent` has its own guarantee: a second bettor, on the scores 1 - s_t,
-against H1 "the mean score is at least p1" (p1 = p0 + 0.1, `calibration._betting_rates`), and
+against H1 "the mean score is at least p1" (p1 = p0 + 0.05, `calibration.CLEARING_GAP`), and
 `independent` when its wealth reaches 1/beta: a suspect scoring at least p1 is cleared with
 probability at most beta. The stakes depend only on earlier answers, so the verdict replays exactly from a ledger.
 """

@@ -175,3 +175,31 @@ def test_failed_attempts_of_an_interrupted_audit_count_against_the_budget_on_res
     res = audit(fp, again, cfg, ledger=ledger)
     assert res.queries_used == 30 == 20 + again.calls * 5  # 10 more points, not 20
     assert res.answered == 20 and res.verdict == "inconclusive"
+
+
+def test_the_betting_plan_records_its_clearing_gap_and_older_plans_verify_under_theirs(world):
+    """The betting test's p1 sits CLEARING_GAP above p0 and the plan says so; a plan from a
+    ledger written before names no gap and reads back the legacy 0.1, which is what its rates were
+    computed with: recomputed from the fingerprint under its own gap, it is the plan that was
+    written (`verify-report --fingerprint`). A gap out of (0, 0.5] is refused."""
+    import dataclasses
+
+    from deepcore_auditor.auditor.audit import Plan
+    from deepcore_auditor.fingerprints.calibration import CLEARING_GAP, LEGACY_CLEARING_GAP
+
+    fp = load_fingerprint(world.fingerprint)
+    config = AuditConfig(test="betting")
+    plan = Plan.make(fp, config)
+    p0, p1 = np.asarray(plan.p0), np.asarray(plan.p1)
+    assert plan.clearing_gap == CLEARING_GAP == 0.05
+    assert np.allclose(p1, np.minimum(p0 + CLEARING_GAP, (1 + p0) / 2))
+    old = {k: v for k, v in Plan.make(fp, config, LEGACY_CLEARING_GAP).to_dict().items() if k != "clearing_gap"}
+    back = Plan.from_dict(old)
+    assert back.clearing_gap == LEGACY_CLEARING_GAP and back != plan
+    assert Plan.make(fp, config, back.clearing_gap) == back
+    assert np.allclose(np.asarray(back.p1), np.minimum(p0 + 0.1, (1 + p0) / 2))
+    assert Plan.make(fp, AuditConfig(test="sprt")).clearing_gap == LEGACY_CLEARING_GAP  # Wald's p1 is its own
+    for bad in (0.0, -0.1, 0.7, math.nan):
+        with pytest.raises(ValueError, match="clearing gap"):
+            Plan.from_dict({**plan.to_dict(), "clearing_gap": bad})
+    assert dataclasses.replace(plan, clearing_gap=0.2).problem() is None

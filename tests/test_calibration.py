@@ -11,7 +11,14 @@ import pytest
 
 from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints.build import check_separable
-from deepcore_auditor.fingerprints.calibration import MIN_PREDICTION_DOF, rates, reference_groups, resolve_test, why_not_betting
+from deepcore_auditor.fingerprints.calibration import (
+    CLEARING_GAP,
+    MIN_PREDICTION_DOF,
+    rates,
+    reference_groups,
+    resolve_test,
+    why_not_betting,
+)
 from deepcore_auditor.fingerprints.config import zoo_with_references, zoo_with_selection
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint
 from deepcore_auditor.fingerprints.stats import Bettor
@@ -51,7 +58,7 @@ def test_replicate_references_raise_p0_to_a_prediction_bound(world):
     bet, wald = rates(ten, "agreement", "betting").summary, rates(ten, "agreement", "sprt").summary
     assert bet["prediction_dof"] == 5 >= MIN_PREDICTION_DOF
     assert bet["p0"] == max(wald["p0"], bet["prediction_bound"]) and bet["prediction_bound"] > 0.52  # above the Adam kind
-    assert bet["p1"] == pytest.approx(min(bet["p0"] + 0.1, (1 + bet["p0"]) / 2), abs=1e-4)
+    assert bet["p1"] == pytest.approx(min(bet["p0"] + CLEARING_GAP, (1 + bet["p0"]) / 2), abs=1e-4)
 
 
 def test_a_supplied_reference_is_a_kind_of_its_own(world):
