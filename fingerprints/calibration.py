@@ -183,7 +183,7 @@ def rates(fp: Fingerprint, mode: str, test: str = "sprt", gap: float = CLEARING_
 
     Computed once per fingerprint object (`Fingerprint.derived`): the exact binomial bounds are
     most of an audit's fixed cost. Each call gets its own summary; p0 and p1 are read-only."""
-    key = ("rates", mode, test, gap)
+    key = ("rates", mode, test, gap if test == "betting" else None)  # Wald's p1 does not read the gap
     kept = fp.derived.get(key)
     if kept is None:
         sets = point_sets(fp)
