@@ -169,8 +169,12 @@ class Plan:
             return f"point sets must be one of 0..{len(SET_NAMES) - 1} per point"
         if self.allocation not in ALLOCATIONS:
             return f"unknown allocation {self.allocation!r}: one of {', '.join(ALLOCATIONS)}"
-        if not (math.isfinite(self.clearing_gap) and 0 < self.clearing_gap <= 0.5):
-            return f"the clearing gap must lie in (0, 0.5], got {self.clearing_gap}"
+        # Only the gaps this tool has used: a report stating another would have its p1 recomputed
+        # from the fingerprint under a gap of its own choosing, and the check would prove nothing.
+        if self.clearing_gap not in (CLEARING_GAP, LEGACY_CLEARING_GAP) or (
+                self.test != "betting" and self.clearing_gap != LEGACY_CLEARING_GAP):
+            return (f"unknown clearing gap {self.clearing_gap} for the {self.test} test: "
+                    f"{CLEARING_GAP} or {LEGACY_CLEARING_GAP} (before it was recorded) for the betting test, none for Wald's")
         if any(not 0 <= v < 2**31 for v in self.owner_labels):
             return "owner label out of range"
         if any(not (math.isfinite(v) and 0 <= v <= 1) for v in self.p0 + self.p1):
@@ -181,6 +185,8 @@ class Plan:
         # Field by field, not `asdict` (which deep-copies each of the thousand numbers: a third
         # of an audit's own cost); every field is a scalar or a tuple of scalars.
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.test != "betting":  # Wald's p1 reads no gap: its plans stay as they were written (and resume)
+            del d["clearing_gap"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod

@@ -31,7 +31,8 @@ _MEANING = {
                "it a pirate with probability at most alpha = {alpha}."),
     "independent": ("The suspect is judged INDEPENDENT of the owner's model.",
                     "If the suspect were a pirate — one that keeps the owner's decisions on the core points at least as often as "
-                    "p1 = {p1}, the rate calibrated on simulated pirates — a test like this one would clear it with probability "
+                    "p1 = {p1} (the betting test's: p0 plus a fixed margin; Wald's: calibrated on simulated pirates) — a test like "
+                    "this one would clear it with probability "
                     "at most beta = {beta}."),
     "inconclusive": ("No decision: the evidence did not reach either threshold within the budget or the points.",
                      "Neither claim is made. Auditing again with a larger budget (or a fingerprint with more points) can decide."),

@@ -199,7 +199,42 @@ def test_the_betting_plan_records_its_clearing_gap_and_older_plans_verify_under_
     assert Plan.make(fp, config, back.clearing_gap) == back
     assert np.allclose(np.asarray(back.p1), np.minimum(p0 + 0.1, (1 + p0) / 2))
     assert Plan.make(fp, AuditConfig(test="sprt")).clearing_gap == LEGACY_CLEARING_GAP  # Wald's p1 is its own
-    for bad in (0.0, -0.1, 0.7, math.nan):
-        with pytest.raises(ValueError, match="clearing gap"):
+    for bad in (0.0, -0.1, 0.2, 0.7, math.nan):  # only the gaps the tool has used: a report cannot choose its own p1
+        with pytest.raises(ValueError, match="unknown clearing gap"):
             Plan.from_dict({**plan.to_dict(), "clearing_gap": bad})
-    assert dataclasses.replace(plan, clearing_gap=0.2).problem() is None
+    wald = Plan.make(fp, AuditConfig(test="sprt"))
+    assert "clearing_gap" not in wald.to_dict() and Plan.from_dict(wald.to_dict()) == wald  # its ledgers as written before
+    assert "unknown clearing gap" in (dataclasses.replace(wald, clearing_gap=CLEARING_GAP).problem() or "")
+
+
+def test_a_betting_report_from_before_the_clearing_gap_verifies_against_its_fingerprint(world, tmp_path, monkeypatch):
+    """A betting-test report written before plans named their gap (p1 at p0 + 0.1, no
+    `clearing_gap` in its plan) passes `verify-report --fingerprint`: the plan is recomputed from
+    the fingerprint under the gap it read back. The same report claiming another gap fails."""
+    from click.testing import CliRunner
+    from conftest import audit_args
+
+    from deepcore_auditor.auditor.audit import Plan
+    from deepcore_auditor.auditor.cli import cli
+    from deepcore_auditor.auditor.errors import ReportError
+    from deepcore_auditor.auditor.report import verify_report
+    from deepcore_auditor.fingerprints.calibration import LEGACY_CLEARING_GAP
+    from deepcore_auditor.fingerprints.format import canonical_digest
+
+    path = tmp_path / "old.report.json"
+    monkeypatch.setattr(Plan.make.__func__, "__defaults__", (LEGACY_CLEARING_GAP,))  # audit as the tool did then
+    r = CliRunner().invoke(cli, audit_args(world, world.pirate_onnx, "--test", "betting", "--report", str(path)))
+    monkeypatch.undo()
+    assert r.exit_code == 1, r.output  # piracy
+    doc = json.loads(path.read_text())
+    plan = doc["content"]["ledger"]["header"]["plan"]
+    assert plan.pop("clearing_gap") == LEGACY_CLEARING_GAP  # what a plan of then holds: no gap named
+    doc["content_sha256"] = canonical_digest(doc["content"])
+    path.write_text(json.dumps(doc))
+    v = verify_report(path, fingerprint_path=world.fingerprint)
+    assert v.verdict == "piracy" and any("recomputed from the fingerprint" in c for c in v.checks)
+    plan["clearing_gap"] = 0.3
+    doc["content_sha256"] = canonical_digest(doc["content"])
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ReportError, match="unknown clearing gap"):
+        verify_report(path, fingerprint_path=world.fingerprint)
