@@ -144,16 +144,16 @@ def test_more_selection_references_come_after_every_model_the_zoo_holds() -> Non
     """`--selection-references N`: N references of the owner's architecture per recipe in the
     selection, the new ones after every model of the zoo (whose seeds, by position, and cached
     copies stay as they were); fewer than the zoo holds is refused."""
-    from deepcore_auditor.fingerprints.config import DEFAULT_ZOO
+    from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, DEFAULT_ZOO
 
-    ten = zoo_with_references(10)
-    assert zoo_with_selection(1, ten) == ten
-    three = zoo_with_selection(3, ten)
+    refs = zoo_with_references(DEFAULT_CALIBRATION_REFERENCES)
+    assert zoo_with_selection(1, refs) == refs
+    three = zoo_with_selection(3, refs)
     assert three == DEFAULT_ZOO  # the default: three of each
-    assert three[: len(ten)] == ten and len(three) == len(ten) + 4
-    added = three[len(ten):]
+    assert three[: len(refs)] == refs and len(three) == len(refs) + 4
+    added = three[len(refs):]
     assert all(z.kind == "independent" and z.role == "selection" and z.arch == "owner" for z in added)
     assert sorted(z.recipe for z in added) == ["adam", "adam", "sgd", "sgd"] and len({z.name for z in three}) == len(three)
     assert zoo_with_selection(3, three) == three
     with pytest.raises(ValueError, match="already holds 1 selection references"):
-        zoo_with_selection(0, ten)
+        zoo_with_selection(0, refs)
