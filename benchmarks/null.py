@@ -41,7 +41,7 @@ from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
-from deepcore_auditor.fingerprints.calibration import rates
+from deepcore_auditor.fingerprints.calibration import PREDICTION_LEVEL, point_sets, rates, reference_kinds
 from deepcore_auditor.fingerprints.config import (
     DEFAULT_CALIBRATION_REFERENCES,
     DEFAULT_SELECTION_REFERENCES,
@@ -52,7 +52,7 @@ from deepcore_auditor.fingerprints.config import (
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.models import accuracy, export_onnx
-from deepcore_auditor.fingerprints.stats import TESTS, Bettor, clopper_pearson_upper
+from deepcore_auditor.fingerprints.stats import TESTS, Bettor, clopper_pearson_upper, prediction_upper_per_group
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,37 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
     }
 
 
+# The null's families whose models are of a kind the builder's references stand for: trained
+# from scratch on the owner's data (half A) by the owner's recipe (Adam), as the references are.
+_KIND_FAMILIES = ("same-arch-seed", "other-arch")
+
+
+def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: str) -> list[dict[str, Any]]:
+    """Per kind of calibration reference (architecture, recipe), the bound p0's prediction bound
+    gives one new model of that kind (`stats.prediction_upper_per_group`, at the level p0 is read
+    at) beside the null's models of that kind — trained on the owner's data by Adam — and how
+    many of them exceed it: the check of the bound's model (normal on the arcsine scale, one
+    spread shared by every kind) that a hundred models of one kind can make and ten references
+    cannot. For a fingerprint of one set of points (the null's default one has no error points:
+    the rows' agreement is over all the points); empty otherwise."""
+    if point_sets(fp).max() > 0:
+        return []
+    indep = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
+    kinds = reference_kinds(fp, indep, soft=False)
+    each = prediction_upper_per_group(list(kinds.values()), PREDICTION_LEVEL)
+    if each is None:
+        return []
+    out = []
+    for (arch, recipe), refs, bound in zip(kinds, kinds.values(), each[0], strict=True):
+        name = owner_arch if arch == "owner" else arch
+        mine = sorted(r["agreement_all_points"] for r in rows.values()
+                      if recipe == "adam" and r["arch"] == name and r["data"] == "A" and r["family"] in _KIND_FAMILIES)
+        out.append({"arch": name, "recipe": recipe, "references": [round(v, 4) for v in refs], "bound": round(bound, 4),
+                    "models": len(mine), "above_bound": sum(a > bound for a in mine),
+                    "max": mine[-1] if mine else None, "median": float(np.median(mine)) if mine else None})
+    return out
+
+
 def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str, Path], config: NullConfig,
                      counts: tuple[int, ...]) -> list[dict[str, Any]]:
     """How p0, the queries an exact copy needs and the accusations among the independent models
@@ -246,6 +277,7 @@ def run(data_spec: str, out: Path, config: NullConfig, cache_dir: Path | None = 
     entry = summarize(data_spec, rows, fp, config, accuracies)
     entry["zoo_size"] = zoo_size
     entry["owner"] = {k: zoo.meta["owner"][k] for k in ("arch", "test_accuracy")}
+    entry["kind_coverage"] = kind_coverage(fp, rows, zoo.meta["owner"]["arch"])
     if curve:
         entry["references_curve"] = references_curve(zoo, root, models, paths, config, curve)
     entry["run"] = {"train_s_this_run": round(train_s, 1), "train_s_all_models": round(sum(meta[m.name]["train_s"] for m in models), 1),
@@ -283,6 +315,9 @@ def main() -> None:
         print(f"{test}: {t['accused']} of {t['independent_models']} accused, FIR <= {t['fir_upper_95']} (95%), p0 {t['p0']}")
         for fam, f in t["per_family"].items():
             print(f"  {fam}: {f['accused']}/{f['models']} accused, verdicts {f['verdicts']}, agreement {f['agreement_on_points']}")
+    for c in entry["kind_coverage"]:
+        print(f"kind {c['arch']}/{c['recipe']}: bound {c['bound']} from references {c['references']}; "
+              f"{c['above_bound']} of {c['models']} such models above it (max {c['max']})")
     for c in entry.get("references_curve", []):
         print(f"K={c['calibration_references']}: p0 {c['p0']}, exact copy needs {c['exact_copy_needs']}, "
               f"{c['accused']} of {c['independent_models']} accused, {c['above_p0']} above p0")

@@ -313,15 +313,21 @@ def prediction_dof(fp: Fingerprint, mode: str) -> int:
 
 
 def reference_groups(fp: Fingerprint, models: list[ModelAnswers], soft: bool) -> list[list[float]]:
-    """The calibration references' mean scores, grouped by how they were trained (architecture
-    and recipe, as the fingerprint's recorded zoo says); a model the zoo does not name (a
-    reference the owner supplied) is a group of its own."""
+    """The calibration references' mean scores, grouped by how they were trained
+    (`reference_kinds`)."""
+    return list(reference_kinds(fp, models, soft).values())
+
+
+def reference_kinds(fp: Fingerprint, models: list[ModelAnswers], soft: bool) -> dict[tuple[str, str], list[float]]:
+    """The references' mean scores by how they were trained — (architecture, recipe), as the
+    fingerprint's recorded zoo says ("owner": the owner's architecture); a model the zoo does not
+    name (a reference the owner supplied) is a kind of its own, ("own", its name)."""
     zoo = {z.get("name"): (z.get("arch"), z.get("recipe", "adam")) for z in fp.method.get("params", {}).get("zoo", [])
            if isinstance(z, dict)}
-    groups: dict[object, list[float]] = {}
+    kinds: dict[tuple[str, str], list[float]] = {}
     for m in models:
-        groups.setdefault(zoo.get(m.name, ("own", m.name)), []).append(float(_scores(fp, m, soft).mean()))
-    return list(groups.values())
+        kinds.setdefault(zoo.get(m.name, ("own", m.name)), []).append(float(_scores(fp, m, soft).mean()))
+    return kinds
 
 
 def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float, indep: list[ModelAnswers],

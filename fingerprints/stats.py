@@ -286,6 +286,17 @@ def grouped_prediction_upper(groups: list[list[float]], level: float) -> tuple[f
     mean with one spread shared by all groups (the pooled within-group standard deviation, K - G
     degrees of freedom). The bound is the largest over groups of mean_g + t_{K-G}(1 - level) * s *
     sqrt(1 + 1/K_g), mapped back; a new model of a kind no group represents is not covered."""
+    each = prediction_upper_per_group(groups, level)
+    if each is None:
+        return None
+    bounds, dof = each
+    return max(bounds), dof
+
+
+def prediction_upper_per_group(groups: list[list[float]], level: float) -> tuple[list[float], int] | None:
+    """`grouped_prediction_upper` for one new model of each group in turn (empty groups dropped):
+    each group's bound, never below its own largest member, and the degrees of freedom; None
+    when no group holds two models."""
     groups = [g for g in groups if g]
     dof = sum(len(g) - 1 for g in groups)
     if dof < 1:
@@ -293,9 +304,8 @@ def grouped_prediction_upper(groups: list[list[float]], level: float) -> tuple[f
     z = [np.arcsin(np.sqrt(np.clip(np.asarray(g, dtype=np.float64), 0, 1))) for g in groups]
     s = math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in z) / dof)
     t = t_quantile(1 - level, dof)
-    top = max(float(v.mean()) + t * s * math.sqrt(1 + 1 / len(v)) for v in z)
-    bound = math.sin(min(top, math.pi / 2)) ** 2
-    return max(bound, max(max(g) for g in groups)), dof
+    tops = [float(v.mean()) + t * s * math.sqrt(1 + 1 / len(v)) for v in z]
+    return [max(math.sin(min(top, math.pi / 2)) ** 2, max(g)) for top, g in zip(tops, groups, strict=True)], dof
 
 
 def expected_queries(p0: float, p1: float, alpha: float) -> float:

@@ -157,3 +157,26 @@ def test_more_selection_references_come_after_every_model_the_zoo_holds() -> Non
     assert zoo_with_selection(3, three) == three
     with pytest.raises(ValueError, match="already holds 1 selection references"):
         zoo_with_selection(0, refs)
+
+
+def test_the_null_benchmark_holds_each_kinds_bound_against_models_of_that_kind(world):
+    """benchmarks/null.py's kind coverage: per kind of calibration reference, the bound one new model
+    of it gets (the largest of them is p0's prediction bound), beside the null's models of that kind
+    trained on the owner's data — other data, other tasks and the SGD kind (the null trains by Adam)
+    counted nowhere."""
+    from deepcore_auditor.benchmarks.null import kind_coverage
+
+    fp = _with_references(load_fingerprint(world.fingerprint), 13, SHARES)
+    rows = {f"seed-{i}": {"family": "same-arch-seed", "arch": "cnn", "data": "A", "agreement_all_points": a}
+            for i, a in enumerate((0.4, 0.5, 0.99))}
+    rows["lenet-b"] = {"family": "other-arch", "arch": "lenet", "data": "B", "agreement_all_points": 0.99}
+    rows["task"] = {"family": "other-task", "arch": "lenet", "data": "A", "agreement_all_points": 0.99}
+    cov = {(c["arch"], c["recipe"]): c for c in kind_coverage(fp, rows, "cnn")}
+    assert set(cov) == {("cnn", "adam"), ("cnn", "sgd"), ("lenet", "adam"), ("mlp", "adam"), ("cnn-wide", "adam")}
+    assert [len(cov[k]["references"]) for k in sorted(cov)] == [3, 3, 1, 3, 3]  # cnn adam/sgd, cnn-wide, lenet, mlp
+    owner = cov[("cnn", "adam")]
+    assert owner["models"] == 3 and owner["above_bound"] == 1 and owner["max"] == 0.99 and 0.5 < owner["bound"] < 0.99
+    assert cov[("cnn", "sgd")]["models"] == 0 and cov[("lenet", "adam")]["models"] == 0
+    summary = rates(fp, "agreement", "betting").summary
+    assert max(c["bound"] for c in cov.values()) == pytest.approx(summary["prediction_bound"], abs=1e-4)
+    assert summary["prediction_dof"] == 8
