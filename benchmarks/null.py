@@ -114,7 +114,7 @@ def default_fingerprint(zoo: Any, root: Path, references: int = DEFAULT_CALIBRAT
     logger.info("building the default fingerprint with %d calibration references", references)
     t0 = time.perf_counter()
     fp = build_fingerprint(zoo.owner, x, y, zoo.data.train.classes, owner_id, BuildConfig(zoo=zoo_of(references, selection)),
-                           progress=logger.info, require_separable=False, cache_dir=root)  # K=20 reuses K=10's models
+                           progress=logger.info, require_separable=False, cache_dir=root)  # known models another K's build trained are reused
     save_fingerprint(fp, path)
     (path.with_suffix(".build_s")).write_text(f"{time.perf_counter() - t0:.1f}")
     return fp
@@ -182,11 +182,14 @@ def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: 
     """Per kind of calibration reference (architecture, recipe), the bound p0's prediction bound
     gives one new model of that kind (`stats.prediction_upper_per_group`, at the level p0 is read
     at) beside the null's models of that kind — trained on the owner's data by Adam — and how
-    many of them exceed it: the check of the bound's model (normal on the arcsine scale, one
-    spread shared by every kind) that a hundred models of one kind can make and ten references
+    many of them exceed it (the null's models train the bench's fixed epochs on all of half A, the
+    builder's references until they reach the owner's accuracy on five sixths of it: alike, not
+    the same recipe): the check of the bound's model (normal on the arcsine scale, one
+    spread shared by every kind) that a hundred models of one kind can make and a dozen references
     cannot. For a fingerprint of one set of points (the null's default one has no error points:
     the rows' agreement is over all the points); empty otherwise."""
     if point_sets(fp).max() > 0:
+        logger.info("kind coverage skipped: the fingerprint holds error points, and the rows' agreement is over all its points")
         return []
     indep = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
     kinds = reference_kinds(fp, indep, soft=False)

@@ -22,7 +22,7 @@ from deepcore_auditor.fingerprints.models import Normalized, TrainConfig, build_
 # the kept points, p0 was 0.92 and an exact copy needed 68 queries — the builder's separability
 # check refuses such a fingerprint at 100 points, as it should. Measured 2026-12-02: p0 0.70,
 # an exact copy identified after 35 points.
-# Five calibration references, not the default ten: on this 100-point world, ten put the betting
+# Five calibration references, not the default (13; 10 then): on this 100-point world, ten put the betting
 # test's prediction bound at 0.978 (its Adam references agree 0.49-0.79 from seed to seed), where
 # an exact copy needs more than the suite's 60-query budgets, and `auto` falls back to Wald's
 # (measured 2026-12-06). The suite checks the mechanics on a small world; the default's figures
