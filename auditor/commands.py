@@ -30,8 +30,8 @@ from deepcore_auditor.fingerprints.config import (
     CoreConfig,
     KnownModelSpec,
     zoo_counts,
+    zoo_of,
     zoo_with_references,
-    zoo_with_selection,
 )
 from deepcore_auditor.fingerprints.errors import SignatureError
 from deepcore_auditor.fingerprints.format import (
@@ -130,11 +130,11 @@ def build_config(*, n_points: int = CoreConfig.n_points, candidates: int = CoreC
     except ValueError as e:
         raise InputError(str(e)) from None
     try:
-        zoo = zoo_with_references(calibration_references)
+        zoo_with_references(calibration_references)  # the count checked alone, for a message naming its flag
     except ValueError as e:
         raise InputError(f"--calibration-references: {e}") from None
     try:
-        zoo = zoo_with_selection(selection_references, zoo)
+        zoo = zoo_of(calibration_references, selection_references)
     except ValueError as e:
         raise InputError(f"--selection-references: {e}") from None
     core = CoreConfig(n_candidates=candidates, n_points=n_points, epsilon=epsilon, steps=steps,

@@ -144,20 +144,36 @@ def test_more_selection_references_come_after_every_model_the_zoo_holds() -> Non
     """`--selection-references N`: N references of the owner's architecture per recipe in the
     selection, the new ones after every model of the zoo (whose seeds, by position, and cached
     copies stay as they were); fewer than the zoo holds is refused."""
-    from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, DEFAULT_ZOO
+    from deepcore_auditor.fingerprints.config import DEFAULT_ZOO, SELECTION_AFTER, zoo_of
 
-    refs = zoo_with_references(DEFAULT_CALIBRATION_REFERENCES)
-    assert zoo_with_selection(1, refs) == refs
-    three = zoo_with_selection(3, refs)
-    assert three == DEFAULT_ZOO  # the default: three of each
-    assert three[: len(refs)] == refs and len(three) == len(refs) + 4
-    added = three[len(refs):]
+    ten = zoo_with_references(SELECTION_AFTER)
+    assert zoo_with_selection(1, ten) == ten
+    three = zoo_with_selection(3, ten)
+    assert three == zoo_of(SELECTION_AFTER, 3) == DEFAULT_ZOO[: len(three)]  # the default: three of each
+    assert three[: len(ten)] == ten and len(three) == len(ten) + 4
+    added = three[len(ten):]
     assert all(z.kind == "independent" and z.role == "selection" and z.arch == "owner" for z in added)
     assert sorted(z.recipe for z in added) == ["adam", "adam", "sgd", "sgd"] and len({z.name for z in three}) == len(three)
     assert zoo_with_selection(3, three) == three
     with pytest.raises(ValueError, match="already holds 1 selection references"):
-        zoo_with_selection(0, refs)
+        zoo_with_selection(0, ten)
 
+
+def test_more_calibration_references_keep_the_selection_models_and_so_the_points() -> None:
+    """Past SELECTION_AFTER, further calibration references come after the selection references:
+    every selection model keeps its place (its seed), so a build with more references grows the
+    same points and only p0 moves; the extras continue the reference order, no name twice."""
+    from deepcore_auditor.fingerprints.config import DEFAULT_CALIBRATION_REFERENCES, DEFAULT_ZOO, SELECTION_AFTER, zoo_of
+
+    base = zoo_of(SELECTION_AFTER, 3)
+    assert DEFAULT_CALIBRATION_REFERENCES > SELECTION_AFTER and DEFAULT_ZOO[: len(base)] == base
+    for k in (SELECTION_AFTER + 1, DEFAULT_CALIBRATION_REFERENCES, 20):
+        more = zoo_of(k, 3)
+        assert more[: len(base)] == base and len({z.name for z in more}) == len(more)
+        added = more[len(base):]
+        assert len(added) == k - SELECTION_AFTER and all(z.kind == "independent" and z.role == "calibration" for z in added)
+    assert [z.name for z in DEFAULT_ZOO[len(base):]] == ["cal-extra-6-mlp-adam", "cal-extra-7-mlp-adam", "cal-extra-8-lenet-adam"]
+    assert zoo_with_references(12, zoo_with_references(11)) == zoo_with_references(12)  # an extended zoo continues the order
 
 def test_the_null_benchmark_holds_each_kinds_bound_against_models_of_that_kind(world):
     """benchmarks/null.py's kind coverage: per kind of calibration reference, the bound one new model
