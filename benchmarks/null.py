@@ -41,7 +41,7 @@ from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
-from deepcore_auditor.fingerprints.calibration import PREDICTION_LEVEL, point_sets, rates, reference_kinds
+from deepcore_auditor.fingerprints.calibration import PREDICTION_LEVEL, SET_NAMES, point_sets, rates, reference_kinds, set_view
 from deepcore_auditor.fingerprints.config import (
     DEFAULT_CALIBRATION_REFERENCES,
     DEFAULT_SELECTION_REFERENCES,
@@ -128,6 +128,10 @@ def _audit_all(fp: Fingerprint, models: list[Member], paths: dict[str, Path], co
         with open_suspect(str(paths[m.name]), convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes) as oracle:
             labels = oracle.query(fp.points, Access.LABELS)
             row["agreement_all_points"] = round(float(np.mean(labels == fp.owner_labels)), 4)
+            sets = point_sets(fp)
+            if sets.max() > 0:  # each set is its own test, held to its own p0
+                row["agreement_per_set"] = {SET_NAMES[k]: round(float(np.mean(labels[sets == k] == fp.owner_labels[sets == k])), 4)
+                                            for k in range(len(SET_NAMES))}
             for test in tests:
                 r = audit(fp, oracle, AuditConfig(budget=config.budget, alpha=config.alpha, seed=config.seed, test=test))
                 row[test] = {"verdict": r.verdict, "queries": r.queries_used, "agreement": r.agreement}
@@ -148,9 +152,8 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
                 continue
             accused = sum(r[test]["verdict"] == "piracy" for r in mine)
             agree = [r["agreement_all_points"] for r in mine]
-            p0 = rates(fp, "agreement", test).summary["p0"]
             families[fam] = {
-                "models": len(mine), "accused": accused, "above_p0": sum(a > p0 for a in agree),
+                "models": len(mine), "accused": accused, "above_p0": sum(_above_p0(fp, r, test) for r in mine),
                 "fir_upper_95": round(clopper_pearson_upper(accused, len(mine), 0.95), 4),
                 "verdicts": {v: sum(r[test]["verdict"] == v for r in mine) for v in ("independent", "inconclusive", "piracy")},
                 "median_queries": float(np.median([r[test]["queries"] for r in mine])),
@@ -159,7 +162,7 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
         n = sum(f["models"] for f in families.values())
         k = sum(f["accused"] for f in families.values())
         per_test[test] = {"independent_models": n, "accused": k, "fir_upper_95": round(clopper_pearson_upper(k, n, 0.95), 4),
-                          "per_family": families, "p0": rates(fp, "agreement", test).summary["p0"],
+                          "per_family": families, "p0": rates(fp, "agreement", test).summary["p0"], "p0_per_set": _set_p0(fp, test),
                           "p1": rates(fp, "agreement", test).summary["p1"]}
     best = per_test["betting"]
     return {
@@ -178,32 +181,47 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
 _KIND_FAMILIES = ("same-arch-seed", "other-arch")
 
 
+def _set_p0(fp: Fingerprint, test: str) -> dict[str, float]:
+    """Each set's p0 under `test` (the core points' alone for a fingerprint of one set)."""
+    summary = rates(fp, "agreement", test).summary
+    if point_sets(fp).max() == 0:
+        return {SET_NAMES[0]: float(summary["p0"])}  # type: ignore[arg-type]
+    return {SET_NAMES[0]: float(summary["p0"]), SET_NAMES[1]: float(summary["error_points"]["p0"])}  # type: ignore[arg-type,index]
+
+
+def _above_p0(fp: Fingerprint, row: dict[str, Any], test: str) -> bool:
+    """Whether the model agrees more than p0 on any set of the fingerprint's points (its null, the
+    one each set's test holds it to, fails for it there)."""
+    per_set = row.get("agreement_per_set", {SET_NAMES[0]: row["agreement_all_points"]})
+    return any(per_set[name] > p0 for name, p0 in _set_p0(fp, test).items())
+
+
 def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: str) -> list[dict[str, Any]]:
-    """Per kind of calibration reference (architecture, recipe), the bound p0's prediction bound
-    gives one new model of that kind (`stats.prediction_upper_per_group`, at the level p0 is read
-    at) beside the null's models of that kind — trained on the owner's data by Adam — and how
-    many of them exceed it (the null's models train the bench's fixed epochs on all of half A, the
-    builder's references until they reach the owner's accuracy on five sixths of it: alike, not
-    the same recipe): the check of the bound's model (normal on the arcsine scale, one
-    spread shared by every kind) that a hundred models of one kind can make and a dozen references
-    cannot. For a fingerprint of one set of points (the null's default one has no error points:
-    the rows' agreement is over all the points); empty otherwise."""
-    if point_sets(fp).max() > 0:
-        logger.info("kind coverage skipped: the fingerprint holds error points, and the rows' agreement is over all its points")
-        return []
-    indep = [m for m in fp.known_models if m.kind == "independent" and m.role == "calibration"]
-    kinds = reference_kinds(fp, indep, soft=False)
-    each = prediction_upper_per_group(list(kinds.values()), PREDICTION_LEVEL)
-    if each is None:
-        return []
+    """Per set of points and kind of calibration reference (architecture, recipe), the bound p0's
+    prediction bound gives one new model of that kind (`stats.prediction_upper_per_group`, at the
+    level p0 is read at) beside the null's models of that kind — trained on the owner's data by
+    Adam — and how many of them exceed it (the null's models train the bench's fixed epochs on all
+    of half A, the builder's references until they reach the owner's accuracy on five sixths of
+    it: alike, not the same recipe): the check of the bound's model (normal on the arcsine scale,
+    one spread shared by every kind) that a hundred models of one kind can make and a dozen
+    references cannot. The rows' agreement per set (`agreement_per_set`), or over all the points
+    for a fingerprint of one set."""
+    two = point_sets(fp).max() > 0
     out = []
-    for (arch, recipe), refs, bound in zip(kinds, kinds.values(), each[0], strict=True):
-        name = owner_arch if arch == "owner" else arch
-        mine = sorted(r["agreement_all_points"] for r in rows.values()
-                      if recipe == "adam" and r["arch"] == name and r["data"] == "A" and r["family"] in _KIND_FAMILIES)
-        out.append({"arch": name, "recipe": recipe, "references": [round(v, 4) for v in refs], "bound": round(bound, 4),
-                    "models": len(mine), "above_bound": sum(a > bound for a in mine),
-                    "max": mine[-1] if mine else None, "median": float(np.median(mine)) if mine else None})
+    for k in range(len(SET_NAMES) if two else 1):
+        view = set_view(fp, k) if two else fp
+        indep = [m for m in view.known_models if m.kind == "independent" and m.role == "calibration"]
+        kinds = reference_kinds(view, indep, soft=False)
+        each = prediction_upper_per_group(list(kinds.values()), PREDICTION_LEVEL)
+        if each is None:
+            continue
+        for (arch, recipe), refs, bound in zip(kinds, kinds.values(), each[0], strict=True):
+            name = owner_arch if arch == "owner" else arch
+            mine = sorted(r["agreement_per_set"][SET_NAMES[k]] if two else r["agreement_all_points"] for r in rows.values()
+                          if recipe == "adam" and r["arch"] == name and r["data"] == "A" and r["family"] in _KIND_FAMILIES)
+            out.append({"set": SET_NAMES[k], "arch": name, "recipe": recipe, "references": [round(v, 4) for v in refs],
+                        "bound": round(bound, 4), "models": len(mine), "above_bound": sum(a > bound for a in mine),
+                        "max": mine[-1] if mine else None, "median": float(np.median(mine)) if mine else None})
     return out
 
 
@@ -226,7 +244,7 @@ def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str
             "prediction_bound": r.summary.get("prediction_bound"), "prediction_dof": r.summary.get("prediction_dof"),
             "exact_copy_needs": Bettor(len(fp) * p0, len(fp)).best_case_needs(math.log(1 / config.alpha), len(fp)),
             "independent_models": len(rows), "accused": accused,
-            "above_p0": sum(row["agreement_all_points"] > p0 for row in rows.values()),
+            "above_p0": sum(_above_p0(fp, row, "betting") for row in rows.values()),
             "same_points_as_default": bool(np.array_equal(fp.points, base.points)),
             "build_s": float(build_s.read_text()) if build_s.is_file() else None,
         })
@@ -319,7 +337,7 @@ def main() -> None:
         for fam, f in t["per_family"].items():
             print(f"  {fam}: {f['accused']}/{f['models']} accused, verdicts {f['verdicts']}, agreement {f['agreement_on_points']}")
     for c in entry["kind_coverage"]:
-        print(f"kind {c['arch']}/{c['recipe']}: bound {c['bound']} from references {c['references']}; "
+        print(f"{c['set']} points, kind {c['arch']}/{c['recipe']}: bound {c['bound']} from references {c['references']}; "
               f"{c['above_bound']} of {c['models']} such models above it (max {c['max']})")
     for c in entry.get("references_curve", []):
         print(f"K={c['calibration_references']}: p0 {c['p0']}, exact copy needs {c['exact_copy_needs']}, "

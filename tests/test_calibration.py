@@ -195,4 +195,20 @@ def test_the_null_benchmark_holds_each_kinds_bound_against_models_of_that_kind(w
     assert cov[("cnn", "sgd")]["models"] == 0 and cov[("lenet", "adam")]["models"] == 0
     summary = rates(fp, "agreement", "betting").summary
     assert max(c["bound"] for c in cov.values()) == pytest.approx(summary["prediction_bound"], abs=1e-4)
-    assert summary["prediction_dof"] == 8
+    assert summary["prediction_dof"] == 8 and {c["set"] for c in cov.values()} == {"core"}
+
+    # Two sets of points (the last 20 the owner's mistakes): each set's kinds and bounds, read
+    # against each model's agreement on that set; a model is above p0 if it is on either set.
+    from deepcore_auditor.benchmarks.null import _above_p0
+
+    two = dataclasses.replace(fp, extra={**fp.extra, "error_points": 20})
+    for row, errors in zip(rows.values(), (0.1, 0.2, 0.3, 0.99, 0.99), strict=True):
+        row["agreement_per_set"] = {"core": row["agreement_all_points"], "errors": errors}
+    per_set = kind_coverage(two, rows, "cnn")
+    assert [c["set"] for c in per_set] == ["core"] * 5 + ["errors"] * 5
+    owner_errors = next(c for c in per_set if c["set"] == "errors" and (c["arch"], c["recipe"]) == ("cnn", "adam"))
+    assert owner_errors["models"] == 3 and owner_errors["max"] == 0.3
+    assert max(c["bound"] for c in per_set if c["set"] == "errors") == pytest.approx(
+        rates(two, "agreement", "betting").summary["error_points"]["prediction_bound"], abs=1e-4)
+    low = {"agreement_all_points": 0.0, "agreement_per_set": {"core": 0.0, "errors": 0.0}}
+    assert not _above_p0(two, low, "betting") and _above_p0(two, {**low, "agreement_per_set": {"core": 0.0, "errors": 1.0}}, "betting")
