@@ -337,7 +337,7 @@ def main() -> None:
         for fam, f in t["per_family"].items():
             print(f"  {fam}: {f['accused']}/{f['models']} accused, verdicts {f['verdicts']}, agreement {f['agreement_on_points']}")
     for c in entry["kind_coverage"]:
-        print(f"{c['set']} points, kind {c['arch']}/{c['recipe']}: bound {c['bound']} from references {c['references']}; "
+        print(f"{c['set']}: kind {c['arch']}/{c['recipe']}: bound {c['bound']} from references {c['references']}; "
               f"{c['above_bound']} of {c['models']} such models above it (max {c['max']})")
     for c in entry.get("references_curve", []):
         print(f"K={c['calibration_references']}: p0 {c['p0']}, exact copy needs {c['exact_copy_needs']}, "

@@ -183,8 +183,9 @@ def zoo_with_selection(count: int, zoo: tuple[KnownModelSpec, ...]) -> tuple[Kno
 # 0.659 to 0.577 on its core points and from 0.670 to 0.658 on its mistakes (weight copies caught
 # after 11 queries instead of 14, MIR at 100 queries 0.09 instead of 0.15); the null benchmark
 # owner's from 0.618 / 0.715 to 0.595 / 0.729 (0 of 300 new independent models accused either
-# way, 2 above the error points' p0 either way); on the CIFAR-10 benchmark the prediction bound went from 0.617 / 0.681
-# to 0.573 / 0.619, but p0 is held there by calibration.rate_bound (0.621 / 0.688).
+# way, 2 above the error points' p0 either way); on the CIFAR-10 benchmark the prediction bound
+# went from 0.617 / 0.681 to 0.573 / 0.619, but p0 is held there by calibration.rate_bound
+# (0.621 / 0.688).
 DEFAULT_CALIBRATION_REFERENCES = 13
 SELECTION_AFTER = 10  # calibration references before the selection references beyond the base zoo's (zoo_of)
 
@@ -217,8 +218,9 @@ DEFAULT_ZOO: tuple[KnownModelSpec, ...] = zoo_of()
 # recipe. A small zoo is the default's first 22 models (same seeds, same cached copies); a large
 # one is not a superset (its selection references sit where the default's do, after the first ten
 # calibration references, but five of each recipe: its third and fourth Adam ones take the places
-# of the default's second and third SGD ones, so their seeds differ). Measured in benchmarks/results/zoo-ablation/ with the sizes
-# of then — 9, 10 and 15 calibration references (FM benchmark: p0 0.783 / 0.714 / 0.607).
+# of the default's second and third SGD ones, so their seeds differ). Measured in
+# benchmarks/results/zoo-ablation/ with the sizes of then — 9, 10 and 15 calibration references
+# (FM benchmark: p0 0.783 / 0.714 / 0.607).
 ZOO_SIZES: dict[str, tuple[int, int]] = {
     "small": (9, 1),
     "default": (DEFAULT_CALIBRATION_REFERENCES, DEFAULT_SELECTION_REFERENCES),
