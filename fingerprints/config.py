@@ -217,7 +217,7 @@ DEFAULT_ZOO: tuple[KnownModelSpec, ...] = zoo_of()
 # wide CNNs (13 degrees of freedom, against the default's 8) and five selection references per
 # recipe. A small zoo is the default's first 22 models (same seeds, same cached copies); a large
 # one is not a superset (its selection references sit where the default's do, after the first ten
-# calibration references, but five of each recipe: its third and fourth Adam ones take the places
+# calibration references, but five of each recipe: its fourth and fifth Adam ones take the places
 # of the default's second and third SGD ones, so their seeds differ). Measured in
 # benchmarks/results/zoo-ablation/ with the sizes of then — 9, 10 and 15 calibration references
 # (FM benchmark: p0 0.783 / 0.714 / 0.607).
