@@ -146,6 +146,7 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
     per_test: dict[str, Any] = {}
     for test in TESTS:
         families: dict[str, Any] = {}
+        p0 = _set_p0(fp, test)
         for fam in config.counts():
             mine = [r for r in rows.values() if r["family"] == fam]
             if not mine:
@@ -153,7 +154,7 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
             accused = sum(r[test]["verdict"] == "piracy" for r in mine)
             agree = [r["agreement_all_points"] for r in mine]
             families[fam] = {
-                "models": len(mine), "accused": accused, "above_p0": sum(_above_p0(fp, r, test) for r in mine),
+                "models": len(mine), "accused": accused, "above_p0": sum(_above_p0(r, p0) for r in mine),
                 "fir_upper_95": round(clopper_pearson_upper(accused, len(mine), 0.95), 4),
                 "verdicts": {v: sum(r[test]["verdict"] == v for r in mine) for v in ("independent", "inconclusive", "piracy")},
                 "median_queries": float(np.median([r[test]["queries"] for r in mine])),
@@ -162,7 +163,7 @@ def summarize(dataset: str, rows: dict[str, dict[str, Any]], fp: Fingerprint, co
         n = sum(f["models"] for f in families.values())
         k = sum(f["accused"] for f in families.values())
         per_test[test] = {"independent_models": n, "accused": k, "fir_upper_95": round(clopper_pearson_upper(k, n, 0.95), 4),
-                          "per_family": families, "p0": rates(fp, "agreement", test).summary["p0"], "p0_per_set": _set_p0(fp, test),
+                          "per_family": families, "p0": rates(fp, "agreement", test).summary["p0"], "p0_per_set": p0,
                           "p1": rates(fp, "agreement", test).summary["p1"]}
     best = per_test["betting"]
     return {
@@ -189,11 +190,11 @@ def _set_p0(fp: Fingerprint, test: str) -> dict[str, float]:
     return {SET_NAMES[0]: float(summary["p0"]), SET_NAMES[1]: float(summary["error_points"]["p0"])}  # type: ignore[arg-type,index]
 
 
-def _above_p0(fp: Fingerprint, row: dict[str, Any], test: str) -> bool:
-    """Whether the model agrees more than p0 on any set of the fingerprint's points (its null, the
-    one each set's test holds it to, fails for it there)."""
+def _above_p0(row: dict[str, Any], p0: dict[str, float]) -> bool:
+    """Whether the model agrees more than p0 (`_set_p0`) on any set of the fingerprint's points
+    (its null, the one each set's test holds it to, fails for it there)."""
     per_set = row.get("agreement_per_set", {SET_NAMES[0]: row["agreement_all_points"]})
-    return any(per_set[name] > p0 for name, p0 in _set_p0(fp, test).items())
+    return any(per_set[name] > bound for name, bound in p0.items())
 
 
 def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: str) -> list[dict[str, Any]]:
@@ -238,13 +239,14 @@ def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str
         rows = _audit_all(fp, models, paths, config, tests=("betting",))
         accused = sum(row["betting"]["verdict"] == "piracy" for row in rows.values())
         p0 = float(r.summary["p0"])  # type: ignore[arg-type]
+        per_set = _set_p0(fp, "betting")
         build_s = _fp_path(root, k).with_suffix(".build_s")
         out.append({
             "calibration_references": k, "p0": p0, "p1": r.summary["p1"],
             "prediction_bound": r.summary.get("prediction_bound"), "prediction_dof": r.summary.get("prediction_dof"),
             "exact_copy_needs": Bettor(len(fp) * p0, len(fp)).best_case_needs(math.log(1 / config.alpha), len(fp)),
             "independent_models": len(rows), "accused": accused,
-            "above_p0": sum(_above_p0(fp, row, "betting") for row in rows.values()),
+            "above_p0": sum(_above_p0(row, per_set) for row in rows.values()),
             "same_points_as_default": bool(np.array_equal(fp.points, base.points)),
             "build_s": float(build_s.read_text()) if build_s.is_file() else None,
         })

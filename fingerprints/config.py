@@ -183,7 +183,7 @@ def zoo_with_selection(count: int, zoo: tuple[KnownModelSpec, ...]) -> tuple[Kno
 # 0.659 to 0.577 on its core points and from 0.670 to 0.658 on its mistakes (weight copies caught
 # after 11 queries instead of 14, MIR at 100 queries 0.09 instead of 0.15); the null benchmark
 # owner's from 0.618 / 0.715 to 0.595 / 0.729 (0 of 300 new independent models accused either
-# way, 2 above the error points' p0 either way); on the CIFAR-10 benchmark the prediction bound
+# way, 2 above p0 either way); on the CIFAR-10 benchmark the prediction bound
 # went from 0.617 / 0.681 to 0.573 / 0.619, but p0 is held there by calibration.rate_bound
 # (0.621 / 0.688).
 DEFAULT_CALIBRATION_REFERENCES = 13

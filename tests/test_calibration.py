@@ -199,7 +199,7 @@ def test_the_null_benchmark_holds_each_kinds_bound_against_models_of_that_kind(w
 
     # Two sets of points (the last 20 the owner's mistakes): each set's kinds and bounds, read
     # against each model's agreement on that set; a model is above p0 if it is on either set.
-    from deepcore_auditor.benchmarks.null import _above_p0
+    from deepcore_auditor.benchmarks.null import _above_p0, _set_p0
 
     two = dataclasses.replace(fp, extra={**fp.extra, "error_points": 20})
     for row, errors in zip(rows.values(), (0.1, 0.2, 0.3, 0.99, 0.99), strict=True):
@@ -211,4 +211,6 @@ def test_the_null_benchmark_holds_each_kinds_bound_against_models_of_that_kind(w
     assert max(c["bound"] for c in per_set if c["set"] == "errors") == pytest.approx(
         rates(two, "agreement", "betting").summary["error_points"]["prediction_bound"], abs=1e-4)
     low = {"agreement_all_points": 0.0, "agreement_per_set": {"core": 0.0, "errors": 0.0}}
-    assert not _above_p0(two, low, "betting") and _above_p0(two, {**low, "agreement_per_set": {"core": 0.0, "errors": 1.0}}, "betting")
+    p0 = _set_p0(two, "betting")
+    assert set(p0) == {"core", "errors"}
+    assert not _above_p0(low, p0) and _above_p0({**low, "agreement_per_set": {"core": 0.0, "errors": 1.0}}, p0)
