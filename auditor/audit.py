@@ -22,7 +22,10 @@ from deepcore_auditor.auditor.ledger import QueryLedger, point_digest
 from deepcore_auditor.fingerprints.calibration import (
     CLEARING_GAP,
     LEGACY_CLEARING_GAP,
+    LEGACY_PREDICTION_LEVEL,
     MODES,
+    PREDICTION_LEVEL,
+    PREDICTION_LEVELS,
     SET_NAMES,
     TEST_CHOICES,
     point_sets,
@@ -121,16 +124,24 @@ class Plan:
     # computed with, so that a verifier recomputes them alike. A ledger written before it names
     # none: its p1 sat LEGACY_CLEARING_GAP above p0. Wald's plans keep the legacy value (unused).
     clearing_gap: float = LEGACY_CLEARING_GAP
+    # The level the betting test's p0 was read at (calibration.PREDICTION_LEVEL), for the same
+    # reason. A ledger written before it names none: its p0 was read at LEGACY_PREDICTION_LEVEL.
+    # Wald's plans keep the legacy value (their p0 reads no level).
+    prediction_level: float = LEGACY_PREDICTION_LEVEL
 
     @classmethod
-    def make(cls, fp: Fingerprint, config: AuditConfig, clearing_gap: float = CLEARING_GAP) -> Plan:
+    def make(cls, fp: Fingerprint, config: AuditConfig, clearing_gap: float = CLEARING_GAP,
+             prediction_level: float = PREDICTION_LEVEL) -> Plan:
         """The plan for `config`, under the test it resolves to (`calibration.resolve_test`); the
         rates are the fingerprint's own, computed once per fingerprint object, the betting test's
-        p1 `clearing_gap` above p0 (a verifier passes the plan's own)."""
+        p1 `clearing_gap` above p0 and its p0 read at `prediction_level` (a verifier passes the
+        plan's own)."""
         config.validate()
         test = resolve_test(fp, config.mode, config.test, config.alpha, config.budget)
-        gap = clearing_gap if test == "betting" else LEGACY_CLEARING_GAP
-        r = rates(fp, config.mode, test, gap)
+        betting = test == "betting"
+        gap = clearing_gap if betting else LEGACY_CLEARING_GAP
+        level = prediction_level if betting else LEGACY_PREDICTION_LEVEL
+        r = rates(fp, config.mode, test, gap, level)
         sets = point_sets(fp)
         order = plan_order(len(fp), config.seed)
         plan = cls(
@@ -145,6 +156,7 @@ class Plan:
             sets=tuple(int(k) for k in sets[order]) if sets.max() > 0 else (),
             allocation="adaptive" if sets.max() > 0 else "fixed",
             clearing_gap=gap,
+            prediction_level=level,
         )
         problem = plan.problem()
         if problem:  # the very check a verifier applies to the plan read back from the ledger
@@ -175,6 +187,10 @@ class Plan:
                 self.test != "betting" and self.clearing_gap != LEGACY_CLEARING_GAP):
             return (f"unknown clearing gap {self.clearing_gap} for the {self.test} test: "
                     f"{CLEARING_GAP} or {LEGACY_CLEARING_GAP} (before it was recorded) for the betting test, none for Wald's")
+        if self.prediction_level not in PREDICTION_LEVELS or (
+                self.test != "betting" and self.prediction_level != LEGACY_PREDICTION_LEVEL):
+            return (f"unknown prediction level {self.prediction_level} for the {self.test} test: {PREDICTION_LEVEL} or "
+                    f"{LEGACY_PREDICTION_LEVEL} (before it was recorded) for the betting test, none for Wald's")
         if any(not 0 <= v < 2**31 for v in self.owner_labels):
             return "owner label out of range"
         if any(not (math.isfinite(v) and 0 <= v <= 1) for v in self.p0 + self.p1):
@@ -185,8 +201,8 @@ class Plan:
         # Field by field, not `asdict` (which deep-copies each of the thousand numbers: a third
         # of an audit's own cost); every field is a scalar or a tuple of scalars.
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.test != "betting":  # Wald's p1 reads no gap: its plans stay as they were written (and resume)
-            del d["clearing_gap"]
+        if self.test != "betting":  # Wald's rates read no gap or level: its plans stay as they were written (and resume)
+            del d["clearing_gap"], d["prediction_level"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -203,6 +219,7 @@ class Plan:
                 sets=tuple(int(v) for v in d.get("sets", ())),
                 allocation=str(d.get("allocation", "fixed")),
                 clearing_gap=float(d.get("clearing_gap", LEGACY_CLEARING_GAP)),
+                prediction_level=float(d.get("prediction_level", LEGACY_PREDICTION_LEVEL)),
             )
         except (KeyError, TypeError, OverflowError) as e:
             raise ValueError(f"malformed plan ({type(e).__name__}: {e})") from e
@@ -566,7 +583,7 @@ def audit(
     the same point differently (a randomized defence) gets `inconclusive` instead.
     """
     plan = Plan.make(fp, config)  # validates the config and resolves the test
-    r = rates(fp, config.mode, plan.test, plan.clearing_gap)
+    r = rates(fp, config.mode, plan.test, plan.clearing_gap, plan.prediction_level)
     ledger = ledger if ledger is not None else QueryLedger(ledger_header(fp, suspect, config, plan))
     prior = ledger.spent  # queries charged in earlier runs of this audit, failed attempts included
     channel = QueryChannel(suspect, fp.num_classes, ledger, max(0, config.budget - prior), retries=retries,

@@ -38,7 +38,7 @@ from deepcore_auditor.fingerprints.recipes import quantize_int8
 
 logger = logging.getLogger(__name__)
 
-RECIPE = "demo-v11"  # bump when the recipe below, in fingerprints.recipes or the default zoo changes: the cache is keyed by it
+RECIPE = "demo-v12"  # bump when the recipe below, in fingerprints.recipes or the default zoo changes: the cache is keyed by it
 OWNER_ARCH = "cnn"
 
 

@@ -227,7 +227,7 @@ def verify_report(
         config = AuditConfig(access=access, mode=plan.mode, budget=max(budget, plan.batch_size), batch_size=plan.batch_size,
                              alpha=plan.alpha, beta=plan.beta, seed=plan.seed, repeat_checks=plan.repeat_checks,
                              test=plan.test)
-        require(Plan.make(fp, config, plan.clearing_gap) == plan, "plan (points, owner labels, rates) recomputed from the fingerprint")
+        require(Plan.make(fp, config, plan.clearing_gap, plan.prediction_level) == plan, "plan (points, owner labels, rates) recomputed from the fingerprint")
     return v
 
 

@@ -206,7 +206,12 @@ def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: 
     it: alike, not the same recipe): the check of the bound's model (normal on the arcsine scale,
     one spread shared by every kind) that a hundred models of one kind can make and a dozen
     references cannot. The rows' agreement per set (`agreement_per_set`), or over all the points
-    for a fingerprint of one set."""
+    for a fingerprint of one set.
+
+    Beside each bound, the spread it assumes — the references' seed-to-seed standard deviation on
+    the arcsine-square-root scale, pooled over every kind (`stats.prediction_upper_per_group`) —
+    and the spread the null's models of that kind show on the same scale: where the second is
+    larger, the bound's model understates how far one more model of the kind can land."""
     two = point_sets(fp).max() > 0
     out = []
     for k in range(len(SET_NAMES) if two else 1):
@@ -216,14 +221,25 @@ def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: 
         each = prediction_upper_per_group(list(kinds.values()), PREDICTION_LEVEL)
         if each is None:
             continue
+        pooled = _arcsine_spread(list(kinds.values()))
         for (arch, recipe), refs, bound in zip(kinds, kinds.values(), each[0], strict=True):
             name = owner_arch if arch == "owner" else arch
             mine = sorted(r["agreement_per_set"][SET_NAMES[k]] if two else r["agreement_all_points"] for r in rows.values()
                           if recipe == "adam" and r["arch"] == name and r["data"] == "A" and r["family"] in _KIND_FAMILIES)
             out.append({"set": SET_NAMES[k], "arch": name, "recipe": recipe, "references": [round(v, 4) for v in refs],
                         "bound": round(bound, 4), "models": len(mine), "above_bound": sum(a > bound for a in mine),
-                        "max": mine[-1] if mine else None, "median": float(np.median(mine)) if mine else None})
+                        "max": mine[-1] if mine else None, "median": float(np.median(mine)) if mine else None,
+                        "references_spread": round(pooled, 4),
+                        "models_spread": round(_arcsine_spread([mine]), 4) if len(mine) >= 3 else None})
     return out
+
+
+def _arcsine_spread(groups: list[list[float]]) -> float:
+    """The pooled within-group standard deviation of the groups' values on the arcsine-square-root
+    scale (the scale `stats.prediction_upper_per_group` models them on); 0 with no replicate."""
+    z = [np.arcsin(np.sqrt(np.clip(np.asarray(g, dtype=np.float64), 0, 1))) for g in groups if g]
+    dof = sum(len(v) - 1 for v in z)
+    return math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in z) / dof) if dof > 0 else 0.0
 
 
 def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str, Path], config: NullConfig,
@@ -340,7 +356,8 @@ def main() -> None:
             print(f"  {fam}: {f['accused']}/{f['models']} accused, verdicts {f['verdicts']}, agreement {f['agreement_on_points']}")
     for c in entry["kind_coverage"]:
         print(f"{c['set']}: kind {c['arch']}/{c['recipe']}: bound {c['bound']} from references {c['references']}; "
-              f"{c['above_bound']} of {c['models']} such models above it (max {c['max']})")
+              f"{c['above_bound']} of {c['models']} such models above it (max {c['max']}); spread (arcsine scale) "
+              f"assumed {c['references_spread']}, the models' {c['models_spread']}")
     for c in entry.get("references_curve", []):
         print(f"K={c['calibration_references']}: p0 {c['p0']}, exact copy needs {c['exact_copy_needs']}, "
               f"{c['accused']} of {c['independent_models']} accused, {c['above_p0']} above p0")

@@ -52,6 +52,22 @@ MIN_GAP = 0.1  # p1 is held at least this far above p0, so the test has power
 # before it name none: their p1 sat LEGACY_CLEARING_GAP above p0, and they verify under it.
 CLEARING_GAP = 0.05
 LEGACY_CLEARING_GAP = 0.1
+# How often the prediction bound's model lets an unseen independent model of a reference kind lie
+# above p0. The model (normal on the arcsine scale, one spread pooled over every kind) is what the
+# references can support, and it understates: on the null benchmarks of 2026-12-07 the owner's
+# architecture trained with other seeds spread 1.8-2.4x (Fashion-MNIST, 100 models) and 2.8x
+# (CIFAR-10, 20 models) as widely as the references' pooled spread, and its own kind's bound at
+# level 0.01 was exceeded by 2-3 in 100 and 3 in 20. At 0.01, p0 depended on luck in the draw of
+# references: on the same points, 19 references instead of 13 lowered the Fashion-MNIST error
+# points' p0 from 0.729 to 0.685 and the test then accused 2 of the 300 independent models. At
+# 0.001 (Student's t at 8 degrees of freedom 4.50 instead of 2.90: the margin a 1% bound needs
+# if the true spread is about 1.6x the estimate), read off the same fingerprints, none of the null
+# models lay above p0: Fashion-MNIST with 10, 13 and 19 references, CIFAR-10 with 10 and 13. A
+# plan records the level its p0 was read at; plans written before name none and were read at
+# LEGACY_PREDICTION_LEVEL.
+PREDICTION_LEVEL = 0.001
+LEGACY_PREDICTION_LEVEL = 0.01
+PREDICTION_LEVELS = (PREDICTION_LEVEL, LEGACY_PREDICTION_LEVEL)
 P1_DEFAULT = 0.9  # when no held-out piracy simulation is stored
 P1_MAX = 0.98  # a pirate is never assumed more faithful than this: one disagreement is not proof
 SMOOTHING = 4.0  # clustering: pseudo-models pulling each point's rate towards the pooled bound
@@ -172,10 +188,11 @@ def set_view(fp: Fingerprint, k: int) -> Fingerprint:
     return view
 
 
-def rates(fp: Fingerprint, mode: str, test: str = "sprt", gap: float = CLEARING_GAP) -> Rates:
+def rates(fp: Fingerprint, mode: str, test: str = "sprt", gap: float = CLEARING_GAP, level: float | None = None) -> Rates:
     """The test's per-point p0/p1 for `mode` (agreement, similarity, clustering) under `test`
     ("betting" or "sprt"; the rates a report's plan holds are recomputed under the test it names),
-    the betting test's p1 `gap` above p0 (`CLEARING_GAP`; a plan recomputes under its own).
+    the betting test's p1 `gap` above p0 (`CLEARING_GAP`) and its p0's prediction bound read at
+    `level` (None: `PREDICTION_LEVEL`); a plan recomputes under its own gap and level.
 
     Each set of points (`point_sets`) gets its own rates, from the known models' answers on that
     set alone: an independent model that agrees little with the owner's core points may agree
@@ -184,14 +201,18 @@ def rates(fp: Fingerprint, mode: str, test: str = "sprt", gap: float = CLEARING_
 
     Computed once per fingerprint object (`Fingerprint.derived`): the exact binomial bounds are
     most of an audit's fixed cost. Each call gets its own summary; p0 and p1 are read-only."""
-    key = ("rates", mode, test, gap if test == "betting" else None)  # Wald's p1 does not read the gap
+    level = PREDICTION_LEVEL if level is None else level
+    if level not in PREDICTION_LEVELS:
+        raise InputError(f"unknown prediction level {level}: {' or '.join(map(str, PREDICTION_LEVELS))}")
+    betting = test == "betting"
+    key = ("rates", mode, test, gap if betting else None, level if betting else None)  # Wald's reads neither
     kept = fp.derived.get(key)
     if kept is None:
         sets = point_sets(fp)
         if sets.max() == 0:
-            kept = _rates(fp, mode, test, gap)
+            kept = _rates(fp, mode, test, gap, level)
         else:
-            parts = [rates(set_view(fp, k), mode, test, gap) for k in range(len(SET_NAMES))]
+            parts = [rates(set_view(fp, k), mode, test, gap, level) for k in range(len(SET_NAMES))]
             p0, p1 = np.empty(len(fp)), np.empty(len(fp))
             for k, r in enumerate(parts):
                 p0[sets == k], p1[sets == k] = r.p0, r.p1
@@ -202,7 +223,7 @@ def rates(fp: Fingerprint, mode: str, test: str = "sprt", gap: float = CLEARING_
     return dataclasses.replace(kept, summary=copy.deepcopy(kept.summary))
 
 
-def _rates(fp: Fingerprint, mode: str, test: str, gap: float = CLEARING_GAP) -> Rates:
+def _rates(fp: Fingerprint, mode: str, test: str, gap: float = CLEARING_GAP, level: float = PREDICTION_LEVEL) -> Rates:
     if mode not in MODES:
         raise InputError(f"unknown identification mode {mode!r}: use one of {', '.join(MODES)}")
     if test not in TESTS:
@@ -217,7 +238,7 @@ def _rates(fp: Fingerprint, mode: str, test: str, gap: float = CLEARING_GAP) -> 
     p0 = rate_bound([_scores(fp, m, soft) for m in indep], soft, upper=True)
     pirates = rate_bound([_scores(fp, m, soft) for m in pir], soft, upper=False) if pir else P1_DEFAULT
     if test == "betting":
-        return _betting_rates(fp, mode, n, p0, pirates, indep, pir, notes, soft, gap)
+        return _betting_rates(fp, mode, n, p0, pirates, indep, pir, notes, soft, gap, level)
     # Wald's test decides for whichever hypothesis is nearer the truth: a pirate scoring
     # between p0 and p1 would drift to 'independent'. So p1 sits halfway between p0 and the
     # held-out pirates' lower bound, never closer than MIN_GAP to p0.
@@ -249,7 +270,6 @@ def _rates(fp: Fingerprint, mode: str, test: str, gap: float = CLEARING_GAP) -> 
     return Rates(mode, p0_i, p1_i, summary)
 
 
-PREDICTION_LEVEL = 0.01  # an unseen independent model of a reference kind exceeds p0 with at most this probability
 MIN_PREDICTION_DOF = 4  # replicate references needed before the seed-to-seed spread is estimated at all
 
 
@@ -331,10 +351,11 @@ def reference_kinds(fp: Fingerprint, models: list[ModelAnswers], soft: bool) -> 
 
 
 def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float, indep: list[ModelAnswers],
-                   pir: list[ModelAnswers], notes: list[str], soft: bool, gap: float = CLEARING_GAP) -> Rates:
+                   pir: list[ModelAnswers], notes: list[str], soft: bool, gap: float = CLEARING_GAP,
+                   level: float = PREDICTION_LEVEL) -> Rates:
     """Rates for the betting test. p0 is H0's bound on an independent suspect's mean score: the
     references' own bound (as Wald's), raised to a prediction bound for one more model trained
-    like one of them (`stats.grouped_prediction_upper`, level PREDICTION_LEVEL) once the zoo holds
+    like one of them (`stats.grouped_prediction_upper`, at `level`) once the zoo holds
     enough replicate references to measure the seed-to-seed spread. The betting test asks points
     without replacement, so a suspect whose mean over all the points exceeds p0 is accused once
     enough of them are asked: p0 must bound independent models, not describe them.
@@ -344,7 +365,7 @@ def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float
     suspect scoring anywhere above p0 + gap is cleared with probability at most beta, and a pirate
     between p0 and the held-out pirates' floor gains evidence for piracy instead of being cleared."""
     groups = reference_groups(fp, indep, soft)
-    predicted = grouped_prediction_upper(groups, PREDICTION_LEVEL)
+    predicted = grouped_prediction_upper(groups, level)
     if predicted is not None and predicted[1] >= MIN_PREDICTION_DOF:
         p0 = max(p0, predicted[0])
     else:
@@ -364,7 +385,7 @@ def _betting_rates(fp: Fingerprint, mode: str, n: int, p0: float, pirates: float
         "p1": round(p1, 4),
         "prediction_bound": None if predicted is None else round(predicted[0], 4),
         "prediction_dof": None if predicted is None else predicted[1],
-        "prediction_level": PREDICTION_LEVEL,
+        "prediction_level": level,
         "pirates_floor": round(pirates, 4),
         "test": "betting",
         "independent_models": {m.name: round(v, 4) for m, v in zip(indep, values, strict=True)},

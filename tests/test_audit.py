@@ -207,6 +207,35 @@ def test_the_betting_plan_records_its_clearing_gap_and_older_plans_verify_under_
     assert "unknown clearing gap" in (dataclasses.replace(wald, clearing_gap=CLEARING_GAP).problem() or "")
 
 
+def test_the_betting_plan_records_its_prediction_level_and_older_plans_verify_under_theirs(world):
+    """The betting plan names the level its p0's prediction bound was read at
+    (calibration.PREDICTION_LEVEL); a plan written before names none and reads back the legacy
+    0.01, under which it recomputes from the fingerprint as written. Wald's plans name none; any
+    other level is refused (a report cannot choose its own p0)."""
+    import dataclasses
+
+    from deepcore_auditor.auditor.audit import Plan
+    from deepcore_auditor.fingerprints.calibration import LEGACY_PREDICTION_LEVEL, PREDICTION_LEVEL, rates
+
+    fp = load_fingerprint(world.fingerprint)
+    config = AuditConfig(test="betting")
+    plan = Plan.make(fp, config)
+    assert plan.prediction_level == PREDICTION_LEVEL == 0.001 and plan.to_dict()["prediction_level"] == PREDICTION_LEVEL
+    assert np.allclose(plan.p0, rates(fp, "agreement", "betting").p0[list(plan.indices)])
+    old = {k: v for k, v in Plan.make(fp, config, prediction_level=LEGACY_PREDICTION_LEVEL).to_dict().items()
+           if k != "prediction_level"}
+    back = Plan.from_dict(old)
+    assert back.prediction_level == LEGACY_PREDICTION_LEVEL
+    assert Plan.make(fp, config, back.clearing_gap, back.prediction_level) == back
+    assert np.allclose(back.p0, rates(fp, "agreement", "betting", level=LEGACY_PREDICTION_LEVEL).p0[list(back.indices)])
+    for bad in (0.05, 0.0, -0.01, math.nan):
+        with pytest.raises(ValueError, match="unknown prediction level"):
+            Plan.from_dict({**plan.to_dict(), "prediction_level": bad})
+    wald = Plan.make(fp, AuditConfig(test="sprt"))
+    assert wald.prediction_level == LEGACY_PREDICTION_LEVEL and "prediction_level" not in wald.to_dict()
+    assert "unknown prediction level" in (dataclasses.replace(wald, prediction_level=PREDICTION_LEVEL).problem() or "")
+
+
 def test_a_betting_report_from_before_the_clearing_gap_verifies_against_its_fingerprint(world, tmp_path, monkeypatch):
     """A betting-test report written before plans named their gap (p1 at p0 + 0.1, no
     `clearing_gap` in its plan) passes `verify-report --fingerprint`: the plan is recomputed from
@@ -218,17 +247,18 @@ def test_a_betting_report_from_before_the_clearing_gap_verifies_against_its_fing
     from deepcore_auditor.auditor.cli import cli
     from deepcore_auditor.auditor.errors import ReportError
     from deepcore_auditor.auditor.report import verify_report
-    from deepcore_auditor.fingerprints.calibration import LEGACY_CLEARING_GAP
+    from deepcore_auditor.fingerprints.calibration import LEGACY_CLEARING_GAP, LEGACY_PREDICTION_LEVEL
     from deepcore_auditor.fingerprints.format import canonical_digest
 
     path = tmp_path / "old.report.json"
-    monkeypatch.setattr(Plan.make.__func__, "__defaults__", (LEGACY_CLEARING_GAP,))  # audit as the tool did then
+    monkeypatch.setattr(Plan.make.__func__, "__defaults__", (LEGACY_CLEARING_GAP, LEGACY_PREDICTION_LEVEL))  # as the tool did then
     r = CliRunner().invoke(cli, audit_args(world, world.pirate_onnx, "--test", "betting", "--report", str(path)))
     monkeypatch.undo()
     assert r.exit_code == 1, r.output  # piracy
     doc = json.loads(path.read_text())
     plan = doc["content"]["ledger"]["header"]["plan"]
-    assert plan.pop("clearing_gap") == LEGACY_CLEARING_GAP  # what a plan of then holds: no gap named
+    assert plan.pop("clearing_gap") == LEGACY_CLEARING_GAP  # what a plan of then holds: no gap named, no level
+    assert plan.pop("prediction_level") == LEGACY_PREDICTION_LEVEL
     doc["content_sha256"] = canonical_digest(doc["content"])
     path.write_text(json.dumps(doc))
     v = verify_report(path, fingerprint_path=world.fingerprint)

@@ -13,7 +13,9 @@ from deepcore_auditor.adapters.errors import InputError
 from deepcore_auditor.fingerprints.build import check_separable
 from deepcore_auditor.fingerprints.calibration import (
     CLEARING_GAP,
+    LEGACY_PREDICTION_LEVEL,
     MIN_PREDICTION_DOF,
+    PREDICTION_LEVEL,
     rates,
     reference_groups,
     resolve_test,
@@ -21,7 +23,7 @@ from deepcore_auditor.fingerprints.calibration import (
 )
 from deepcore_auditor.fingerprints.config import zoo_with_references, zoo_with_selection
 from deepcore_auditor.fingerprints.format import Fingerprint, ModelAnswers, load_fingerprint
-from deepcore_auditor.fingerprints.stats import Bettor
+from deepcore_auditor.fingerprints.stats import Bettor, t_quantile
 
 
 def _agreeing(fp: Fingerprint, m: ModelAnswers, share: float, seed: int) -> ModelAnswers:
@@ -59,6 +61,12 @@ def test_replicate_references_raise_p0_to_a_prediction_bound(world):
     assert bet["prediction_dof"] == 5 >= MIN_PREDICTION_DOF
     assert bet["p0"] == max(wald["p0"], bet["prediction_bound"]) and bet["prediction_bound"] > 0.52  # above the Adam kind
     assert bet["p1"] == pytest.approx(min(bet["p0"] + CLEARING_GAP, (1 + bet["p0"]) / 2), abs=1e-4)
+    # Read at PREDICTION_LEVEL (0.001); plans written before read it at 0.01: a lower bound, the same kinds.
+    legacy = rates(ten, "agreement", "betting", level=LEGACY_PREDICTION_LEVEL).summary
+    assert bet["prediction_level"] == PREDICTION_LEVEL == 0.001 and legacy["prediction_level"] == 0.01
+    assert wald["p0"] < legacy["prediction_bound"] < bet["prediction_bound"] and legacy["prediction_dof"] == 5
+    with pytest.raises(InputError, match="unknown prediction level"):
+        rates(ten, "agreement", "betting", level=0.05)
 
 
 def test_a_supplied_reference_is_a_kind_of_its_own(world):
@@ -103,7 +111,7 @@ def test_auto_runs_walds_test_where_the_bound_leaves_no_copy_identifiable(world)
     fp = load_fingerprint(world.fingerprint)
     wide = _with_references(fp, 10, {**SHARES, "owner/adam": 0.7})
     spread = dataclasses.replace(wide, known_models=tuple(
-        _agreeing(wide, m, [0.2, 0.99, 0.6][i % 3], i) if m.name.endswith("adam") and "same-arch" in m.name else m
+        _agreeing(wide, m, [0.52, 0.95, 0.7][i % 3], i) if m.name.endswith("adam") and "same-arch" in m.name else m
         for i, m in enumerate(wide.known_models)))
     bound = float(rates(spread, "agreement", "betting").summary["p0"])
     needs = Bettor(len(fp) * bound, len(fp)).best_case_needs(math.log(100), len(fp))
@@ -193,6 +201,13 @@ def test_the_null_benchmark_holds_each_kinds_bound_against_models_of_that_kind(w
     owner = cov[("cnn", "adam")]
     assert owner["models"] == 3 and owner["above_bound"] == 1 and owner["max"] == 0.99 and 0.5 < owner["bound"] < 0.99
     assert cov[("cnn", "sgd")]["models"] == 0 and cov[("lenet", "adam")]["models"] == 0
+    # The spread the bound assumes (pooled over kinds, arcsine scale) reproduces it; the models' own
+    # spread is theirs, on the same scale, and none for a kind with fewer than three models.
+    refs = np.arcsin(np.sqrt(owner["references"]))
+    top = refs.mean() + t_quantile(1 - PREDICTION_LEVEL, 8) * owner["references_spread"] * math.sqrt(1 + 1 / 3)
+    assert owner["bound"] == pytest.approx(np.sin(top) ** 2, abs=2e-3)
+    assert owner["models_spread"] == pytest.approx(np.arcsin(np.sqrt([0.4, 0.5, 0.99])).std(ddof=1), abs=1e-4)
+    assert cov[("cnn", "sgd")]["models_spread"] is None
     summary = rates(fp, "agreement", "betting").summary
     assert max(c["bound"] for c in cov.values()) == pytest.approx(summary["prediction_bound"], abs=1e-4)
     assert summary["prediction_dof"] == 8 and {c["set"] for c in cov.values()} == {"core"}
