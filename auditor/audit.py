@@ -135,7 +135,7 @@ class Plan:
         """The plan for `config`, under the test it resolves to (`calibration.resolve_test`); the
         rates are the fingerprint's own, computed once per fingerprint object, the betting test's
         p1 `clearing_gap` above p0 and its p0 read at `prediction_level` (a verifier passes the
-        plan's own)."""
+        plan's own, and the test the plan names: "auto" itself resolves at today's level)."""
         config.validate()
         test = resolve_test(fp, config.mode, config.test, config.alpha, config.budget)
         betting = test == "betting"
@@ -191,6 +191,9 @@ class Plan:
                 self.test != "betting" and self.prediction_level != LEGACY_PREDICTION_LEVEL):
             return (f"unknown prediction level {self.prediction_level} for the {self.test} test: {PREDICTION_LEVEL} or "
                     f"{LEGACY_PREDICTION_LEVEL} (before it was recorded) for the betting test, none for Wald's")
+        if self.clearing_gap == LEGACY_CLEARING_GAP and self.prediction_level != LEGACY_PREDICTION_LEVEL:
+            return (f"prediction level {self.prediction_level} with the clearing gap {LEGACY_CLEARING_GAP}: no version "
+                    f"of this tool wrote that pair (the gap moved to {CLEARING_GAP} before the level moved)")
         if any(not 0 <= v < 2**31 for v in self.owner_labels):
             return "owner label out of range"
         if any(not (math.isfinite(v) and 0 <= v <= 1) for v in self.p0 + self.p1):

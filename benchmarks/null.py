@@ -52,7 +52,13 @@ from deepcore_auditor.fingerprints.config import (
 from deepcore_auditor.fingerprints.data import default_cache_dir, load_data
 from deepcore_auditor.fingerprints.format import Fingerprint, load_fingerprint, save_fingerprint
 from deepcore_auditor.fingerprints.models import accuracy, export_onnx
-from deepcore_auditor.fingerprints.stats import TESTS, Bettor, clopper_pearson_upper, prediction_upper_per_group
+from deepcore_auditor.fingerprints.stats import (
+    TESTS,
+    Bettor,
+    clopper_pearson_upper,
+    pooled_arcsine_spread,
+    prediction_upper_per_group,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +216,9 @@ def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: 
 
     Beside each bound, the spread it assumes — the references' seed-to-seed standard deviation on
     the arcsine-square-root scale, pooled over every kind (`stats.prediction_upper_per_group`) —
-    and the spread the null's models of that kind show on the same scale: where the second is
-    larger, the bound's model understates how far one more model of the kind can land."""
+    and the spread the null's models of that kind show on the same scale (for a kind of three
+    models or more; None below): where the second is larger, the bound's model understates how far
+    one more model of the kind can land."""
     two = point_sets(fp).max() > 0
     out = []
     for k in range(len(SET_NAMES) if two else 1):
@@ -221,7 +228,7 @@ def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: 
         each = prediction_upper_per_group(list(kinds.values()), PREDICTION_LEVEL)
         if each is None:
             continue
-        pooled = _arcsine_spread(list(kinds.values()))
+        pooled = pooled_arcsine_spread(list(kinds.values()))[0]
         for (arch, recipe), refs, bound in zip(kinds, kinds.values(), each[0], strict=True):
             name = owner_arch if arch == "owner" else arch
             mine = sorted(r["agreement_per_set"][SET_NAMES[k]] if two else r["agreement_all_points"] for r in rows.values()
@@ -230,16 +237,9 @@ def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: 
                         "bound": round(bound, 4), "models": len(mine), "above_bound": sum(a > bound for a in mine),
                         "max": mine[-1] if mine else None, "median": float(np.median(mine)) if mine else None,
                         "references_spread": round(pooled, 4),
-                        "models_spread": round(_arcsine_spread([mine]), 4) if len(mine) >= 3 else None})
+                        "models_spread": round(pooled_arcsine_spread([mine])[0], 4) if len(mine) >= 3 else None})
     return out
 
-
-def _arcsine_spread(groups: list[list[float]]) -> float:
-    """The pooled within-group standard deviation of the groups' values on the arcsine-square-root
-    scale (the scale `stats.prediction_upper_per_group` models them on); 0 with no replicate."""
-    z = [np.arcsin(np.sqrt(np.clip(np.asarray(g, dtype=np.float64), 0, 1))) for g in groups if g]
-    dof = sum(len(v) - 1 for v in z)
-    return math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in z) / dof) if dof > 0 else 0.0
 
 
 def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str, Path], config: NullConfig,

@@ -298,14 +298,27 @@ def prediction_upper_per_group(groups: list[list[float]], level: float) -> tuple
     each group's bound, never below its own largest member, and the degrees of freedom; None
     when no group holds two models."""
     groups = [g for g in groups if g]
-    dof = sum(len(g) - 1 for g in groups)
+    s, dof = pooled_arcsine_spread(groups)
     if dof < 1:
         return None
-    z = [np.arcsin(np.sqrt(np.clip(np.asarray(g, dtype=np.float64), 0, 1))) for g in groups]
-    s = math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in z) / dof)
     t = t_quantile(1 - level, dof)
-    tops = [float(v.mean()) + t * s * math.sqrt(1 + 1 / len(v)) for v in z]
+    tops = [float(_arcsine(g).mean()) + t * s * math.sqrt(1 + 1 / len(g)) for g in groups]
     return [max(math.sin(min(top, math.pi / 2)) ** 2, max(g)) for top, g in zip(tops, groups, strict=True)], dof
+
+
+def _arcsine(values: list[float]) -> np.ndarray:
+    return np.arcsin(np.sqrt(np.clip(np.asarray(values, dtype=np.float64), 0, 1)))
+
+
+def pooled_arcsine_spread(groups: list[list[float]]) -> tuple[float, int]:
+    """The pooled within-group standard deviation of the groups' proportions on the
+    arcsine-square-root scale, and its degrees of freedom (values beyond one per group); (0.0, 0)
+    without a replicate. The spread `prediction_upper_per_group` assumes every group shares."""
+    z = [_arcsine(g) for g in groups if g]
+    dof = sum(len(v) - 1 for v in z)
+    if dof < 1:
+        return 0.0, 0
+    return math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in z) / dof), dof
 
 
 def expected_queries(p0: float, p1: float, alpha: float) -> float:

@@ -185,7 +185,7 @@ def test_the_betting_plan_records_its_clearing_gap_and_older_plans_verify_under_
     import dataclasses
 
     from deepcore_auditor.auditor.audit import Plan
-    from deepcore_auditor.fingerprints.calibration import CLEARING_GAP, LEGACY_CLEARING_GAP
+    from deepcore_auditor.fingerprints.calibration import CLEARING_GAP, LEGACY_CLEARING_GAP, LEGACY_PREDICTION_LEVEL
 
     fp = load_fingerprint(world.fingerprint)
     config = AuditConfig(test="betting")
@@ -193,10 +193,10 @@ def test_the_betting_plan_records_its_clearing_gap_and_older_plans_verify_under_
     p0, p1 = np.asarray(plan.p0), np.asarray(plan.p1)
     assert plan.clearing_gap == CLEARING_GAP == 0.05
     assert np.allclose(p1, np.minimum(p0 + CLEARING_GAP, (1 + p0) / 2))
-    old = {k: v for k, v in Plan.make(fp, config, LEGACY_CLEARING_GAP).to_dict().items() if k != "clearing_gap"}
-    back = Plan.from_dict(old)
-    assert back.clearing_gap == LEGACY_CLEARING_GAP and back != plan
-    assert Plan.make(fp, config, back.clearing_gap) == back
+    then = Plan.make(fp, config, LEGACY_CLEARING_GAP, LEGACY_PREDICTION_LEVEL)  # a plan of then: neither field named
+    back = Plan.from_dict({k: v for k, v in then.to_dict().items() if k not in ("clearing_gap", "prediction_level")})
+    assert back.clearing_gap == LEGACY_CLEARING_GAP and back == then != plan
+    assert Plan.make(fp, config, back.clearing_gap, back.prediction_level) == back
     assert np.allclose(np.asarray(back.p1), np.minimum(p0 + 0.1, (1 + p0) / 2))
     assert Plan.make(fp, AuditConfig(test="sprt")).clearing_gap == LEGACY_CLEARING_GAP  # Wald's p1 is its own
     for bad in (0.0, -0.1, 0.2, 0.7, math.nan):  # only the gaps the tool has used: a report cannot choose its own p1
@@ -214,10 +214,14 @@ def test_the_betting_plan_records_its_prediction_level_and_older_plans_verify_un
     other level is refused (a report cannot choose its own p0)."""
     import dataclasses
 
+    from test_calibration import SHARES, _with_references
+
     from deepcore_auditor.auditor.audit import Plan
     from deepcore_auditor.fingerprints.calibration import LEGACY_PREDICTION_LEVEL, PREDICTION_LEVEL, rates
 
-    fp = load_fingerprint(world.fingerprint)
+    # Ten references give the prediction bound 5 degrees of freedom: the level moves p0 (the
+    # suite's world alone has too few references for any bound, and both levels would agree).
+    fp = _with_references(load_fingerprint(world.fingerprint), 10, SHARES)
     config = AuditConfig(test="betting")
     plan = Plan.make(fp, config)
     assert plan.prediction_level == PREDICTION_LEVEL == 0.001 and plan.to_dict()["prediction_level"] == PREDICTION_LEVEL
@@ -225,12 +229,15 @@ def test_the_betting_plan_records_its_prediction_level_and_older_plans_verify_un
     old = {k: v for k, v in Plan.make(fp, config, prediction_level=LEGACY_PREDICTION_LEVEL).to_dict().items()
            if k != "prediction_level"}
     back = Plan.from_dict(old)
-    assert back.prediction_level == LEGACY_PREDICTION_LEVEL
+    assert back.prediction_level == LEGACY_PREDICTION_LEVEL and back != plan
+    assert all(a < b for a, b in zip(back.p0, plan.p0, strict=True))  # the older, lower bound
     assert Plan.make(fp, config, back.clearing_gap, back.prediction_level) == back
     assert np.allclose(back.p0, rates(fp, "agreement", "betting", level=LEGACY_PREDICTION_LEVEL).p0[list(back.indices)])
     for bad in (0.05, 0.0, -0.01, math.nan):
         with pytest.raises(ValueError, match="unknown prediction level"):
             Plan.from_dict({**plan.to_dict(), "prediction_level": bad})
+    with pytest.raises(ValueError, match="no version of this tool wrote that pair"):
+        Plan.from_dict({**plan.to_dict(), "clearing_gap": 0.1})
     wald = Plan.make(fp, AuditConfig(test="sprt"))
     assert wald.prediction_level == LEGACY_PREDICTION_LEVEL and "prediction_level" not in wald.to_dict()
     assert "unknown prediction level" in (dataclasses.replace(wald, prediction_level=PREDICTION_LEVEL).problem() or "")
@@ -267,4 +274,9 @@ def test_a_betting_report_from_before_the_clearing_gap_verifies_against_its_fing
     doc["content_sha256"] = canonical_digest(doc["content"])
     path.write_text(json.dumps(doc))
     with pytest.raises(ReportError, match="unknown clearing gap"):
+        verify_report(path, fingerprint_path=world.fingerprint)
+    plan["clearing_gap"], plan["prediction_level"] = 0.05, 0.05
+    doc["content_sha256"] = canonical_digest(doc["content"])
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ReportError, match="unknown prediction level"):
         verify_report(path, fingerprint_path=world.fingerprint)
