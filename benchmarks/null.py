@@ -241,7 +241,6 @@ def kind_coverage(fp: Fingerprint, rows: dict[str, dict[str, Any]], owner_arch: 
     return out
 
 
-
 def references_curve(zoo: Any, root: Path, models: list[Member], paths: dict[str, Path], config: NullConfig,
                      counts: tuple[int, ...]) -> list[dict[str, Any]]:
     """How p0, the queries an exact copy needs and the accusations among the independent models
