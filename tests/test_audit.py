@@ -156,6 +156,31 @@ def test_known_model_answers_match_the_stored_calibration(world):
     assert 0 < r.p0.max() < r.p1.min() < 1
 
 
+def test_a_betting_audit_begun_at_the_legacy_prediction_level_is_refused_on_resume(world, tmp_path):
+    """A ledger whose plan was made before the level moved (no `prediction_level` named, read at
+    0.01) is not resumed under today's plan: `--resume` refuses it in one line naming the
+    difference, and nothing is asked or appended. Wald's ledgers, whose plans name no level, still
+    resume."""
+    from deepcore_auditor.auditor.audit import Plan, ledger_header
+    from deepcore_auditor.fingerprints.calibration import LEGACY_PREDICTION_LEVEL
+
+    fp, suspect = _open(world, world.independent_onnx)
+    cfg = AuditConfig(budget=10, batch_size=5, test="betting")
+    then = Plan.make(fp, cfg, prediction_level=LEGACY_PREDICTION_LEVEL)
+    header = ledger_header(fp, suspect, cfg, then)
+    del header["plan"]["prediction_level"]  # as a ledger of then was written
+    path = tmp_path / "old.jsonl"
+    QueryLedger.open(path, header, resume=False).close()
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="cannot resume: .* another plan .*prediction_level"):
+        QueryLedger.open(path, ledger_header(fp, suspect, cfg), resume=True)
+    assert path.read_bytes() == before
+    wald = AuditConfig(budget=10, batch_size=5, test="sprt")
+    QueryLedger.open(tmp_path / "wald.jsonl", ledger_header(fp, suspect, wald), resume=False).close()
+    again = QueryLedger.open(tmp_path / "wald.jsonl", ledger_header(fp, suspect, wald), resume=True)
+    assert len(again) == 0
+    again.close()
+
 def test_failed_attempts_of_an_interrupted_audit_count_against_the_budget_on_resume(world, tmp_path):
     """Failed attempts are charged on disk before they are sent, so a resumed audit knows what
     earlier runs spent and the budget holds across runs (it once counted only answers)."""
