@@ -179,7 +179,8 @@ def zoo_with_selection(count: int, zoo: tuple[KnownModelSpec, ...]) -> tuple[Kno
 # every weight copy caught after 31 queries (the five further models: about 24 minutes of that
 # 2-core build). Thirteen add two MLPs and a LeNet, the cheapest models (about 8 s together on
 # the demo's owner), for 8 degrees of freedom. Measured 2026-12-07 on the same points (zoo_of
-# keeps the selection models whatever the count): the Fashion-MNIST benchmark's p0 went from
+# keeps the selection models whatever the count), p0's bound then read at level 0.01 (it is
+# 0.001 since: calibration.PREDICTION_LEVEL): the Fashion-MNIST benchmark's p0 went from
 # 0.659 to 0.577 on its core points and from 0.670 to 0.658 on its mistakes (weight copies caught
 # after 11 queries instead of 14, MIR at 100 queries 0.09 instead of 0.15); the null benchmark
 # owner's from 0.618 / 0.715 to 0.595 / 0.729 (0 of 300 new independent models accused either
