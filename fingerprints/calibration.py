@@ -312,10 +312,11 @@ def why_not_betting(fp: Fingerprint, mode: str, alpha: float, budget: int) -> st
     n = len(fp)
     limit = min(budget, n)
     sets = point_sets(fp)
-    if sets.max() > 0:  # the core points' own test, at its share of alpha and of the queries
+    if sets.max() > 0:  # the core points' own test, at its share of alpha; the adaptive allocation
+        # (`audit._PerSet`) asks a copy of the core points nothing else, so it may have every query
         fp = set_view(fp, 0)
-        alpha, limit = alpha / len(SET_NAMES), max(1, limit * len(fp) // n)
         n = len(fp)
+        alpha, limit = alpha / len(SET_NAMES), min(limit, n)
     p0 = float(np.mean(rates(fp, mode, "betting").p0))
     if Bettor(n * p0, n).best_case_needs(math.log(1 / alpha), limit) > limit:
         return (f"sequential test: Wald's — the references vary so much that their prediction bound puts p0 at "

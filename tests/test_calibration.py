@@ -122,6 +122,37 @@ def test_auto_runs_walds_test_where_the_bound_leaves_no_copy_identifiable(world)
     assert resolve_test(spread, "agreement", "auto", 0.01, needs) == "betting"  # a budget that lets a copy through
 
 
+def test_auto_gives_the_core_points_test_every_query_of_the_budget(world):
+    """With error points, `auto` asks whether an exact copy of the core points could be identified
+    within the budget by their own test (at alpha/2). The adaptive allocation asks such a copy
+    nothing else, so the whole budget counts — not the core points' share of it, as it once did,
+    which sent budgets a copy fits in to Wald's test. Checked against a real run of that copy."""
+    from deepcore_auditor.auditor.audit import AuditConfig, Plan, run_test
+
+    ten = _with_references(load_fingerprint(world.fingerprint), 10, SHARES)
+    tail = np.arange(len(ten) - 40, len(ten))
+
+    def twice(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, a[tail]])
+
+    two = dataclasses.replace(
+        ten, points=np.concatenate([ten.points, np.clip(ten.points[tail] + np.float32(1 / 255), 0, 1)]),
+        owner_labels=twice(ten.owner_labels), owner_probs=twice(ten.owner_probs),
+        known_models=tuple(dataclasses.replace(m, labels=twice(m.labels), owner_prob=twice(m.owner_prob)) for m in ten.known_models),
+        extra={**ten.extra, "error_points": 40})
+    n = len(ten)
+    p0 = float(np.mean(rates(ten, "agreement", "betting").p0))
+    needs = Bettor(n * p0, n).best_case_needs(math.log(2 / 0.01), n)
+    assert needs < n and needs * len(two) // n > needs  # the share rule would have asked for more
+    assert resolve_test(two, "agreement", "auto", 0.01, needs) == "betting"
+    assert resolve_test(two, "agreement", "auto", 0.01, needs - 1) == "sprt"
+    plan = Plan.make(two, AuditConfig(test="auto", budget=needs, batch_size=1))
+    assert plan.test == "betting"
+    labels = np.asarray(plan.owner_labels)
+    out = run_test(plan, lambda pos: np.where(plan.set_of()[pos] == 0, labels[pos], (labels[pos] + 1) % 10), needs)
+    assert out.decision == "piracy" and out.asked == needs
+
+
 def test_zoo_sizes_name_the_two_reference_counts_and_explicit_counts_win() -> None:
     """`--zoo small|default|large`: the same simulated pirates, more or fewer references; small
     keeps enough calibration references for the betting test's prediction bound (at least
