@@ -114,6 +114,16 @@ def markdown(r: dict[str, Any]) -> str:
                 row.append(cell)
             rows.append(row)
         lines += _table(["family", *seq_methods], rows) + [""]
+        lines += ["Pirates missed by the sequential audit as it runs, within b queries (not called `piracy` by then; "
+                  "a budget at which `auto` would pick another test is left out):", ""]
+        for n, e in seq_methods.items():
+            within = e["sequential"].get("missed_within")
+            if not within:
+                continue
+            fams = {f: s["missed_within"] for f, s in e["sequential"]["families"].items() if "missed_within" in s}
+            lines += _table([f"{n}: family", *[f"{b} q" for b in within]],
+                            [["all pirates", *within.values()], *[[f, *[v.get(b, "-") for b in within]] for f, v in fams.items()]])
+            lines.append("")
         lines += _table(["method", "test", "p0 (test)", "p1 (test)", "reference agreement"],
                         [[n, e["sequential"].get("test") or "sprt", e["sequential"]["p0"], e["sequential"]["p1"],
                           e["sequential"]["reference_agreement"]] for n, e in seq_methods.items()])

@@ -47,7 +47,7 @@ def test_smoke_writes_every_output(smoke: tuple[Path, dict, str]) -> None:
             assert 0 <= b["auc"] <= 1 and 0 <= b["fir"] <= 1 and 0 <= b["mir"] <= 1
         assert ("sequential" in e) == (e["score"] != "correlation")
     assert set(r["bar"]) == {"deepcore-agreement", "deepcore-clustering"}
-    assert all(len(bar) == 8 and all(isinstance(b["met"], bool) for b in bar) for bar in r["bar"].values())
+    assert all(len(bar) == 10 and all(isinstance(b["met"], bool) for b in bar) for bar in r["bar"].values())
     assert 0 < r["owner"]["test_accuracy"] <= 1
     assert r["environment"]["torch"] and r["run_s"] > 0 and r["config"]["seed"] == 3
     assert "results in" in output
@@ -250,3 +250,34 @@ def test_the_null_benchmark_refuses_an_unknown_zoo_size_before_any_work(tmp_path
     with pytest.raises(InputError, match="--epochs must be 1 or more, got 0"):
         run(str(tmp_path / "no-data.npz"), tmp_path / "out", NullConfig(epochs=0))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_miss_rate_within_a_budget_is_what_an_audit_with_that_budget_says(smoke: tuple[Path, dict, str]) -> None:
+    """The sequential audits run once, at the largest budget; the miss rate within a smaller budget
+    b is read off them (not called `piracy` by the b-th query). Checked against real audits run
+    with budget b itself on every pirate: each says `piracy` exactly when the long audit had by
+    then, so the figure is the product's own at that budget."""
+    from deepcore_auditor.adapters.base import Access
+    from deepcore_auditor.adapters.open import open_suspect
+    from deepcore_auditor.auditor.audit import AuditConfig, audit
+    from deepcore_auditor.fingerprints.format import load_fingerprint
+
+    out, r, _ = smoke
+    seq = r["methods"]["deepcore-agreement"]["sequential"]
+    assert set(seq["missed_within"]) <= {"10", "20"} and seq["missed_within"]
+    (zoo,) = (out.parent / "cache" / "bench").iterdir()
+    (fp_path,) = zoo.glob("fp-deepcore-*.json")
+    fp = load_fingerprint(fp_path)
+    pirates = [k for k in seq["verdicts"] if r["zoo"][k]["kind"] == "piracy"]
+    for b in seq["missed_within"]:
+        config = AuditConfig(access=Access.LABELS, budget=int(b), batch_size=1, alpha=0.01, beta=0.01, seed=3, repeat_checks=0)
+        missed = []
+        for name in pirates:
+            with open_suspect(str(zoo / f"{name}.onnx"), convention=fp.convention, point_shape=fp.point_shape,
+                              num_classes=fp.num_classes) as oracle:
+                verdict = audit(fp, oracle, config).verdict
+            v = seq["verdicts"][name]
+            assert (verdict == "piracy") == (v["verdict"] == "piracy" and v["queries"] <= int(b)), (name, b, verdict, v)
+            missed.append(verdict != "piracy")
+        assert seq["missed_within"][b] == round(float(np.mean(missed)), 4)
