@@ -35,12 +35,19 @@ def run(q, p0=(0.672, 0.758), n=(400, 200), rule="union", alpha=0.01, seed=0, bu
             if max(b.lw for b in bets) >= math.log(2 / alpha): return t
         elif sum(b.lw for b in bets) >= math.log(1 / alpha): return t
     return budget + 1
-suspects = {"copy": (1.0, 0.35), "copy-98": (0.98, 0.35), "adv-ft": (0.93, 0.45), "prune-80": (0.75, 0.37),
-            "student-65": (0.65, 0.93), "student-75": (0.75, 0.93), "student-56": (0.56, 0.87), "extract-62": (0.62, 0.88),
-            "weak-student": (0.6, 0.85)}
-for name, q in suspects.items():
-    row = []
-    for rule in ("union", "product", "floor"):
-        r = [run(q, rule=rule, seed=s) for s in range(200)]
-        row.append(f"{rule} {np.median(r):5.1f} (p90 {np.percentile(r, 90):5.1f})")
-    print(f"{name:13s}", " | ".join(row))
+
+
+def main() -> None:
+    suspects = {"copy": (1.0, 0.35), "copy-98": (0.98, 0.35), "adv-ft": (0.93, 0.45), "prune-80": (0.75, 0.37),
+                "student-65": (0.65, 0.93), "student-75": (0.75, 0.93), "student-56": (0.56, 0.87), "extract-62": (0.62, 0.88),
+                "weak-student": (0.6, 0.85)}
+    for name, q in suspects.items():
+        row = []
+        for rule in ("union", "product", "floor"):
+            r = [run(q, rule=rule, seed=s) for s in range(200)]
+            row.append(f"{rule} {np.median(r):5.1f} (p90 {np.percentile(r, 90):5.1f})")
+        print(f"{name:13s}", " | ".join(row))
+
+
+if __name__ == "__main__":
+    main()
