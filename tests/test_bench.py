@@ -257,7 +257,7 @@ def test_the_miss_rate_within_a_budget_is_what_an_audit_with_that_budget_says(sm
     """The sequential audits run once, at the largest budget; the miss rate within a smaller budget
     b is read off them (not called `piracy` by the b-th query). Checked against real audits run
     with budget b itself on every pirate: each says `piracy` exactly when the long audit had by
-    then, so the figure is the product's own at that budget."""
+    then, so the figure is the audit's own at that budget."""
     from deepcore_auditor.adapters.base import Access
     from deepcore_auditor.adapters.open import open_suspect
     from deepcore_auditor.auditor.audit import AuditConfig, audit
