@@ -456,7 +456,9 @@ def challenge(fingerprint_path: Path, independents: tuple[str, ...], budget: int
         click.echo(json.dumps(d))
     else:
         click.echo(f"{'FAILED' if result.accused else 'passed'}: {len(result.accused)} of {len(result.models)} independent models "
-                   f"accused; {len(d['above_p0'])} agree above p0 {result.p0:.3f} on all points")
+                   f"accused; {len(d['above_p0'])} agree above p0 " + (
+                       f"{result.p0:.3f} on all points" if not result.p0_per_set else
+                       "on a set of points (" + ", ".join(f"{k} {v:.3f}" for k, v in result.p0_per_set.items()) + ")"))
     sys.exit(1 if result.accused else 0)
 
 

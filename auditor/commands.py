@@ -24,7 +24,7 @@ from deepcore_auditor.auditor.cluster import RayCluster, reachable
 from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
-from deepcore_auditor.fingerprints.calibration import point_sets, rates, resolve_test
+from deepcore_auditor.fingerprints.calibration import SET_NAMES, point_sets, rates, resolve_test
 from deepcore_auditor.fingerprints.config import (
     BuildConfig,
     CoreConfig,
@@ -469,22 +469,39 @@ def run_audit_request(req: AuditRequest, progress: Callable[[Step], None] | None
 
 @dataclass(frozen=True)
 class ChallengeResult:
-    """How the fingerprint's own test treated models a challenger trained independently."""
+    """How the fingerprint's own test treated models a challenger trained independently.
+
+    With error points the audit holds each set of points to its own p0 (`p0_per_set`, by
+    `calibration.SET_NAMES`), and each model's agreement is given per set too: a model above
+    one set's p0 breaks the premise of that set's test, even where its agreement over the whole
+    fingerprint stays under `p0` (the mean over every point)."""
 
     fingerprint_sha256: str
     p0: float
     test: str
     models: list[dict[str, Any]]
+    p0_per_set: dict[str, float] = field(default_factory=dict)  # empty: one set of points
 
     @property
     def accused(self) -> list[str]:
         return [m["suspect"] for m in self.models if m["verdict"] == "piracy"]
 
+    @property
+    def above_p0(self) -> list[str]:
+        """The models whose agreement exceeds p0: over the whole fingerprint, or with error
+        points on any set against that set's own p0."""
+        if not self.p0_per_set:
+            return [m["suspect"] for m in self.models if m["agreement_all_points"] > self.p0]
+        return [m["suspect"] for m in self.models
+                if any(m["agreement_per_set"][k] > p for k, p in self.p0_per_set.items())]
+
     def to_dict(self) -> dict[str, Any]:
-        above = [m["suspect"] for m in self.models if m["agreement_all_points"] > self.p0]
-        return {"fingerprint_sha256": self.fingerprint_sha256, "test": self.test, "p0": self.p0,
-                "models": self.models, "accused": self.accused, "above_p0": above,
-                "passed": not self.accused}
+        d = {"fingerprint_sha256": self.fingerprint_sha256, "test": self.test, "p0": self.p0,
+             "models": self.models, "accused": self.accused, "above_p0": self.above_p0,
+             "passed": not self.accused}
+        if self.p0_per_set:
+            d["p0_per_set"] = self.p0_per_set
+        return d
 
 
 def run_challenge(fingerprint_path: Path, independents: list[str], config: AuditConfig,
@@ -501,7 +518,11 @@ def run_challenge(fingerprint_path: Path, independents: list[str], config: Audit
     fp = load_fingerprint(fingerprint_path)
     config.validate()
     config = dataclasses.replace(config, test=resolve_test(fp, config.mode, config.test, config.alpha, config.budget))
-    p0 = float(rates(fp, config.mode, config.test).p0.mean())
+    per_point = rates(fp, config.mode, config.test).p0
+    p0 = float(per_point.mean())
+    sets = point_sets(fp)
+    names = {SET_NAMES[k]: sets == k for k in np.unique(sets).tolist()} if sets.max() > 0 else {}
+    p0_per_set = {name: round(float(per_point[mine].mean()), 4) for name, mine in names.items()}
     rows = []
     for suspect in independents:
         result = run_audit_request(AuditRequest(fingerprint_path=fingerprint_path, suspect=suspect, config=config, no_report=True))
@@ -511,14 +532,19 @@ def run_challenge(fingerprint_path: Path, independents: list[str], config: Audit
             raise InputError(as_typed(str(e))) from e
         with opened as oracle:
             labels = oracle.query(fp.points, Access.LABELS)
-        agreement = round(float(np.mean(labels == fp.owner_labels)), 4)
-        rows.append({"suspect": suspect, "verdict": result.verdict, "queries": result.queries_used,
-                     "agreement_audited": None if math.isnan(result.agreement) else result.agreement,
-                     "agreement_all_points": agreement})
+        agree = labels == fp.owner_labels
+        agreement = round(float(np.mean(agree)), 4)
+        row = {"suspect": suspect, "verdict": result.verdict, "queries": result.queries_used,
+               "agreement_audited": None if math.isnan(result.agreement) else result.agreement,
+               "agreement_all_points": agreement}
+        if names:
+            row["agreement_per_set"] = {name: round(float(np.mean(agree[mine])), 4) for name, mine in names.items()}
+        rows.append(row)
         if progress:
+            each = "".join(f"; {name} {row['agreement_per_set'][name]:.3f} (p0 {p:.3f})" for name, p in p0_per_set.items())
             progress(f"{suspect}: {result.verdict} after {result.queries_used} queries; agreement {agreement:.3f} on all "
-                     f"{len(fp)} points (p0 {p0:.3f})")
-    return ChallengeResult(fp.digest, round(p0, 4), config.test, rows)
+                     f"{len(fp)} points (p0 {p0:.3f}){each}")
+    return ChallengeResult(fp.digest, round(p0, 4), config.test, rows, p0_per_set)
 
 
 REPORTS_ENV = "DEEPCORE_REPORTS"

@@ -23,6 +23,7 @@ def test_an_honest_fingerprint_passes_the_challenge(world):
     (m,) = d["models"]
     assert m["verdict"] != "piracy" and 0 <= m["agreement_all_points"] <= 1 and m["queries"] > 0
     assert (m["agreement_all_points"] > d["p0"]) == (m["suspect"] in d["above_p0"])
+    assert "p0_per_set" not in d and "agreement_per_set" not in m  # one set of points: the whole fingerprint's p0
 
 
 def test_a_model_the_fingerprint_accuses_fails_the_challenge(world):

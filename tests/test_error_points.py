@@ -221,3 +221,33 @@ def test_the_bench_reports_each_models_agreement_per_set(two_sets: Fingerprint) 
     lines = _per_set("deepcore-agreement", r, {"student": {"family": "extract", "kind": "piracy", "role": "evaluate"}})
     assert "| extract (piracy) | 1 | 0.000 (0.000–0.000) | 1.000 (1.000–1.000) |" in lines
     assert f"p0 the audit holds each set to: core {r['p0']['core']}, errors {r['p0']['errors']}." in lines
+
+
+def test_the_challenge_holds_each_set_to_its_own_p0(world: Any, two_sets: Fingerprint, tmp_path: Path) -> None:
+    """`deepcore challenge` on a fingerprint with error points: each model's agreement on each set,
+    measured by asking it every point, beside that set's own p0 (the premise of that set's test);
+    a model counts as above p0 when any set's agreement exceeds that set's — not only when its
+    agreement over every point exceeds their mean."""
+    from deepcore_auditor.adapters.base import Access
+    from deepcore_auditor.adapters.onnx import OnnxOracle
+
+    path = tmp_path / "two-sets.json"
+    save_fingerprint(two_sets, path)
+    models = [str(world.independent_onnx), str(world.pirate_onnx)]
+    r = run("challenge", "--fingerprint", str(path), *[a for m in models for a in ("--independent", m)], "--json")
+    assert r.exit_code == 1, r.output  # the copy handed in as independent is accused
+    d = json.loads(r.stdout)
+    sets = point_sets(two_sets)
+    p0 = rates(two_sets, "agreement", d["test"]).p0
+    assert d["p0_per_set"] == {name: round(float(p0[sets == k].mean()), 4) for k, name in enumerate(("core", "errors"))}
+    for row in d["models"]:
+        oracle = OnnxOracle(row["suspect"], convention=two_sets.convention, point_shape=two_sets.point_shape,
+                            num_classes=two_sets.num_classes)
+        agree = oracle.query(two_sets.points, Access.LABELS) == two_sets.owner_labels
+        assert row["agreement_per_set"] == {"core": round(float(agree[sets == 0].mean()), 4),
+                                            "errors": round(float(agree[sets == 1].mean()), 4)}
+    assert d["above_p0"] == [m["suspect"] for m in d["models"]
+                             if any(m["agreement_per_set"][k] > p for k, p in d["p0_per_set"].items())]
+    assert str(world.pirate_onnx) in d["above_p0"] and d["accused"] == [str(world.pirate_onnx)]
+    text = run("challenge", "--fingerprint", str(path), "--independent", str(world.independent_onnx))
+    assert "agree above p0 on a set of points (core " in text.stdout and "errors " in text.stdout, text.output
