@@ -24,7 +24,7 @@ from deepcore_auditor.auditor.cluster import RayCluster, reachable
 from deepcore_auditor.auditor.errors import ReportError
 from deepcore_auditor.auditor.ledger import QueryLedger
 from deepcore_auditor.auditor.report import Verification, build_report, verify_report, write_report
-from deepcore_auditor.fingerprints.calibration import SET_NAMES, point_sets, rates, resolve_test
+from deepcore_auditor.fingerprints.calibration import point_sets, rates, resolve_test, set_means
 from deepcore_auditor.fingerprints.config import (
     BuildConfig,
     CoreConfig,
@@ -520,9 +520,7 @@ def run_challenge(fingerprint_path: Path, independents: list[str], config: Audit
     config = dataclasses.replace(config, test=resolve_test(fp, config.mode, config.test, config.alpha, config.budget))
     per_point = rates(fp, config.mode, config.test).p0
     p0 = float(per_point.mean())
-    sets = point_sets(fp)
-    names = {SET_NAMES[k]: sets == k for k in np.unique(sets).tolist()} if sets.max() > 0 else {}
-    p0_per_set = {name: round(float(per_point[mine].mean()), 4) for name, mine in names.items()}
+    p0_per_set = set_means(fp, per_point)
     rows = []
     for suspect in independents:
         result = run_audit_request(AuditRequest(fingerprint_path=fingerprint_path, suspect=suspect, config=config, no_report=True))
@@ -537,8 +535,8 @@ def run_challenge(fingerprint_path: Path, independents: list[str], config: Audit
         row = {"suspect": suspect, "verdict": result.verdict, "queries": result.queries_used,
                "agreement_audited": None if math.isnan(result.agreement) else result.agreement,
                "agreement_all_points": agreement}
-        if names:
-            row["agreement_per_set"] = {name: round(float(np.mean(agree[mine])), 4) for name, mine in names.items()}
+        if p0_per_set:
+            row["agreement_per_set"] = set_means(fp, agree)
         rows.append(row)
         if progress:
             each = "".join(f"; {name} {row['agreement_per_set'][name]:.3f} (p0 {p:.3f})" for name, p in p0_per_set.items())

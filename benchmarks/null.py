@@ -41,7 +41,15 @@ from deepcore_auditor.adapters.open import open_suspect
 from deepcore_auditor.auditor.audit import AuditConfig, audit
 from deepcore_auditor.benchmarks.zoo import Member, ZooConfig, build_zoo, train_member
 from deepcore_auditor.fingerprints.build import BuildConfig, build_fingerprint
-from deepcore_auditor.fingerprints.calibration import PREDICTION_LEVEL, SET_NAMES, point_sets, rates, reference_kinds, set_view
+from deepcore_auditor.fingerprints.calibration import (
+    PREDICTION_LEVEL,
+    SET_NAMES,
+    point_sets,
+    rates,
+    reference_kinds,
+    set_means,
+    set_view,
+)
 from deepcore_auditor.fingerprints.config import (
     DEFAULT_CALIBRATION_REFERENCES,
     DEFAULT_SELECTION_REFERENCES,
@@ -134,10 +142,9 @@ def _audit_all(fp: Fingerprint, models: list[Member], paths: dict[str, Path], co
         with open_suspect(str(paths[m.name]), convention=fp.convention, point_shape=fp.point_shape, num_classes=fp.num_classes) as oracle:
             labels = oracle.query(fp.points, Access.LABELS)
             row["agreement_all_points"] = round(float(np.mean(labels == fp.owner_labels)), 4)
-            sets = point_sets(fp)
-            if sets.max() > 0:  # each set is its own test, held to its own p0
-                row["agreement_per_set"] = {SET_NAMES[k]: round(float(np.mean(labels[sets == k] == fp.owner_labels[sets == k])), 4)
-                                            for k in range(len(SET_NAMES))}
+            per_set = set_means(fp, labels == fp.owner_labels)
+            if per_set:  # each set is its own test, held to its own p0
+                row["agreement_per_set"] = per_set
             for test in tests:
                 r = audit(fp, oracle, AuditConfig(budget=config.budget, alpha=config.alpha, seed=config.seed, test=test))
                 row[test] = {"verdict": r.verdict, "queries": r.queries_used, "agreement": r.agreement}

@@ -179,6 +179,15 @@ def subset(fp: Fingerprint, index: np.ndarray) -> Fingerprint:
                                owner_probs=fp.owner_probs[index], known_models=known, extra=extra, signature=None)
 
 
+def set_means(fp: Fingerprint, values: np.ndarray) -> dict[str, float]:
+    """The mean of a per-point array (an agreement, a rate) over each set of points, by name
+    (SET_NAMES), to four places; {} for a fingerprint of one set, whose mean is the whole one."""
+    sets = point_sets(fp)
+    if sets.max() == 0:
+        return {}
+    return {name: round(float(np.mean(values[sets == k])), 4) for k, name in enumerate(SET_NAMES)}
+
+
 def set_view(fp: Fingerprint, k: int) -> Fingerprint:
     """`subset` to the points of set `k`, made once per fingerprint object (`Fingerprint.derived`),
     so that its own memo — the rates, the costly part — serves every audit that asks again."""
